@@ -1,0 +1,1 @@
+"""Streamlit dashboard, imported as ``sixbit_tune.dashboard``."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their dispatch, imported as ``sixbit_tune.kernels``."""
