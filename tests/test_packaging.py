@@ -66,9 +66,9 @@ def test_wheel_layout_and_clean_install(tmp_path):
     # The dependencies (torch, ...) come from this environment's site-packages, placed *after* the clean one.
     deps = sysconfig.get_paths()["purelib"]
     code = (
-        "import sys; sys.path.append(%r)\n"
+        f"import sys; sys.path.append({deps!r})\n"
         "import sixbit_tune.kernels, sixbit_tune.dashboard, sixbit_tune.formats, sixbit_tune.runtime\n"
-        "assert sixbit_tune.kernels.__file__.startswith(%r), sixbit_tune.kernels.__file__\n"
-        "assert sixbit_tune.dashboard.__file__.startswith(%r)\n"
-    ) % (deps, str(target), str(target))
+        f"assert sixbit_tune.kernels.__file__.startswith({str(target)!r}), sixbit_tune.kernels.__file__\n"
+        f"assert sixbit_tune.dashboard.__file__.startswith({str(target)!r})\n"
+    )
     subprocess.run([str(venv / "bin" / "python"), "-c", code], check=True, cwd=str(tmp_path))

@@ -1,0 +1,626 @@
+"""The precision/cache policy: typed dataclasses, versioned JSON, strict validation, JSON Schema.
+
+A policy is what the search exports and the runtime loads (DESIGN §7)::
+
+    {"schema_version": 1,
+     "model":  {"class": "WanTransformer3DModel", "family": "wan", "config_hash": "…", "blocks": 8},
+     "target": {"gpu": "NVIDIA H200", "compute_capability": "9.0", "nvfp4_path": "emulated"},
+     "dmpq":   {"threshold": 0.12, "first_step_format": "int8",
+                "layers": {"blocks.0.attn1.to_q": {"mode": "dynamic", "in_features": 256, "out_features": 256,
+                                                   "alpha": 0.8, "beta": 0.01, "r2": 0.93, "n": 96}}},
+     "tdc":    {"tolerance": 0.05, "warmup": 3, "cooldown": 2, "max_skips": 2, "cache_dtype": "bfloat16",
+                "blocks": null},
+     "measured": {...}, "provenance": {...}}
+
+Every class below validates itself on construction, so a ``Policy`` built in Python is as checked as one loaded
+from a file. Every failure is a :class:`~sixbit_tune.errors.PolicyError` whose ``key`` is the JSON path of the
+offending value (``"tdc.tolerance"``, ``"dmpq.layers.blocks.0.attn1.to_q.mode"``).
+
+Numbers must be finite, with one exception: ``dmpq.threshold`` may be ±infinity (every dynamic layer always NVFP4
+or always INT8), written in JSON as the strings ``"inf"`` and ``"-inf"`` because JSON has no infinity.
+
+The field tables (``_FIELDS``) are the single source for parsing, serialisation and :func:`json_schema`; the
+committed ``policies/schema.json`` is generated from them (``python -m sixbit_tune.policy --schema``) and a test
+fails when it is stale.
+
+This module imports the standard library only: the runtime loads policies in serving processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sixbit_tune import __version__
+from sixbit_tune.errors import PolicyError
+
+SCHEMA_VERSION = 1
+LAYER_MODES = ("dynamic", "nvfp4", "int8", "none")
+FORMATS = ("nvfp4", "int8")
+NVFP4_PATHS = ("emulated", "native", "reference")
+CACHE_DTYPES = ("bfloat16", "float16", "float32")
+
+# Migrations of older schema versions: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
+# Version 1 is the first released schema, so there is nothing to migrate yet. When version 2 is introduced,
+# add MIGRATIONS[1] here (and a test loading a committed version-1 file).
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Field tables: one declarative description per class drives parsing, checking, serialising and the JSON Schema.
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: str  # JSON key
+    kind: str  # "str" | "int" | "float" | "enum" | "list[str]" | "list[int]" | "obj" | "map"
+    attr: str | None = None  # Python attribute, when it differs from the key ("class" -> "cls")
+    required: bool = True
+    nullable: bool = False
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    allow_inf: bool = False
+    cls: str | None = None  # class name for "obj" and "map" values
+    doc: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.attr or self.key
+
+
+def _fail(key: str, message: str) -> PolicyError:
+    return PolicyError(message, key=key)
+
+
+def _check_value(f: _Field, value: Any, key: str) -> Any:
+    """Check (and normalise) one value against its field description; return the Python value."""
+    if value is None:
+        if f.nullable:
+            return None
+        raise _fail(key, "must not be null")
+    kind = f.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _fail(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if kind == "enum":
+        if not isinstance(value, str) or value not in f.choices:
+            raise _fail(key, f"must be one of {list(f.choices)}, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        _check_range(f, value, key)
+        return value
+    if kind == "float":
+        if f.allow_inf and isinstance(value, str) and value in ("inf", "-inf"):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(key, f"expected a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if math.isnan(value):
+            raise _fail(key, "must not be NaN")
+        if math.isinf(value) and not f.allow_inf:
+            raise _fail(key, "must be finite")
+        _check_range(f, value, key)
+        return value
+    if kind in ("list[str]", "list[int]"):
+        if not isinstance(value, list | tuple):
+            raise _fail(key, f"expected a list, got {type(value).__name__}")
+        item = _Field(key=f.key, kind=kind[5:-1], minimum=f.minimum)
+        return [_check_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind == "obj":
+        cls = _CLASSES[f.cls]
+        if isinstance(value, cls):
+            return value
+        return _parse(cls, value, key)
+    if kind == "map":
+        if not isinstance(value, Mapping):
+            raise _fail(key, f"expected an object, got {type(value).__name__}")
+        cls = _CLASSES[f.cls]
+        out = {}
+        for name, v in value.items():
+            if not isinstance(name, str) or not name:
+                raise _fail(key, f"keys must be non-empty strings, got {name!r}")
+            out[name] = v if isinstance(v, cls) else _parse(cls, v, f"{key}.{name}")
+        return out
+    raise AssertionError(f"unknown field kind {kind}")  # pragma: no cover - programming error
+
+
+def _check_range(f: _Field, value: float, key: str) -> None:
+    if f.minimum is not None and value < f.minimum:
+        raise _fail(key, f"must be >= {f.minimum:g}, got {value!r}")
+    if f.maximum is not None and value > f.maximum:
+        raise _fail(key, f"must be <= {f.maximum:g}, got {value!r}")
+
+
+def _parse(cls: type, data: Any, prefix: str) -> Any:
+    """Build ``cls`` from a JSON-like mapping, rejecting unknown and missing keys."""
+    where = prefix or "policy"
+    if not isinstance(data, Mapping):
+        raise _fail(where, f"expected an object, got {type(data).__name__}")
+    fields = cls._FIELDS
+    known = {f.key for f in fields}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _fail(_join(prefix, unknown[0]), f"unknown key (allowed here: {sorted(known)})")
+    kwargs = {}
+    for f in fields:
+        key = _join(prefix, f.key)
+        if f.key not in data:
+            if f.required:
+                raise _fail(key, "missing required key")
+            continue
+        kwargs[f.name] = _check_value(f, data[f.key], key)
+    obj = cls.__new__(cls)
+    _init(obj, cls, kwargs, prefix)
+    return obj
+
+
+def _init(obj: Any, cls: type, kwargs: dict, prefix: str) -> None:
+    """Fill a frozen dataclass instance (defaults included) and run its checks with JSON-path prefixes."""
+    for fld in dataclasses.fields(cls):
+        if fld.name in kwargs:
+            value = kwargs[fld.name]
+        elif fld.default is not dataclasses.MISSING:
+            value = fld.default
+        elif fld.default_factory is not dataclasses.MISSING:
+            value = fld.default_factory()
+        else:  # pragma: no cover - the field tables mark these required
+            raise _fail(_join(prefix, fld.name), "missing required key")
+        object.__setattr__(obj, fld.name, value)
+    obj._check(prefix)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+class _Checked:
+    """Mixin: validate every field of a frozen dataclass on construction, by its ``_FIELDS`` table."""
+
+    _FIELDS: ClassVar[tuple[_Field, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self._check("")
+
+    def _check(self, prefix: str) -> None:
+        for f in self._FIELDS:
+            value = _check_value(f, getattr(self, f.name), _join(prefix, f.key))
+            object.__setattr__(self, f.name, value)
+        self._check_more(prefix)
+
+    def _check_more(self, prefix: str) -> None:
+        """Cross-field rules; override in subclasses."""
+
+    def to_dict(self) -> dict:
+        out = {}
+        for f in self._FIELDS:
+            out[f.key] = _dump(getattr(self, f.name))
+        return out
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, _Checked):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_dump(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The policy classes.
+
+
+@dataclass(frozen=True)
+class LayerPolicy(_Checked):
+    """How one linear layer inside a transformer block runs.
+
+    ``mode``: ``"dynamic"`` (NVFP4 when the predictor ``alpha * gamma_prev + beta`` is at most the threshold, else
+    INT8), ``"nvfp4"`` or ``"int8"`` (static), ``"none"`` (left in the model dtype). ``in_features`` and
+    ``out_features`` let the runtime check the policy against the model it is applied to.
+    """
+
+    mode: str
+    in_features: int
+    out_features: int
+    alpha: float | None = None
+    beta: float | None = None
+    r2: float | None = None
+    n: int | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("mode", "enum", choices=LAYER_MODES, doc="dynamic | nvfp4 | int8 | none"),
+        _Field("in_features", "int", minimum=1),
+        _Field("out_features", "int", minimum=1),
+        _Field("alpha", "float", required=False, nullable=True, doc="predictor slope"),
+        _Field("beta", "float", required=False, nullable=True, doc="predictor intercept"),
+        _Field("r2", "float", required=False, nullable=True, maximum=1.0 + 1e-9, doc="fit R^2"),
+        _Field("n", "int", required=False, nullable=True, minimum=0, doc="number of fitted pairs"),
+    )
+
+    def _check_more(self, prefix: str) -> None:
+        if self.mode == "dynamic":
+            for name in ("alpha", "beta"):
+                if getattr(self, name) is None:
+                    raise _fail(_join(prefix, name), "a 'dynamic' layer needs a finite predictor alpha and beta")
+        if self.mode in ("nvfp4", "dynamic") and self.in_features % 16:
+            raise _fail(
+                _join(prefix, "in_features"),
+                f"NVFP4 needs K (in_features) to be a multiple of 16, got {self.in_features}",
+            )
+
+    def predict(self, gamma_prev: float) -> float:
+        """Predicted NVFP4 output error at a step whose block had ``gamma_prev`` at the previous step."""
+        if self.alpha is None or self.beta is None:
+            raise ValueError(f"layer mode {self.mode!r} has no predictor")
+        return self.alpha * gamma_prev + self.beta
+
+
+@dataclass(frozen=True)
+class ModelInfo(_Checked):
+    """Which model the policy was made for: the runtime refuses a policy applied to another one."""
+
+    cls: str
+    family: str
+    config_hash: str
+    blocks: int
+    spec: str | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("class", "str", attr="cls", doc="transformer class name, e.g. WanTransformer3DModel"),
+        _Field("family", "str"),
+        _Field("config_hash", "str", doc="sha256 of the class name and the model config"),
+        _Field("blocks", "int", minimum=1),
+        _Field("spec", "str", required=False, nullable=True, doc="model spec the policy was searched on"),
+    )
+
+
+@dataclass(frozen=True)
+class Target(_Checked):
+    """The GPU the policy was tuned on, and the NVFP4 execution path measured there."""
+
+    gpu: str | None = None
+    compute_capability: str | None = None
+    nvfp4_path: str = "reference"
+
+    _FIELDS: ClassVar = (
+        _Field("gpu", "str", nullable=True, doc="NVML/torch device name; null = CPU"),
+        _Field("compute_capability", "str", nullable=True, doc='e.g. "9.0"'),
+        _Field("nvfp4_path", "enum", choices=NVFP4_PATHS),
+    )
+
+
+@dataclass(frozen=True)
+class DMPQ(_Checked):
+    """Dynamic mixed-precision quantization: a threshold and one entry per linear layer inside the blocks."""
+
+    threshold: float
+    layers: dict[str, LayerPolicy] = field(default_factory=dict)
+    first_step_format: str = "int8"
+
+    _FIELDS: ClassVar = (
+        _Field("threshold", "float", allow_inf=True, doc='tau; "inf"/"-inf" allowed'),
+        _Field("first_step_format", "enum", choices=FORMATS, doc="format of dynamic layers at the first step"),
+        _Field("layers", "map", cls="LayerPolicy", doc="full module name -> layer policy"),
+    )
+
+
+@dataclass(frozen=True)
+class TDC(_Checked):
+    """Temporal Delta Cache knobs (DESIGN §2). ``tolerance == 0`` never skips; ``blocks=None`` lets every block cache."""
+
+    tolerance: float = 0.0
+    warmup: int = 3
+    cooldown: int = 2
+    max_skips: int = 2
+    cache_dtype: str = "bfloat16"
+    blocks: list[int] | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("tolerance", "float", minimum=0.0, doc="delta: max accumulated relative change of a block's update"),
+        _Field("warmup", "int", minimum=0, doc="no skips in the first steps"),
+        _Field("cooldown", "int", minimum=0, doc="no skips in the last steps"),
+        _Field("max_skips", "int", minimum=0, doc="max consecutive skips of one block"),
+        _Field("cache_dtype", "enum", choices=CACHE_DTYPES),
+        _Field("blocks", "list[int]", nullable=True, minimum=0, doc="block indices allowed to cache; null = all"),
+    )
+
+
+_SHARE = {"minimum": 0.0, "maximum": 1.0}
+
+
+@dataclass(frozen=True)
+class Measured(_Checked):
+    """Figures measured for this policy when it was chosen (null where not measured)."""
+
+    latency_ms: float | None = None
+    speedup: float | None = None
+    peak_memory_bytes: int | None = None
+    weight_bytes: int | None = None
+    cache_bytes: int | None = None
+    psnr_db: float | None = None
+    ssim: float | None = None
+    nvfp4_share: float | None = None
+    skip_share: float | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("latency_ms", "float", required=False, nullable=True, minimum=0.0),
+        _Field("speedup", "float", required=False, nullable=True, minimum=0.0),
+        _Field("peak_memory_bytes", "int", required=False, nullable=True, minimum=0),
+        _Field("weight_bytes", "int", required=False, nullable=True, minimum=0),
+        _Field("cache_bytes", "int", required=False, nullable=True, minimum=0),
+        _Field("psnr_db", "float", required=False, nullable=True),
+        _Field("ssim", "float", required=False, nullable=True, minimum=-1.0, maximum=1.0),
+        _Field("nvfp4_share", "float", required=False, nullable=True, **_SHARE),
+        _Field("skip_share", "float", required=False, nullable=True, **_SHARE),
+    )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Provenance(_Checked):
+    """Where the policy came from."""
+
+    study: str | None = None
+    trial: int | None = None
+    profile_runs: list[str] = field(default_factory=list)
+    created: str = field(default_factory=_now)
+    tool_version: str = __version__
+
+    _FIELDS: ClassVar = (
+        _Field("study", "str", required=False, nullable=True),
+        _Field("trial", "int", required=False, nullable=True, minimum=0),
+        _Field("profile_runs", "list[str]", required=False),
+        _Field("created", "str", required=False, doc="ISO 8601 time of export"),
+        _Field("tool_version", "str", required=False),
+    )
+
+
+@dataclass(frozen=True)
+class Policy(_Checked):
+    """A complete, deployable policy. See the module docstring for the JSON layout."""
+
+    model: ModelInfo
+    target: Target
+    dmpq: DMPQ
+    tdc: TDC = field(default_factory=TDC)
+    measured: Measured = field(default_factory=Measured)
+    provenance: Provenance = field(default_factory=Provenance)
+    schema_version: int = SCHEMA_VERSION
+
+    _FIELDS: ClassVar = (
+        _Field("schema_version", "int", minimum=1),
+        _Field("model", "obj", cls="ModelInfo"),
+        _Field("target", "obj", cls="Target"),
+        _Field("dmpq", "obj", cls="DMPQ"),
+        _Field("tdc", "obj", cls="TDC"),
+        _Field("measured", "obj", cls="Measured", required=False),
+        _Field("provenance", "obj", cls="Provenance", required=False),
+    )
+
+    def _check_more(self, prefix: str) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise _fail(
+                _join(prefix, "schema_version"),
+                f"a Policy object must be of schema version {SCHEMA_VERSION} (load older files with load())",
+            )
+        if self.tdc.blocks is not None:
+            bad = [b for b in self.tdc.blocks if b >= self.model.blocks]
+            if bad:
+                raise _fail(
+                    _join(prefix, "tdc.blocks"),
+                    f"block indices {bad} out of range for a model of {self.model.blocks} blocks",
+                )
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Policy:
+        """Validate and build a policy from a JSON-like dict, migrating older schema versions."""
+        return _parse(Policy, _migrate(data), "")
+
+    def replace(self, **changes: Any) -> Policy:
+        """A copy with some top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+_CLASSES: dict[str, type] = {
+    c.__name__: c for c in (LayerPolicy, ModelInfo, Target, DMPQ, TDC, Measured, Provenance, Policy)
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Versions, files.
+
+
+def _migrate(data: Any) -> dict:
+    if not isinstance(data, Mapping):
+        raise _fail("policy", f"expected a JSON object, got {type(data).__name__}")
+    if "schema_version" not in data:
+        raise _fail("schema_version", "missing required key")
+    version = data["schema_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _fail("schema_version", f"expected an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise _fail(
+            "schema_version",
+            f"this policy has schema version {version}, newer than this sixbit-tune ({__version__}) reads "
+            f"(<= {SCHEMA_VERSION}); upgrade sixbit-tune to load it",
+        )
+    data = dict(data)
+    while data["schema_version"] < SCHEMA_VERSION:
+        v = data["schema_version"]
+        if v not in MIGRATIONS:
+            raise _fail("schema_version", f"no migration from schema version {v} to {SCHEMA_VERSION}")
+        data = MIGRATIONS[v](data)
+    return data
+
+
+def _reject_constant(name: str) -> float:
+    raise PolicyError(f"JSON constant {name} is not allowed in a policy (numbers must be finite)")
+
+
+def loads(text: str) -> Policy:
+    """Parse a policy from JSON text (rejecting NaN/Infinity literals and duplicate keys)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise PolicyError(f"duplicate key {k!r} in policy JSON", key=k)
+            out[k] = v
+        return out
+
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise PolicyError(f"not valid JSON: {e}") from None
+    return Policy.from_dict(data)
+
+
+def load(source: str | Path | Mapping | Policy) -> Policy:
+    """Load a policy from a path, a JSON string, a dict or a Policy (returned as is).
+
+    Raises:
+        PolicyError: malformed, newer schema, or invalid values; the message names the JSON key.
+        FileNotFoundError: a path that does not exist.
+    """
+    if isinstance(source, Policy):
+        return source
+    if isinstance(source, Mapping):
+        return Policy.from_dict(source)
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        return loads(source)
+    if not isinstance(source, str | Path):
+        raise PolicyError(f"expected a JSON object, a path or a Policy, got {type(source).__name__}", key="policy")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"policy file not found: {path}")
+    try:
+        return loads(path.read_text(encoding="utf-8"))
+    except PolicyError as e:
+        raise PolicyError(f"{path}: {e}", key=e.key) from None
+
+
+def to_json(policy: Policy) -> str:
+    """Serialise to strict JSON (indented, stable key order)."""
+    return json.dumps(policy.to_dict(), indent=2, allow_nan=False) + "\n"
+
+
+def save(policy: Policy, path: str | Path) -> Path:
+    """Write a policy atomically (temporary file, then rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_json(policy), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JSON Schema, generated from the field tables.
+
+
+def _schema_of(f: _Field) -> dict:
+    kind = f.kind
+    if kind == "str":
+        s: dict = {"type": "string"}
+    elif kind == "enum":
+        s = {"enum": list(f.choices)}
+    elif kind == "int":
+        s = {"type": "integer"}
+    elif kind == "float":
+        s = {"type": "number"}
+    elif kind in ("list[str]", "list[int]"):
+        item = {"type": "string"} if kind == "list[str]" else {"type": "integer"}
+        if f.minimum is not None:
+            item["minimum"] = f.minimum
+        s = {"type": "array", "items": item}
+    elif kind == "obj":
+        s = {"$ref": f"#/$defs/{f.cls}"}
+    elif kind == "map":
+        s = {"type": "object", "additionalProperties": {"$ref": f"#/$defs/{f.cls}"}}
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+    if kind in ("int", "float"):
+        if f.minimum is not None:
+            s["minimum"] = f.minimum
+        if f.maximum is not None:
+            s["maximum"] = f.maximum
+    if f.allow_inf:
+        s = {"anyOf": [s, {"enum": ["inf", "-inf"]}]}
+    if f.nullable:
+        s = {"anyOf": [s, {"type": "null"}]}
+    if f.doc:
+        s["description"] = f.doc
+    return s
+
+
+def _object_schema(cls: type) -> dict:
+    return {
+        "type": "object",
+        "description": (cls.__doc__ or "").strip().splitlines()[0],
+        "properties": {f.key: _schema_of(f) for f in cls._FIELDS},
+        "required": [f.key for f in cls._FIELDS if f.required],
+        "additionalProperties": False,
+    }
+
+
+def json_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of a policy file, generated from the dataclasses' field tables.
+
+    The schema checks structure, types, enums and ranges; cross-field rules (a dynamic layer needs alpha and beta,
+    NVFP4 needs in_features % 16 == 0, tdc.blocks within the model) are enforced by :func:`load`.
+    """
+    schema = _object_schema(Policy)
+    schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://sixbit-tune/policies/schema.json",
+        "title": "sixbit-tune policy",
+        **schema,
+        "$defs": {name: _object_schema(c) for name, c in _CLASSES.items() if c is not Policy},
+    }
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sixbit_tune.policy", description=__doc__.splitlines()[0])
+    parser.add_argument("--schema", action="store_true", help="print the policy JSON Schema")
+    parser.add_argument("--check", metavar="FILE", nargs="*", default=[], help="validate policy files")
+    args = parser.parse_args(argv)
+    if args.schema:
+        sys.stdout.write(schema_text())
+    status = 0
+    for path in args.check:
+        try:
+            load(path)
+            print(f"{path}: ok")
+        except (PolicyError, FileNotFoundError) as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            status = 1
+    if not args.schema and not args.check:
+        parser.print_help()
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
