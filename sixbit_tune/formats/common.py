@@ -1,0 +1,43 @@
+"""Checks shared by the format modules (kept apart from ``__init__`` to avoid import cycles)."""
+
+from __future__ import annotations
+
+import torch
+
+from sixbit_tune.errors import NonFiniteError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Raise if ``x`` holds a NaN or an Inf.
+
+    Args:
+        x: any tensor; integer and bool tensors are always finite and pass.
+        what: a name for ``x`` that the error message carries (e.g. ``"activation of attn1.to_q"``).
+
+    Raises:
+        NonFiniteError: naming ``what`` and how many NaN and Inf values were found.
+    """
+    if not (x.is_floating_point() or x.is_complex()):
+        return
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(x).sum())
+    n_inf = int(torch.isinf(x).sum())
+    raise NonFiniteError(
+        f"{what} must be finite but contains {n_nan} NaN and {n_inf} Inf value(s) "
+        f"(shape {tuple(x.shape)}, dtype {x.dtype})"
+    )
+
+
+def check_float_input(x: torch.Tensor, what: str) -> None:
+    """Validate a quantizer input: a bf16/fp16/fp32 tensor with at least one dim, all finite."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{what} must have at least one dimension (the reduction dim K), got a 0-d tensor")
+    check_finite(x, what)

@@ -1,0 +1,251 @@
+"""NVFP4 reference numerics (DESIGN §3): the bit-level specification every NVFP4 kernel is tested against.
+
+Layout of a quantized tensor ``x`` of shape ``[..., K]`` (``K % 16 == 0``):
+
+* elements: FP4 E2M1 codes, bit 3 = sign, bits 2-1 = exponent, bit 0 = mantissa; codes 0..7 are the magnitudes
+  0, 0.5, 1, 1.5, 2, 3, 4, 6. Two codes per byte, the even-indexed element in the low nibble
+  (``data[..., j] = code[2j] | code[2j + 1] << 4``).
+* block scales: one ``float8_e4m3fn`` per 16 consecutive elements along K, shape ``[..., K // 16]``.
+* global scale: one float32 per tensor.
+
+Arithmetic, all in float32, each operation IEEE round-to-nearest-even, in exactly this order:
+
+1. ``s = amax(|x|) / 2688``  (2688 = 448 * 6). Special rule, see :func:`global_scale_of`: ``s = 1.0`` when
+   ``amax == 0`` or when ``(1 / s) / 2**-6`` is not finite in float32 (``amax`` below about 5.06e-34).
+2. per block: ``b = e4m3(clamp(amax_block / 6 / s, 2**-6, 448))``; ``/ 6`` then ``/ s`` (two divisions), then the
+   clamp, then PyTorch's round-to-nearest-even cast ``.to(torch.float8_e4m3fn)``.
+3. per block: ``r = (1 / s) / float32(b)``; per element ``v = clamp(x * r, -6, 6)`` (a multiplication by that
+   reciprocal, never a division of ``x``), then ``code = encode_e2m1(v)``: nearest E2M1 value, ties to the code
+   whose mantissa bit is 0; the sign bit is the sign bit of ``v`` (so a negative value, or -0.0, that rounds to zero
+   gives code 0b1000).
+4. dequantized value ``(E2M1[code] * float32(b)) * s``. ``E2M1[code] * b`` is exact in float32, so this is the
+   correctly rounded product of the three factors (any association that rounds once matches it).
+
+For ``|amax|`` above about 1e35 the reciprocal ``r`` becomes a float32 subnormal; the reference keeps IEEE
+subnormals (no flush-to-zero), and kernels must too to match bit for bit in that range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sixbit_tune.formats.common import check_float_input
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+SCALE_FLOOR = 2.0**-6
+
+#: Value of each 4-bit code (index = code; codes 8..15 are the negatives, code 8 is -0.0).
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+
+_GLOBAL_DENOM = E4M3_MAX * E2M1_MAX  # 2688.0, exact in float32
+
+
+def check_k(K: int) -> None:
+    """Raise ValueError (naming K and 16) unless K is a multiple of the NVFP4 block size."""
+    if K % BLOCK_SIZE != 0:
+        raise ValueError(
+            f"NVFP4 needs the last (reduction) dim K to be a multiple of {BLOCK_SIZE}, got K={K} "
+            f"(K % {BLOCK_SIZE} = {K % BLOCK_SIZE}); pad or keep this layer unquantized, there is no silent padding"
+        )
+
+
+def _global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """float32 0-d ``amax / 2688`` with the degenerate-scale rule applied (see :func:`global_scale_of`)."""
+    s = amax.to(torch.float32) / _GLOBAL_DENOM
+    usable = (amax > 0) & torch.isfinite((1.0 / s) / SCALE_FLOOR)
+    return torch.where(usable, s, torch.ones_like(s))
+
+
+def global_scale_of(x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor NVFP4 scale ``amax(|x|) / (448 * 6)`` in float32, as a 0-d tensor on ``x``'s device.
+
+    Degenerate-scale rule: the scale is defined as 1.0 when ``amax == 0`` (all-zero or empty tensor), and also when
+    ``amax`` is so small that the largest element multiplier ``(1 / s) / 2**-6`` (the block-scale floor) would
+    overflow float32, which happens for ``amax < ~5.06e-34`` (that also covers ``s`` underflowing to 0). With
+    ``s = 1`` every block scale sits at the floor 2**-6 and every element of such a tensor encodes to (signed) zero,
+    so quantization never produces NaN or Inf for finite input; the absolute error is then at most ``amax``.
+
+    Raises:
+        NonFiniteError: ``x`` contains NaN or Inf.
+        TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
+    """
+    check_float_input(x, "NVFP4 input")
+    if x.numel() == 0:
+        return torch.ones((), dtype=torch.float32, device=x.device)
+    return _global_scale_from_amax(x.detach().float().abs().amax())
+
+
+def _as_global_scale(global_scale, device: torch.device) -> torch.Tensor:
+    s = torch.as_tensor(global_scale, dtype=torch.float32, device=device).detach()
+    if s.numel() != 1:
+        raise ValueError(f"global_scale must be a single number, got shape {tuple(s.shape)}")
+    s = s.reshape(())
+    if not bool(torch.isfinite(s)) or not bool(s > 0):
+        raise ValueError(f"global_scale must be finite and > 0, got {float(s)!r}")
+    if not bool(torch.isfinite((1.0 / s) / SCALE_FLOOR)):
+        raise ValueError(
+            f"global_scale={float(s)!r} is too small: (1/s)/2**-6 overflows float32 (need s >= ~1.9e-37)"
+        )
+    return s
+
+
+def encode_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Encode float32 values (already scaled and clamped to [-6, 6]) to unpacked E2M1 codes (uint8, 0..15).
+
+    Round to nearest; a tie goes to the code whose mantissa bit (bit 0) is 0: 0.25 -> 0, 0.75 -> 1.0,
+    1.25 -> 1.0, 1.75 -> 2.0, 2.5 -> 2.0, 3.5 -> 4.0, 5.0 -> 4.0. The sign bit (bit 3) is copied from the sign bit of
+    ``v``, so -0.0 and small negatives give 0b1000. Magnitudes above 6 saturate to code 7 (15 for negatives).
+    Implemented as a count of explicit midpoint comparisons (``>`` where the tie goes down, ``>=`` where it goes up),
+    so no floating-point rounding trick can move a tie. NaN is not allowed (callers check finiteness first).
+    """
+    if v.dtype != torch.float32:
+        raise TypeError(f"encode_e2m1 expects float32 values, got {v.dtype}")
+    a = v.abs()
+    mag = (
+        (a > 0.25).to(torch.uint8)  # 0.25 tie -> code 0 (0)
+        + (a >= 0.75).to(torch.uint8)  # 0.75 tie -> code 2 (1.0)
+        + (a > 1.25).to(torch.uint8)  # 1.25 tie -> code 2 (1.0)
+        + (a >= 1.75).to(torch.uint8)  # 1.75 tie -> code 4 (2.0)
+        + (a > 2.5).to(torch.uint8)  # 2.5 tie -> code 4 (2.0)
+        + (a >= 3.5).to(torch.uint8)  # 3.5 tie -> code 6 (4.0)
+        + (a > 5.0).to(torch.uint8)  # 5.0 tie -> code 6 (4.0)
+    )
+    return mag | (torch.signbit(v).to(torch.uint8) << 3)
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Float32 value of each unpacked E2M1 code (uint8 or any integer dtype, values 0..15)."""
+    if codes.is_floating_point():
+        raise TypeError(f"decode_e2m1 expects integer codes, got {codes.dtype}")
+    return E2M1_VALUES.to(codes.device)[(codes.long() & 0xF)]
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Pack unpacked codes ``[..., K]`` (values 0..15, K even) into bytes ``[..., K // 2]``, even element low."""
+    if codes.dim() == 0 or codes.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_codes needs an even last dim, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    return (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)
+
+
+def unpack_codes(data: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: bytes ``[..., K // 2]`` -> uint8 codes ``[..., K]``."""
+    if data.dtype != torch.uint8:
+        raise TypeError(f"unpack_codes expects uint8 data, got {data.dtype}")
+    if data.dim() == 0:
+        raise ValueError("unpack_codes needs at least one dim")
+    return torch.stack((data & 0xF, data >> 4), dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+
+
+@dataclass
+class NVFP4Tensor:
+    """A tensor quantized to NVFP4 over its last dim.
+
+    Attributes:
+        data: uint8 ``[..., K // 2]``, two E2M1 codes per byte, even-indexed element in the low nibble.
+        block_scales: ``torch.float8_e4m3fn`` ``[..., K // 16]``.
+        global_scale: float32 0-d tensor.
+        shape: ``torch.Size`` of the original tensor ``[..., K]``.
+        orig_dtype: dtype of the original tensor.
+    """
+
+    data: torch.Tensor
+    block_scales: torch.Tensor
+    global_scale: torch.Tensor
+    shape: torch.Size
+    orig_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        if len(self.shape) == 0:
+            raise ValueError("NVFP4Tensor.shape must have at least one dim")
+        K = self.shape[-1]
+        check_k(K)
+        lead = tuple(self.shape[:-1])
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != (*lead, K // 2):
+            raise ValueError(
+                f"NVFP4Tensor.data must be uint8 {(*lead, K // 2)}, got {self.data.dtype} {tuple(self.data.shape)}"
+            )
+        if self.block_scales.dtype != torch.float8_e4m3fn or tuple(self.block_scales.shape) != (
+            *lead,
+            K // BLOCK_SIZE,
+        ):
+            raise ValueError(
+                f"NVFP4Tensor.block_scales must be float8_e4m3fn {(*lead, K // BLOCK_SIZE)}, "
+                f"got {self.block_scales.dtype} {tuple(self.block_scales.shape)}"
+            )
+        if self.global_scale.dtype != torch.float32 or self.global_scale.dim() != 0:
+            raise ValueError(
+                f"NVFP4Tensor.global_scale must be a float32 0-d tensor, got {self.global_scale.dtype} "
+                f"{tuple(self.global_scale.shape)}"
+            )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """See :func:`dequantize`."""
+        return dequantize(self, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Storage bytes of codes + block scales + the 4-byte global scale."""
+        return (
+            self.data.numel() * self.data.element_size()
+            + self.block_scales.numel() * self.block_scales.element_size()
+            + self.global_scale.numel() * self.global_scale.element_size()
+        )
+
+
+def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
+    """Quantize ``x`` ``[..., K]`` to NVFP4 over its last dim, exactly as the module docstring specifies.
+
+    Args:
+        x: float32/float16/bfloat16 tensor with ``K = x.shape[-1]`` a multiple of 16; any leading dims.
+        global_scale: optional per-tensor float32 scale ``s`` to use instead of :func:`global_scale_of` ``(x)``
+            (a float or 1-element tensor, finite, > 0, and ``(1/s)/2**-6`` finite). Block scales are then clamped
+            to [2**-6, 448] and elements to [-6, 6] as usual.
+
+    Returns:
+        The :class:`NVFP4Tensor`, on ``x``'s device.
+
+    Raises:
+        ValueError: ``K % 16 != 0`` (the message names K and 16), or a bad ``global_scale``.
+        NonFiniteError: ``x`` contains NaN or Inf.
+        TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
+    """
+    check_float_input(x, "NVFP4 input")
+    shape = x.shape
+    K = shape[-1]
+    check_k(K)
+    xf = x.detach().to(torch.float32)
+    s = global_scale_of(x) if global_scale is None else _as_global_scale(global_scale, x.device)
+
+    lead = tuple(shape[:-1])
+    xb = xf.reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
+    amax_b = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros((*lead, K // BLOCK_SIZE))
+    b32 = (amax_b / E2M1_MAX / s).clamp(SCALE_FLOOR, E4M3_MAX)
+    b8 = b32.to(torch.float8_e4m3fn)
+    r = (1.0 / s) / b8.to(torch.float32)
+    v = (xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
+    codes = encode_e2m1(v).reshape(*lead, K)
+    return NVFP4Tensor(
+        data=pack_codes(codes),
+        block_scales=b8,
+        global_scale=s,
+        shape=shape,
+        orig_dtype=x.dtype,
+    )
+
+
+def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Values ``(E2M1[code] * b) * s`` computed in float32, reshaped to ``t.shape``, then cast to ``dtype``."""
+    K = t.shape[-1]
+    lead = tuple(t.shape[:-1])
+    q = decode_e2m1(unpack_codes(t.data)).reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
+    y = (q * t.block_scales.to(torch.float32).unsqueeze(-1)) * t.global_scale
+    return y.reshape(t.shape).to(dtype)
