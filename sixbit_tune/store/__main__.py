@@ -1,0 +1,42 @@
+"""``python -m sixbit_tune.store {info,migrate} STORE``: inspect a store, or migrate it to this schema version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sixbit_tune.errors import StoreSchemaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sixbit_tune.store", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="schema version and row counts per table")
+    p.add_argument("store")
+    p = sub.add_parser("migrate", help="migrate a store in place to this sixbit-tune's schema version")
+    p.add_argument("store")
+    args = parser.parse_args(argv)
+
+    from sixbit_tune.store import SCHEMA_VERSION, TABLES, Store, migrate
+    from sixbit_tune.store.migrations import read_version
+
+    try:
+        if args.cmd == "migrate":
+            steps = migrate(args.store)
+            for s in steps:
+                print(f"migrated {s}")
+            print(f"{args.store}: schema version {SCHEMA_VERSION}" + ("" if steps else " (already current)"))
+            return 0
+        print(f"{args.store}: schema version {read_version(args.store)} (this sixbit-tune reads {SCHEMA_VERSION})")
+        with Store.open(args.store, read_only=True) as store:
+            for name in TABLES:
+                n = store.to_arrow(f'SELECT count(*) FROM "{name}"').column(0)[0].as_py()
+                print(f"  {name:12s} {n:>12,d} rows")
+        return 0
+    except (FileNotFoundError, StoreSchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Schema versions of the store and the migrations between them.
+
+How to change the schema (the one documented path):
+
+1. Edit the tables in ``sixbit_tune/store/schema.py`` and bump ``SCHEMA_VERSION`` (say 1 -> 2).
+2. Add ``MIGRATIONS[1] = Migration(1, "what changes", fn)`` below. ``fn(root: Path)`` brings a version-1 store
+   folder to version 2 *in place*:
+
+   - a new nullable column needs nothing: :func:`migrate` rewrites every table's seed file with the new schema
+     after the steps ran, and the readers' ``union_by_name`` fills the column with NULL in older part files;
+   - a renamed, retyped or removed column, or a new required column: rewrite each part file of the table with
+     DuckDB (``COPY (SELECT ... FROM read_parquet(part)) TO tmp (FORMAT parquet)`` then ``os.replace(tmp,
+     part)``), one file at a time, so a crash leaves whole files behind and the migration can simply be re-run.
+
+3. Add a test in ``tests/store/`` that builds a version-1 store with the previous code's layout and migrates it.
+
+Users are told to run ``python -m sixbit_tune.store migrate <store>`` when they open an older store for which a
+path of migrations exists; when none exists the error tells them to re-create the store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from sixbit_tune.errors import StoreSchemaError
+from sixbit_tune.store.schema import SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step ``from_version -> from_version + 1``.
+
+    Attributes:
+        from_version: the version this step reads.
+        description: one line, printed by ``migrate``.
+        apply: ``fn(store_root)``; must be safe to re-run after a crash midway (rewrite whole files atomically).
+    """
+
+    from_version: int
+    description: str
+    apply: Callable[[Path], None]
+
+
+MIGRATIONS: dict[int, Migration] = {}
+"""``from_version -> Migration``. Empty: version 1 is the first released schema."""
+
+
+def migration_path(
+    found: int, target: int = SCHEMA_VERSION, migrations: Mapping[int, Migration] | None = None
+) -> list[Migration] | None:
+    """The steps from ``found`` to ``target``, or None when a step is missing (or ``found > target``)."""
+    migrations = MIGRATIONS if migrations is None else migrations
+    if found > target:
+        return None
+    steps = []
+    for v in range(found, target):
+        if v not in migrations:
+            return None
+        steps.append(migrations[v])
+    return steps
+
+
+def migrate(root: str | Path, *, migrations: Mapping[int, Migration] | None = None) -> list[str]:
+    """Bring the store folder ``root`` to ``SCHEMA_VERSION`` in place. Stop every writer first.
+
+    Applies each step, recording the new version in ``meta.json`` after each one, then rewrites the seed
+    (schema) file of every table. Re-running after a crash continues where it stopped.
+
+    Returns:
+        The descriptions of the steps applied (empty when the store was already current).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a store.
+        StoreSchemaError: no path of migrations leads from the store's version to ``SCHEMA_VERSION``.
+    """
+    from sixbit_tune.store.store import _ensure_seeds, _read_meta, _write_meta  # import cycle
+
+    root = Path(root)
+    meta = _read_meta(root)
+    found = int(meta["schema_version"])
+    target = SCHEMA_VERSION
+    steps = migration_path(found, target, migrations)
+    if steps is None:
+        raise StoreSchemaError(
+            f"cannot migrate the store at {root} from schema version {found} to {target}: "
+            + (
+                "it is newer than this sixbit-tune; upgrade sixbit-tune (pip install -U sixbit-tune)"
+                if found > target
+                else f"no migration from version {found} exists; re-create the store (re-run the profile or search "
+                f"into a new --store folder) or read it with the sixbit-tune release that wrote it "
+                f"({meta.get('created_by', 'unknown')})"
+            )
+        )
+    done = []
+    for step in steps:
+        step.apply(root)
+        meta = {**meta, "schema_version": step.from_version + 1}
+        _write_meta(root, meta)
+        done.append(f"{step.from_version} -> {step.from_version + 1}: {step.description}")
+    _ensure_seeds(root, rewrite=True)
+    return done
+
+
+def read_version(root: str | Path) -> int:
+    """The schema version recorded in ``<root>/meta.json`` (no check)."""
+    return int(json.loads((Path(root) / "meta.json").read_text())["schema_version"])
