@@ -1,7 +1,7 @@
 """Model families, adapters and specs.
 
-``sixbit_tune.models`` imports torch only; diffusers is imported where a model is built (:mod:`.specs`,
-:mod:`.tiny`). See :mod:`.adapters` for the per-family table and the generic adapter.
+``sixbit_tune.models`` imports torch only; diffusers is imported inside the functions that build or load a model
+(:mod:`.specs`, :mod:`.tiny`). See :mod:`.adapters` for the per-family table and the generic adapter.
 """
 
 from sixbit_tune.models.adapters import (
@@ -15,6 +15,8 @@ from sixbit_tune.models.adapters import (
     get_adapter,
     supported_classes,
 )
+from sixbit_tune.models.specs import SHAPE_CONFIGS, SPEC_HELP, load_pipeline, load_transformer
+from sixbit_tune.models.tiny import tiny_pipeline, tiny_pipeline_call_kwargs, tiny_transformer
 
 __all__ = [
     "FAMILIES",
@@ -26,4 +28,11 @@ __all__ = [
     "family_of",
     "get_adapter",
     "supported_classes",
+    "SHAPE_CONFIGS",
+    "SPEC_HELP",
+    "load_pipeline",
+    "load_transformer",
+    "tiny_pipeline",
+    "tiny_pipeline_call_kwargs",
+    "tiny_transformer",
 ]
