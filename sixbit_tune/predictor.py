@@ -1,0 +1,374 @@
+"""The DMPQ predictor (DESIGN §2): per linear layer j, NVFP4 output error out_err_t ≈ α_j·Γ_{t−1} + β_j.
+
+Γ_{t−1} is the ``gamma`` of the layer's block at the previous step of the same (run, prompt, guidance branch);
+out_err_t is the layer's NVFP4 ``out_err`` at step t. Every (run, prompt, branch, step ≥ 1) of the chosen profile
+runs gives one pair; the fit is ordinary least squares on those pairs, with R² and n kept.
+
+Guidance branches. Both fits are computed: *pooled* (one line per layer over both branches) and *per-branch* (one
+line per layer and branch). The choice is made from the data by :func:`choose_pooling`: per-branch only when it
+raises the median R² over layers by at least ``PER_BRANCH_MIN_GAIN``; otherwise the simpler pooled fit. The policy
+schema (v1) holds one (α, β) per layer, so the policy always carries a pooled-form predictor; when the data says
+per-branch would be better, ``fit`` says so loudly and records it (the comparison is kept in the fit's settings).
+
+Trust. A layer's predictor drives the DMPQ rule only when ``n >= min_n`` and ``R² >= min_r2``. An untrusted layer
+gets the static mode ``untrusted_mode`` in every policy (default ``"int8"``: the robust format — the search cannot
+tell when NVFP4 is safe for a layer whose error the predictor does not explain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Per-branch fits are chosen only when they raise the median R² over layers by at least this much.
+PER_BRANCH_MIN_GAIN = 0.05
+#: var(Γ_{t−1}) below this (relative to mean(Γ)²) means Γ did not vary: the slope is undefined.
+_VAR_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Settings of one fit (defaults are the CLI's defaults).
+
+    Attributes:
+        min_r2: a predictor with R² below this is not trusted.
+        min_n: a predictor fitted on fewer pairs is not trusted.
+        pooling: ``"auto"`` (decide from the data), ``"pooled"`` or ``"per_branch"``.
+        untrusted_mode: static mode of untrusted layers in policies: ``"int8"`` or ``"nvfp4"``.
+        format: the format whose error is predicted (the paper predicts NVFP4).
+    """
+
+    min_r2: float = 0.5
+    min_n: int = 8
+    pooling: str = "auto"
+    untrusted_mode: str = "int8"
+    format: str = "nvfp4"
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.min_r2 <= 1.0):
+            raise ValueError(f"min_r2 must lie in [0, 1], got {self.min_r2}")
+        if self.min_n < 2:
+            raise ValueError(f"min_n must be >= 2 (a line needs two points), got {self.min_n}")
+        if self.pooling not in ("auto", "pooled", "per_branch"):
+            raise ValueError(f"pooling must be 'auto', 'pooled' or 'per_branch', got {self.pooling!r}")
+        if self.untrusted_mode not in ("int8", "nvfp4"):
+            raise ValueError(f"untrusted_mode must be 'int8' or 'nvfp4', got {self.untrusted_mode!r}")
+
+
+@dataclass(frozen=True)
+class LineFit:
+    """Least-squares line y ≈ alpha·x + beta over n points."""
+
+    alpha: float
+    beta: float
+    r2: float
+    n: int
+
+    def predict(self, x):
+        return self.alpha * x + self.beta
+
+
+def fit_line(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> LineFit:
+    """Ordinary least squares of y on x, computed in float64 from centered sums.
+
+    Degenerate cases are defined, never NaN: with fewer than 2 points or x constant the slope is 0 and the
+    intercept mean(y), R² 0 (the predictor explains nothing); with y constant (and the fit exact) R² is 1.
+
+    Raises:
+        ValueError: x and y differ in length, or hold NaN/Inf.
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y differ in length: {x.size} vs {y.size}")
+    n = int(x.size)
+    if n == 0:
+        return LineFit(0.0, 0.0, 0.0, 0)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("fit_line: x or y holds NaN/Inf")
+    mx, my = float(x.mean()), float(y.mean())
+    dx, dy = x - mx, y - my
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    if n < 2 or sxx <= _VAR_EPS * max(mx * mx, 1e-30) * n:
+        return LineFit(0.0, my, 1.0 if syy == 0.0 and n >= 2 else 0.0, n)
+    alpha = sxy / sxx
+    beta = my - alpha * mx
+    if syy == 0.0:
+        return LineFit(alpha, beta, 1.0, n)
+    resid = dy - alpha * dx
+    r2 = 1.0 - float(resid @ resid) / syy
+    return LineFit(alpha, beta, max(0.0, min(1.0, r2)), n)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """The predictor of one layer (pooled form) plus its per-branch fits and trust verdict."""
+
+    layer: str
+    block_index: int
+    pooled: LineFit
+    per_branch: dict[str, LineFit]
+    trusted: bool
+    reason: str  # why it is not trusted ("" when trusted)
+
+
+@dataclass
+class FitResult:
+    """Everything one fit produced."""
+
+    fit_id: str
+    run_ids: list[str]
+    settings: FitSettings
+    layers: dict[str, LayerFit]
+    pooling: str  # the choice: "pooled" | "per_branch"
+    pooling_evidence: dict = field(default_factory=dict)
+
+    @property
+    def trusted(self) -> dict[str, LayerFit]:
+        return {k: v for k, v in self.layers.items() if v.trusted}
+
+    @property
+    def untrusted(self) -> dict[str, LayerFit]:
+        return {k: v for k, v in self.layers.items() if not v.trusted}
+
+    def r2_values(self) -> np.ndarray:
+        return np.array([v.pooled.r2 for v in self.layers.values()], dtype=np.float64)
+
+    def settings_json(self) -> dict:
+        return {
+            **dataclasses.asdict(self.settings),
+            "pooling_chosen": self.pooling,
+            "pooling_evidence": self.pooling_evidence,
+        }
+
+
+def _median(values: Iterable[float]) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.median(v)) if v else float("nan")
+
+
+def choose_pooling(layers: dict[str, tuple[LineFit, dict[str, LineFit]]]) -> tuple[str, dict]:
+    """Pooled or per-branch, from the data: per-branch only if it raises the median R² by PER_BRANCH_MIN_GAIN.
+
+    The per-branch R² of a layer is the n-weighted mean of its branches' R².
+    """
+    pooled = [p.r2 for p, _ in layers.values()]
+    split = []
+    for _, branches in layers.values():
+        tot = sum(b.n for b in branches.values())
+        if tot:
+            split.append(sum(b.r2 * b.n for b in branches.values()) / tot)
+    evidence = {
+        "median_r2_pooled": _median(pooled),
+        "median_r2_per_branch": _median(split),
+        "mean_r2_pooled": float(np.mean(pooled)) if pooled else float("nan"),
+        "mean_r2_per_branch": float(np.mean(split)) if split else float("nan"),
+        "branches": sorted({b for _, br in layers.values() for b in br}),
+        "min_gain": PER_BRANCH_MIN_GAIN,
+    }
+    gain = evidence["median_r2_per_branch"] - evidence["median_r2_pooled"]
+    evidence["gain"] = gain if math.isfinite(gain) else None
+    choice = "per_branch" if (math.isfinite(gain) and gain >= PER_BRANCH_MIN_GAIN) else "pooled"
+    return choice, {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in evidence.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data access: the (Γ_{t−1}, out_err_t) pairs from the store.
+
+PAIRS_SQL = """
+SELECT l.layer, l.block_index, l.branch, l.run_id, l.prompt_index, l.step,
+       b.gamma AS gamma_prev, l.out_err
+FROM layer_steps AS l
+JOIN block_steps AS b
+  ON b.run_id = l.run_id AND b.prompt_index = l.prompt_index AND b.branch = l.branch
+ AND b.block_index = l.block_index AND b.step = l.step - 1
+WHERE l.format = ? AND l.run_id IN (SELECT unnest(?::VARCHAR[]))
+ORDER BY l.layer, l.branch, l.run_id, l.prompt_index, l.step
+"""
+
+
+def fit_pairs(pairs, run_ids: Sequence[str], settings: FitSettings = FitSettings(), fit_id: str | None = None) -> FitResult:
+    """Fit every layer from a table of pairs (columns as :data:`PAIRS_SQL` returns; a pandas DataFrame).
+
+    Raises:
+        ValueError: no pairs at all (the profile recorded no NVFP4 errors after the first step).
+    """
+    if len(pairs) == 0:
+        raise ValueError(
+            f"no (gamma_prev, {settings.format} out_err) pairs in runs {list(run_ids)}: profile with at least 2 steps "
+            f"and the {settings.format} format recorded"
+        )
+    raw: dict[str, tuple[LineFit, dict[str, LineFit], int]] = {}
+    for layer, g in pairs.groupby("layer", sort=True):
+        pooled = fit_line(g["gamma_prev"].to_numpy(), g["out_err"].to_numpy())
+        per = {
+            str(br): fit_line(gb["gamma_prev"].to_numpy(), gb["out_err"].to_numpy())
+            for br, gb in g.groupby("branch", sort=True)
+        }
+        raw[str(layer)] = (pooled, per, int(g["block_index"].iloc[0]))
+    if settings.pooling == "auto":
+        pooling, evidence = choose_pooling({k: (p, b) for k, (p, b, _) in raw.items()})
+    else:
+        _, evidence = choose_pooling({k: (p, b) for k, (p, b, _) in raw.items()})
+        pooling = settings.pooling
+    layers = {}
+    for name, (pooled, per, block) in raw.items():
+        reasons = []
+        if pooled.n < settings.min_n:
+            reasons.append(f"n={pooled.n} < {settings.min_n}")
+        if pooled.r2 < settings.min_r2:
+            reasons.append(f"R²={pooled.r2:.3f} < {settings.min_r2}")
+        layers[name] = LayerFit(name, block, pooled, per, trusted=not reasons, reason="; ".join(reasons))
+    return FitResult(
+        fit_id=fit_id or f"fit-{uuid.uuid4().hex[:12]}",
+        run_ids=list(run_ids),
+        settings=settings,
+        layers=layers,
+        pooling=pooling,
+        pooling_evidence=evidence,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def r2_report(values: np.ndarray, bins: int = 10, width: int = 40) -> str:
+    """Quantiles and a text histogram of R² values over [0, 1]."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "R²: no layers"
+    qs = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+    qv = np.quantile(v, qs)
+    lines = [
+        f"R² over {v.size} layers: " + "  ".join(f"q{int(q * 100):02d}={x:.3f}" for q, x in zip(qs, qv)),
+    ]
+    counts, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
+    top = max(int(counts.max()), 1)
+    for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        bar = "#" * int(round(width * c / top))
+        lines.append(f"  [{lo:.1f}, {hi:.1f}{']' if hi >= 1.0 else ')'} {int(c):5d} {bar}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The store side: which runs, fit, write.
+
+
+def default_profile_runs(store, run_ids: Sequence[str] | None = None) -> list[str]:
+    """The profile runs to fit: ``run_ids`` when given (checked), else every finished profile run of the model
+    (config hash) of the latest finished profile run.
+
+    Raises:
+        ValueError: no finished profile run, unknown ids, or ids of different models.
+    """
+    runs = store.runs(kind="profile")
+    if run_ids:
+        run_ids = list(run_ids)
+        known = set(runs["run_id"])
+        missing = [r for r in run_ids if r not in known]
+        if missing:
+            raise ValueError(f"no profile runs {missing} in the store (known: {sorted(known)})")
+        sel = runs[runs["run_id"].isin(run_ids)]
+        if sel["config_hash"].nunique(dropna=False) > 1:
+            raise ValueError(f"profile runs {run_ids} are of different models (config hashes differ)")
+        return run_ids
+    done = runs[runs["status"] == "finished"]
+    if len(done) == 0:
+        raise ValueError("the store has no finished profile run: run `sixbit-tune profile` first")
+    latest = done.iloc[-1]
+    same = done[done["config_hash"] == latest["config_hash"]] if latest["config_hash"] is not None else done.iloc[-1:]
+    return [str(r) for r in same["run_id"]]
+
+
+def load_pairs(store, run_ids: Sequence[str], fmt: str = "nvfp4"):
+    """The (Γ_{t−1}, out_err_t) pairs of ``run_ids`` as a pandas DataFrame (:data:`PAIRS_SQL`)."""
+    return store.query(PAIRS_SQL, [fmt, list(run_ids)])
+
+
+def fit_store(store, run_ids: Sequence[str] | None = None, settings: FitSettings = FitSettings()) -> FitResult:
+    """Fit every layer of the chosen profile runs (see :func:`default_profile_runs`)."""
+    run_ids = default_profile_runs(store, run_ids)
+    return fit_pairs(load_pairs(store, run_ids, settings.format), run_ids, settings)
+
+
+def write_fit(writer, result: FitResult) -> str:
+    """Record a fit in the store's ``predictors`` table (one row per layer, pooled form); returns the fit id."""
+    rows = [
+        {
+            "layer": f.layer,
+            "format": result.settings.format,
+            "alpha": f.pooled.alpha,
+            "beta": f.pooled.beta,
+            "r2": f.pooled.r2,
+            "n": f.pooled.n,
+            "trusted": f.trusted,
+        }
+        for f in result.layers.values()
+    ]
+    settings = result.settings_json()
+    settings["untrusted"] = {f.layer: f.reason for f in result.layers.values() if not f.trusted}
+    settings["per_branch"] = {
+        f.layer: {b: dataclasses.asdict(lf) for b, lf in f.per_branch.items()} for f in result.layers.values()
+    }
+    return writer.write_predictors(rows, run_ids=result.run_ids, fit_id=result.fit_id, settings=settings)
+
+
+@dataclass(frozen=True)
+class Predictors:
+    """A fit as read back from the store: what policies are built from.
+
+    Attributes:
+        fit_id, run_ids: which fit, from which profile runs.
+        layers: ``layer -> (alpha, beta, r2, n, trusted)``.
+        untrusted_mode: static mode for untrusted layers (from the fit's settings).
+        pooling: the pooling the fit chose.
+    """
+
+    fit_id: str
+    run_ids: list[str]
+    layers: dict[str, tuple[float, float, float, int, bool]]
+    untrusted_mode: str = "int8"
+    pooling: str = "pooled"
+
+    def dynamic_layers(self) -> dict[str, tuple[float, float, float, int]]:
+        return {k: v[:4] for k, v in self.layers.items() if v[4]}
+
+    def static_layers(self) -> dict[str, str]:
+        return {k: self.untrusted_mode for k, v in self.layers.items() if not v[4]}
+
+
+def read_predictors(store, fit_id: str | None = None, fmt: str = "nvfp4") -> Predictors:
+    """Read a fit (default: the latest) back from the store.
+
+    Raises:
+        ValueError: the store has no fit, or no fit ``fit_id``.
+    """
+    import json
+
+    fit_id = fit_id or store.latest_fit_id()
+    if fit_id is None:
+        raise ValueError("the store has no fitted predictors: run `sixbit-tune fit --store PATH` first")
+    df = store.predictors(fit_id)
+    df = df[df["format"] == fmt]
+    if len(df) == 0:
+        raise ValueError(f"no {fmt} predictors for fit {fit_id!r} in the store")
+    raw = df["settings"].iloc[0]
+    settings = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    layers = {
+        str(r.layer): (float(r.alpha), float(r.beta), float(r.r2), int(r.n), bool(r.trusted))
+        for r in df.itertuples(index=False)
+    }
+    return Predictors(
+        fit_id=fit_id,
+        run_ids=[str(x) for x in df["run_ids"].iloc[0]],
+        layers=layers,
+        untrusted_mode=settings.get("untrusted_mode", "int8"),
+        pooling=settings.get("pooling_chosen", "pooled"),
+    )
