@@ -1,0 +1,377 @@
+"""One entry point per quantized operation, choosing a Triton kernel or the reference numerics.
+
+Paths (:func:`kernel_path` returns one of :data:`PATHS`):
+
+* ``"triton-int8"``: Triton per-token INT8 quantizer + W8A8 GEMM with scales and bias in the epilogue.
+* ``"triton-nvfp4-emulated"``: Triton NVFP4 quantizer + GEMM that dequantizes packed NVFP4 inside the kernel and
+  multiplies on the bf16 tensor cores (Hopper has no FP4 tensor cores).
+* ``"native-nvfp4"``: block-scaled FP4 tensor cores through ``torch._scaled_mm`` on compute capability >= 10;
+  used only after a self-check on the device passed (untested on hardware, see :mod:`.native_nvfp4`).
+* ``"reference"``: :mod:`sixbit_tune.formats` in plain PyTorch (CPU, or any device without Triton).
+
+Choice: :class:`KernelPreference` per call (``preference=``) or process-wide (:func:`set_kernel_preference`,
+initialised from the environment variable ``SIXBIT_KERNELS`` = auto | triton | reference). ``AUTO`` uses the
+kernels on CUDA and the reference elsewhere; a CUDA tensor that has to fall back to the reference is logged once
+per reason (logger ``sixbit_tune.kernels``), never silently. ``TRITON`` raises where no kernel can run; on CPU it
+runs the kernels in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported
+(tests only: slow). ``REFERENCE`` always uses the reference.
+
+Every path computes the same numbers: quantizers bit-identical to the reference; GEMMs equal to
+``quantized_linear_reference`` up to float32 accumulation order and the final rounding to ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+
+import torch
+
+from sixbit_tune.errors import NonFiniteError
+
+from ._triton_support import HAS_TRITON, interpreting, triton_usable_on
+
+log = logging.getLogger("sixbit_tune.kernels")
+
+PATHS = ("triton-int8", "triton-nvfp4-emulated", "native-nvfp4", "reference")
+_FORMATS = ("nvfp4", "int8")
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class KernelPreference(enum.StrEnum):
+    """Which implementation to use: ``AUTO`` (kernels on CUDA, reference elsewhere), ``TRITON`` (kernels or an
+    error), ``REFERENCE`` (plain PyTorch always)."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    REFERENCE = "reference"
+
+
+def _parse_preference(value) -> KernelPreference:
+    if isinstance(value, KernelPreference):
+        return value
+    try:
+        return KernelPreference(str(value).lower())
+    except ValueError:
+        raise ValueError(
+            f"unknown kernel preference {value!r}; expected one of {[p.value for p in KernelPreference]}"
+        ) from None
+
+
+_preference = _parse_preference(os.environ.get("SIXBIT_KERNELS", "auto") or "auto")
+
+
+def set_kernel_preference(preference: KernelPreference | str) -> None:
+    """Set the process-wide default preference (a :class:`KernelPreference` or its string value)."""
+    global _preference
+    _preference = _parse_preference(preference)
+
+
+def get_kernel_preference() -> KernelPreference:
+    """The process-wide default preference."""
+    return _preference
+
+
+def _check_fmt(fmt: str) -> str:
+    if fmt not in _FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {_FORMATS}")
+    return fmt
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+_native_status: dict[tuple[int, ...], bool] = {}
+
+
+def _native_nvfp4_ok(device: torch.device) -> bool:
+    """Compute capability >= 10, the torch build has FP4 ``_scaled_mm``, and its self-check passed (cached)."""
+    if device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index)[0] < 10:
+        return False
+    key = (index,)
+    if key not in _native_status:
+        from . import native_nvfp4
+
+        reason = "this torch build has no float4_e2m1fn_x2 / _scaled_mm" if not native_nvfp4.available() else None
+        if reason is None:
+            reason = native_nvfp4.self_check(torch.device("cuda", index))
+        _native_status[key] = reason is None
+        if reason is not None:
+            _warn_once(f"native:{index}", f"NVFP4 on cuda:{index}: not using the native FP4 path ({reason}); "
+                       "using the emulated Triton kernel instead")
+    return _native_status[key]
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def kernel_path(fmt: str, device=None, preference: KernelPreference | str | None = None) -> str:
+    """The path :func:`quantized_linear` / :func:`quantize_activation` take for ``fmt`` on ``device``.
+
+    Args:
+        fmt: "nvfp4" or "int8".
+        device: a torch.device or string; default the current CUDA device if there is one, else CPU.
+        preference: overrides the process-wide preference for this query.
+
+    Returns:
+        One of :data:`PATHS`. Recorded with measurements and policies.
+
+    Raises:
+        ValueError: unknown ``fmt`` or preference.
+        RuntimeError: ``TRITON`` preferred where no kernel can run.
+    """
+    _check_fmt(fmt)
+    pref = _preference if preference is None else _parse_preference(preference)
+    device = _default_device() if device is None else torch.device(device)
+    if pref is KernelPreference.REFERENCE:
+        return "reference"
+    triton_path = "triton-int8" if fmt == "int8" else "triton-nvfp4-emulated"
+    if device.type == "cuda":
+        if fmt == "nvfp4" and pref is KernelPreference.AUTO and _native_nvfp4_ok(device):
+            return "native-nvfp4"
+        if triton_usable_on(device):
+            return triton_path
+        why = "Triton is not installed" if not HAS_TRITON else "TRITON_INTERPRET is set"
+        if pref is KernelPreference.TRITON:
+            raise RuntimeError(f"kernel preference TRITON, but no Triton kernel can run on {device}: {why}")
+        _warn_once(f"cuda-ref:{fmt}:{why}", f"{fmt} on {device}: falling back to the PyTorch reference ({why})")
+        return "reference"
+    if pref is KernelPreference.TRITON:
+        if triton_usable_on(device):
+            return triton_path
+        raise RuntimeError(
+            f"kernel preference TRITON, but no Triton kernel can run on {device} "
+            "(CPU needs TRITON_INTERPRET=1 set before sixbit_tune.kernels' kernels are imported, and Triton)"
+        )
+    return "reference"
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_input(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _OUT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{what} must have at least one dimension (the reduction dim K), got a 0-d tensor")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _nonfinite(what: str, x: torch.Tensor) -> NonFiniteError:
+    # Build the reference's message (it counts NaN and Inf) for a tensor known to be non-finite.
+    from sixbit_tune.formats.common import check_finite
+
+    try:
+        check_finite(x, what)
+    except NonFiniteError as exc:
+        return exc
+    return NonFiniteError(f"{what} must be finite")
+
+
+# ------------------------------------------------------------------------------------------- quantizers
+
+
+def _int8_rows(x2: torch.Tensor, path: str, check_finite: bool, what: str):
+    if path == "reference":
+        from sixbit_tune.formats import int8
+
+        return int8.quantize(x2)
+    from .quant import quantize_int8_rows
+
+    q, s = quantize_int8_rows(x2)
+    if check_finite and not bool(torch.isfinite(s).all()):
+        raise _nonfinite(what, x2)
+    return q, s
+
+
+def _nvfp4_rows(x: torch.Tensor, x2: torch.Tensor, path: str, check_finite: bool, what: str):
+    from sixbit_tune.formats import nvfp4
+
+    if path == "reference":
+        return nvfp4.quantize(x)
+    nvfp4.check_k(x.shape[-1])
+    from .quant import quantize_nvfp4
+
+    data, scales, gs, _, amax = quantize_nvfp4(x2)
+    if check_finite and not bool(torch.isfinite(amax)):
+        raise _nonfinite(what, x2)
+    lead = tuple(x.shape[:-1])
+    K = x.shape[-1]
+    return nvfp4.NVFP4Tensor(
+        data=data.reshape(*lead, K // 2),
+        block_scales=scales.reshape(*lead, K // 16),
+        global_scale=gs,
+        shape=x.shape,
+        orig_dtype=x.dtype,
+    )
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    preference: KernelPreference | str | None = None,
+    check_finite: bool = True,
+):
+    """Quantize an activation ``x [..., K]`` over its last dim.
+
+    Args:
+        x: bfloat16/float16/float32 tensor.
+        fmt: "int8" (one scale per token) or "nvfp4" (per-tensor + per-16-block scales; ``K % 16 == 0``).
+        preference: overrides the process-wide :class:`KernelPreference`.
+        check_finite: raise :class:`NonFiniteError` on NaN/Inf input. The kernel paths detect it from the scales
+            they computed anyway (costs one device-to-host sync); ``False`` skips that sync, and non-finite input
+            then gives non-finite or meaningless outputs. The reference path always checks.
+
+    Returns:
+        int8: ``(q int8 [..., K], scales float32 [...])``; nvfp4: :class:`sixbit_tune.formats.nvfp4.NVFP4Tensor`.
+        Bit-identical to ``sixbit_tune.formats.int8.quantize`` / ``sixbit_tune.formats.nvfp4.quantize``.
+    """
+    _check_fmt(fmt)
+    _check_input(x, "activation")
+    path = kernel_path(fmt, x.device, preference)
+    x2 = _rows(x)
+    if fmt == "int8":
+        q, s = _int8_rows(x2, path, check_finite, "activation")
+        return q.reshape(x.shape), s.reshape(x.shape[:-1])
+    if path == "native-nvfp4":  # the native path uses the Triton quantizer
+        path = "triton-nvfp4-emulated"
+    return _nvfp4_rows(x, x2, path, check_finite, "activation")
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, *, preference: KernelPreference | str | None = None):
+    """Quantize a linear weight ``w [N, K]`` once (always checked for NaN/Inf).
+
+    Returns:
+        int8: ``(q int8 [N, K], scales float32 [N])`` (one scale per output channel); nvfp4: an
+        :class:`~sixbit_tune.formats.nvfp4.NVFP4Tensor` of shape ``[N, K]``. These are the ``qweight`` arguments
+        of :func:`quantized_linear`.
+    """
+    _check_fmt(fmt)
+    _check_input(w, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"a linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    return quantize_activation(w, fmt, preference=preference, check_finite=True)
+
+
+def _check_qweight(qweight, fmt: str | None):
+    from sixbit_tune.formats.nvfp4 import NVFP4Tensor
+
+    if isinstance(qweight, NVFP4Tensor):
+        kind = "nvfp4"
+        if len(qweight.shape) != 2:
+            raise ValueError(f"NVFP4 qweight must have shape [N, K], got {tuple(qweight.shape)}")
+        N, K = qweight.shape
+    elif isinstance(qweight, (tuple, list)) and len(qweight) == 2:
+        kind = "int8"
+        q, s = qweight
+        if not (isinstance(q, torch.Tensor) and q.dtype == torch.int8 and q.dim() == 2):
+            raise ValueError("INT8 qweight must be (int8 [N, K], float32 [N]); the codes are not a 2-D int8 tensor")
+        N, K = q.shape
+        if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and tuple(s.shape) == (N,)):
+            raise ValueError(f"INT8 qweight scales must be float32 [{N}], got {getattr(s, 'dtype', type(s))} "
+                             f"{tuple(getattr(s, 'shape', ()))}")
+    else:
+        raise TypeError(
+            "qweight must be an NVFP4Tensor [N, K] or a tuple (int8 [N, K], float32 [N]) from quantize_weight, "
+            f"got {type(qweight).__name__}"
+        )
+    if fmt is not None and _check_fmt(fmt) != kind:
+        raise ValueError(f"fmt={fmt!r} does not match the qweight, which is {kind}")
+    return kind, N, K
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    qweight,
+    bias: torch.Tensor | None = None,
+    fmt: str | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    preference: KernelPreference | str | None = None,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """``y = Q(x) @ Wq.T + bias`` with the activation quantized per call and the weight pre-quantized.
+
+    Args:
+        x: activation ``[..., K]``, bfloat16/float16/float32.
+        qweight: from :func:`quantize_weight`: ``(int8 [N, K], float32 [N])`` or an ``NVFP4Tensor [N, K]``.
+        bias: ``[N]`` or None (added in float32).
+        fmt: "int8" / "nvfp4", or None to infer it from ``qweight`` (a mismatch raises ValueError).
+        out_dtype: bfloat16, float16 or float32; default ``x.dtype``.
+        preference: overrides the process-wide :class:`KernelPreference`.
+        check_finite: see :func:`quantize_activation`.
+
+    Returns:
+        ``[..., N]`` in ``out_dtype``. INT8 (W8A8): exact int32 accumulation, then
+        ``acc * (sx * sw) + bias`` in float32, rounded once. NVFP4 (W4A4): dequantized operands multiplied with
+        float32 accumulation, times both global scales, plus bias, rounded once.
+    """
+    kind, N, K = _check_qweight(qweight, fmt)
+    _check_input(x, "activation")
+    if x.shape[-1] != K:
+        raise ValueError(f"activation has K={x.shape[-1]} but the weight expects K={K}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must have shape [{N}], got {tuple(bias.shape)}")
+    path = kernel_path(kind, x.device, preference)
+    lead = tuple(x.shape[:-1])
+    x2 = _rows(x)
+    if kind == "int8":
+        wq, ws = qweight
+        xq, xs = _int8_rows(x2, path, check_finite, "activation")
+        if path == "reference":
+            # Exact integer accumulation: |sum| <= K * 127**2 < 2**53, so float64 holds it exactly.
+            acc = xq.double() @ wq.double().T
+            y = acc.float() * (xs[:, None] * ws[None, :])
+            if bias is not None:
+                y = y + bias.float()
+            y = y.to(out_dtype)
+        else:
+            from .gemm_int8 import int8_gemm
+
+            y = int8_gemm(xq, wq.contiguous(), xs, ws.contiguous(), bias, out_dtype)
+        return y.reshape(*lead, N)
+
+    from sixbit_tune.formats import nvfp4
+
+    nvfp4.check_k(K)
+    if path == "reference":
+        xa = nvfp4.quantize(x2)
+        y = xa.dequantize() @ qweight.dequantize().T
+        if bias is not None:
+            y = y + bias.float()
+        y = y.to(out_dtype)
+    elif path == "native-nvfp4":
+        from .native_nvfp4 import nvfp4_gemm_native
+
+        xa = _nvfp4_rows(x2, x2, "triton-nvfp4-emulated", check_finite, "activation")
+        y = nvfp4_gemm_native(xa, qweight, bias, out_dtype)
+    else:
+        from .gemm_nvfp4 import nvfp4_gemm_deq
+        from .quant import quantize_nvfp4
+
+        _, _, gs, deq, amax = quantize_nvfp4(x2, write_dequant=True, write_packed=False)
+        if check_finite and not bool(torch.isfinite(amax)):
+            raise _nonfinite("activation", x2)
+        y = nvfp4_gemm_deq(deq, gs, qweight.data.contiguous(), qweight.block_scales.contiguous(),
+                           qweight.global_scale, bias, out_dtype)
+    return y.reshape(*lead, N)

@@ -1,0 +1,173 @@
+"""W8A8 INT8 GEMM in Triton: ``out = (x_q @ w_q.T) * (sx[:, None] * sw[None, :]) + bias`` in one kernel.
+
+int8 x int8 products accumulate exactly in int32 on the tensor cores; the epilogue converts the accumulator to
+float32, multiplies by the product of the per-token and per-output-channel scales (that order, as in
+``sixbit_tune.formats.quantized_linear_reference``), adds the bias in float32 and rounds once to the output dtype.
+
+Two kernels with the same numerics:
+
+* :func:`_int8_gemm_tma_kernel` (used on GPU when ``K % 16 == 0``): persistent grid, grouped tile order, operand
+  tiles through tensor descriptors (TMA on Hopper).
+* :func:`_int8_gemm_kernel`: plain pointer loads with masks, any ``K``; the CPU-interpreter path of the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_support import ensure_tma_allocator, interpreting, num_sms
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+_INTERP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
+
+
+def _configs():
+    return _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+
+
+def _m_bucket(M: int) -> int:
+    # Autotune key for the token count: powers of two, so a new sequence length does not re-tune.
+    return min(triton.next_power_of_2(max(M, 1)), 1 << 17)
+
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    mn = rn < N
+    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=mn, other=0.0)
+    out = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        out = out + bias[None, :]
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"])
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET,
+    stride_am, stride_bn, stride_cm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        kmask = rk < K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
+        b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"])
+@triton.jit
+def _int8_gemm_tma_kernel(
+    a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+):
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    for tile_id in tl.range(start, num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+def int8_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sa: torch.Tensor,
+    sb: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    variant: str = "auto",
+) -> torch.Tensor:
+    """``(a @ b.T) * (sa[:, None] * sb[None, :]) + bias`` with int32 accumulation.
+
+    Args:
+        a: int8 ``[M, K]`` (per-token codes), last dim contiguous.
+        b: int8 ``[N, K]`` (per-output-channel weight codes), last dim contiguous.
+        sa: float32 ``[M]``; sb: float32 ``[N]``; bias: ``[N]`` (any float dtype) or None.
+        out_dtype: bfloat16, float16 or float32.
+        variant: "tma" (persistent, tensor descriptors; needs contiguous operands and ``K % 16 == 0``),
+            "pointer", or "auto" (tma where it applies).
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_() if bias is None else c.copy_(bias.to(out_dtype).expand(M, N))
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else sb
+    tma_ok = a.is_contiguous() and b.is_contiguous() and K % 16 == 0
+    if variant == "auto":
+        variant = "tma" if tma_ok else "pointer"
+    if variant == "tma":
+        assert tma_ok, "the TMA INT8 GEMM needs contiguous operands and K % 16 == 0"
+        ensure_tma_allocator()
+        sms = num_sms(a.device)
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+        _int8_gemm_tma_kernel[grid](
+            a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms
+        )
+    else:
+        assert a.stride(1) == 1 and b.stride(1) == 1
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+        _int8_gemm_kernel[grid](
+            a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0),
+            HAS_BIAS=has_bias,
+        )
+    return c

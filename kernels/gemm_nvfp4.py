@@ -1,0 +1,165 @@
+"""NVFP4 W4A4 GEMM for GPUs without FP4 tensor cores (Hopper): dequantize inside the GEMM, multiply on the
+bf16 tensor cores.
+
+The weight stays packed in memory (4 bits per element + one E4M3 scale per 16 elements + one float32 scale:
+4.5 bits per stored weight). Each weight tile is unpacked in registers (nibbles by shifts, the E2M1 value built
+from its bits, times its block scale) and fed to ``tl.dot``. ``E2M1 * E4M3`` has at most 6 significant bits, so
+the dequantized operands (without the per-tensor scales) are exact in bf16; the product of the two per-tensor
+scales is applied once in the epilogue, with the bias, in float32. The numerics are NVFP4's; the speed is at
+best bf16's.
+
+The activation side comes in one of two forms (same numbers, different cost):
+
+* ``a_packed``: the activation as NVFP4 codes + block scales, dequantized in the kernel like the weight;
+* ``a_deq``: the activation already expanded by the quantizer to bf16 ``E2M1 * b`` (it writes that instead of
+  the packed codes, one pass over the activation); the kernel then feeds it through TMA-free pointer loads and
+  dequantizes only the weight. With ``swap=True`` the weight tile is the first (register) operand of the MMA and
+  the kernel computes the transposed tile ``W x^T``.
+
+Under the CPU interpreter the dot runs in float32 (bf16 dots are wrong there, FACTS f); values are identical
+because the operands are exact in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_support import interpreting
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+_INTERP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
+
+
+def _configs():
+    return _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+
+
+@triton.jit
+def _dequant_tile(data_ptr, scale_ptr, rows, k0, K, EVEN_K: tl.constexpr, R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """[R, BLOCK_K] tile of E2M1[code] * block_scale (exact), cast to DOT_DTYPE."""
+    pk = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    sk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    d_ptrs = data_ptr + rows[:, None].to(tl.int64) * (K // 2) + pk[None, :]
+    s_ptrs = scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + sk[None, :]
+    if EVEN_K:
+        byte = tl.load(d_ptrs)
+        sbyte = tl.load(s_ptrs)
+    else:
+        byte = tl.load(d_ptrs, mask=pk[None, :] < K // 2, other=0)
+        sbyte = tl.load(s_ptrs, mask=sk[None, :] < K // 16, other=0)
+    # E4M3 byte -> float32 (normal: exponent bias 7 -> 127; subnormal: mant * 2**-9).
+    sb = sbyte.to(tl.uint32)
+    se = (sb >> 3) & 15
+    sm = sb & 7
+    snorm = (((se + 120) << 23) | (sm << 20)).to(tl.float32, bitcast=True)
+    scale = tl.where(se == 0, sm.to(tl.float32) * 0.001953125, snorm)
+    scale = tl.where((sb & 0x80) != 0, -scale, scale)
+    # Nibbles -> codes, even element in the low nibble.
+    code = tl.reshape(tl.join(byte & 15, byte >> 4), [R, BLOCK_K]).to(tl.uint32)
+    mag = code & 7
+    # E2M1 magnitude as float32 bits: e > 0 -> 2**(e-1) * (1 + m/2); codes 0, 1 -> 0, 0.5.
+    bits = tl.where(mag >= 2, (mag << 22) + (126 << 23), mag * (126 << 23)) | ((code & 8) << 28)
+    val = tl.reshape(bits.to(tl.float32, bitcast=True), [R, BLOCK_K // 16, 16]) * scale[:, :, None]
+    return tl.reshape(val, [R, BLOCK_K]).to(DOT_DTYPE)
+
+
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _nvfp4_gemm_body(
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, ga_ptr, gb_ptr, c_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
+    A_PACKED: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kt * BLOCK_K
+        if A_PACKED:
+            a = _dequant_tile(a_ptr, a_scale_ptr, rm, k0, K, EVEN_K, BLOCK_M, BLOCK_K, DOT_DTYPE)
+        else:
+            a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+            a = a.to(DOT_DTYPE)
+        w = _dequant_tile(b_ptr, b_scale_ptr, rn, k0, K, EVEN_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    g = tl.load(ga_ptr) * tl.load(gb_ptr)
+    out = acc * g
+    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = om < M
+    mn = on < N
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + on, mask=mn, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + om[:, None].to(tl.int64) * stride_cm + on[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+_nvfp4_gemm_kernel = triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS"]
+)(_nvfp4_gemm_body)
+
+
+def _launch(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, swap):
+    c = torch.empty((M, N), dtype=out_dtype, device=b.device)
+    if M == 0 or N == 0:
+        return c
+    has_bias = bias is not None
+    dot_dtype = tl.float32 if interpreting() else tl.bfloat16
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _nvfp4_gemm_kernel[grid](
+        a, a_scale, b, b_scale, ga, gb, c, bias if has_bias else ga, M, N, K,
+        min(triton.next_power_of_2(max(M, 1)), 1 << 17), c.stride(0),
+        A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
+    )
+    return c
+
+
+def nvfp4_gemm_packed(a_data, a_scales, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=False):
+    """Both operands packed NVFP4 (``[M, K//2]`` / ``[N, K//2]`` uint8 codes, e4m3 block scales, 0-d global
+    scales). Returns ``[M, N]`` in ``out_dtype``: ``(A_deq @ W_deq.T)`` plus bias."""
+    M = a_data.shape[0]
+    N, K = b_data.shape[0], b_data.shape[1] * 2
+    return _launch(a_data, a_scales.view(torch.uint8), b_data, b_scales.view(torch.uint8), a_gs, b_gs, bias,
+                   M, N, K, out_dtype, True, swap)
+
+
+def nvfp4_gemm_deq(a_deq, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=True):
+    """Activation given as bf16 ``E2M1 * b`` ``[M, K]`` (contiguous) and its global scale; weight packed."""
+    M, K = a_deq.shape
+    N = b_data.shape[0]
+    return _launch(a_deq, a_deq, b_data, b_scales.view(torch.uint8), a_gs, b_gs, bias,
+                   M, N, K, out_dtype, False, swap)

@@ -1,0 +1,219 @@
+"""Triton activation quantizers producing exactly the layouts and bits of :mod:`sixbit_tune.formats`.
+
+* :func:`quantize_int8_rows`: per-token (per-row) symmetric INT8 — row amax, scale ``amax / 127`` and codes
+  ``clamp(rne(x / scale), -127, 127)`` in one kernel (IEEE division through ``div_rn``; round half to even through
+  the float32 ``+ 1.5 * 2**23`` trick, exact for ``|v| < 2**22``).
+* :func:`quantize_nvfp4`: per-tensor amax (one atomic-max kernel over the float32 bit patterns, no host sync),
+  then one kernel for block scales and packed codes. The E4M3 rounding of the block scales is done with integer
+  arithmetic on the float32 bits (the values are always normal, in [2**-6, 448]), not with Triton's fp8 cast,
+  which the CPU interpreter gets wrong (FACTS f). The block kernel can also write the dequantized-without-global-
+  scale values ``E2M1[code] * b`` as bf16 (exact: at most 6 significant bits) for the emulated NVFP4 GEMM.
+
+Non-finite input is not detected here (that would cost a host sync); :mod:`.dispatch` checks the scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_support import interpreting
+
+
+@triton.jit
+def _int8_rows_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    # amax as an integer max over the bits of |x|: exact, and NaN (bits above +Inf) propagates.
+    amax = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
+    scale = tl.math.div_rn(amax, tl.full([ROWS], 127.0, tl.float32))
+    zero = scale == 0.0
+    denom = tl.where(zero, 1.0, scale)
+    v = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], [ROWS, BLOCK_K]))
+    v = (v + 12582912.0) - 12582912.0
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = tl.where(zero[:, None], 0.0, v)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], v.to(tl.int8), mask=mask)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+
+@triton.jit
+def _int8_rows_loop_kernel(
+    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+    BLOCK_K: tl.constexpr,
+):
+    # Two passes over one long row (K > 16384): amax, then codes (the second read is served by L2).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        m = (k0 + cols) < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x).to(tl.int32, bitcast=True))
+    a = tl.max(amax, axis=0).to(tl.float32, bitcast=True)
+    scale = tl.math.div_rn(a, 127.0)
+    zero = scale == 0.0
+    denom = tl.where(zero, 1.0, scale)
+    for k0 in range(0, K, BLOCK_K):
+        m = (k0 + cols) < K
+        x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, tl.full([BLOCK_K], 1.0, tl.float32) * denom)
+        v = (v + 12582912.0) - 12582912.0
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = tl.where(zero, 0.0, v)
+        tl.store(q_ptr + row * stride_qm + k0 + cols, v.to(tl.int8), mask=m)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row INT8 of a 2-D float tensor ``x [M, K]`` (last dim contiguous).
+
+    Returns:
+        ``(q int8 [M, K], scales float32 [M])``, bit-identical to ``sixbit_tune.formats.int8.quantize(x)``.
+    """
+    assert x.dim() == 2 and x.stride(1) == 1
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    s = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, s
+    if K <= 16384:
+        block_k = max(16, triton.next_power_of_2(K))
+        rows = max(1, min(16, 4096 // block_k))
+        nw = 4 if block_k * rows <= 4096 else 8
+        if interpreting():
+            nw = 1
+        _int8_rows_kernel[(triton.cdiv(M, rows),)](
+            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=block_k, ROWS=rows, num_warps=nw
+        )
+    else:
+        _int8_rows_loop_kernel[(M,)](x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=4096, num_warps=8)
+    return q, s
+
+
+@triton.jit
+def _amax_bits_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # amax(|x|) as the int32 bit pattern of a float32 >= 0 (bit order = value order; NaN sorts above Inf).
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    base = pid.to(tl.int64) * (BLOCK * ITERS)
+    for i in range(ITERS):
+        o = base + i * BLOCK + offs
+        x = tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.int32, bitcast=True))
+    tl.atomic_max(out_ptr, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _nvfp4_block_kernel(
+    x_ptr, amax_ptr, data_ptr, scale_ptr, deq_ptr, gs_ptr,
+    M, K, stride_xm,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, WRITE_DEQ: tl.constexpr, WRITE_PACKED: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    NB: tl.constexpr = BLOCK_K // 16
+    # Global scale from the amax bits, with formats.nvfp4's degenerate-scale rule.
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(amax, 2688.0)
+    inv_s = tl.math.div_rn(1.0, s)
+    top = tl.math.div_rn(inv_s, 0.015625)
+    usable = (amax > 0.0) & (tl.abs(top) < float("inf"))
+    s = tl.where(usable, s, 1.0)
+    inv_s = tl.where(usable, inv_s, 1.0)
+    if pid_m == 0 and pid_k == 0:
+        tl.store(gs_ptr, s)
+
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    xb = tl.reshape(x.to(tl.float32), [ROWS, NB, 16])
+    amax_b = tl.max(tl.abs(xb), axis=2)
+    b = tl.math.div_rn(tl.math.div_rn(amax_b, 6.0), tl.broadcast_to(s, [ROWS, NB]))
+    b = tl.minimum(tl.maximum(b, 0.015625), 448.0)
+    # Round to E4M3 (3 mantissa bits, nearest even); always a normal number here.
+    u = b.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000
+    b = u.to(tl.float32, bitcast=True)
+    sbyte = ((((u >> 23) - 120) << 3) | ((u >> 20) & 7)).to(tl.uint8)
+    r = tl.math.div_rn(tl.broadcast_to(inv_s, [ROWS, NB]), b)
+    v = xb * r[:, :, None]
+    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+    a = tl.abs(v)
+    mag = (
+        (a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
+        + (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8)
+    )
+    sign = ((v.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
+    if WRITE_PACKED:
+        code = tl.reshape(mag | sign, [ROWS, BLOCK_K // 2, 2])
+        lo, hi = tl.split(code)
+        packed = lo | (hi << 4)
+        pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        pmask = rmask[:, None] & (pcols[None, :] < K // 2)
+        tl.store(data_ptr + rows[:, None].to(tl.int64) * (K // 2) + pcols[None, :], packed, mask=pmask)
+        scols = pid_k * NB + tl.arange(0, NB)
+        smask = rmask[:, None] & (scols[None, :] < K // 16)
+        tl.store(scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :], sbyte, mask=smask)
+    if WRITE_DEQ:
+        # E2M1 value from the magnitude code, times the block scale: exact in bf16.
+        val = tl.where(mag >= 4, tl.where(mag >= 6, tl.where(mag == 7, 6.0, 4.0), tl.where(mag == 5, 3.0, 2.0)),
+                       tl.where(mag >= 2, tl.where(mag == 3, 1.5, 1.0), tl.where(mag == 1, 0.5, 0.0)))
+        val = tl.where(sign != 0, -val, val) * b[:, :, None]
+        val = tl.reshape(val, [ROWS, BLOCK_K])
+        tl.store(deq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], val.to(tl.bfloat16), mask=mask)
+
+
+def _amax_bits(x: torch.Tensor) -> torch.Tensor:
+    """amax(|x|) of a contiguous tensor as the int32 bits of a float32, shape [1], computed on device."""
+    n = x.numel()
+    out = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    if n:
+        block = 1024 if interpreting() else 4096
+        iters = 1 if interpreting() else max(1, min(64, triton.cdiv(n, block * 132 * 4)))
+        _amax_bits_kernel[(triton.cdiv(n, block * iters),)](
+            x, out, n, BLOCK=block, ITERS=iters, num_warps=1 if interpreting() else 8
+        )
+    return out
+
+
+def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: bool = True):
+    """NVFP4 quantization of a 2-D float tensor ``x [M, K]`` (contiguous, ``K % 16 == 0``) over its last dim.
+
+    Returns:
+        ``(data uint8 [M, K//2], block_scales float8_e4m3fn [M, K//16], global_scale float32 0-d, deq, amax)``
+        where ``deq`` is None, or with ``write_dequant`` the bf16 ``[M, K]`` tensor of ``E2M1[code] * b`` (the
+        value without the global scale), and ``amax`` the float32 0-d amax(|x|) (NaN/Inf when x is not finite:
+        the caller checks it). Without ``write_packed`` the codes and block scales are not stored (empty tensors are
+        returned in their place). The first three are bit-identical to ``sixbit_tune.formats.nvfp4.quantize(x)``.
+    """
+    assert x.dim() == 2 and x.is_contiguous() and x.shape[1] % 16 == 0
+    M, K = x.shape
+    dev = x.device
+    amax_bits = _amax_bits(x)
+    data = torch.empty((M, K // 2) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
+    scales = torch.empty((M, K // 16) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
+    gs = torch.ones((1,), dtype=torch.float32, device=dev)
+    deq = torch.empty((M, K), dtype=torch.bfloat16, device=dev) if write_dequant else data
+    if M:
+        block_k = min(256, triton.next_power_of_2(K))
+        rows = 16 if interpreting() else max(1, 4096 // block_k)
+        grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k))
+        _nvfp4_block_kernel[grid](
+            x, amax_bits, data, scales, deq, gs, M, K, x.stride(0),
+            BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, num_warps=1 if interpreting() else 4,
+        )
+    amax = amax_bits.view(torch.float32).reshape(())
+    return data, scales.view(torch.float8_e4m3fn), gs.reshape(()), (deq if write_dequant else None), amax
