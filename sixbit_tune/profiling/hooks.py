@@ -1,0 +1,429 @@
+"""Recording hooks: block statistics and per-layer quantization errors, on the device, beside an unchanged forward.
+
+:func:`instrument` attaches named diffusers ``ModelHook``\\ s (all called :data:`HOOK_NAME`) to
+
+* the transformer (a root hook that notes which ``cache_context`` the call runs in),
+* every transformer block (clones the block's input streams before it runs, then computes Γ, ‖Δ‖, and the change
+  of Δ against the same block's Δ at the previous step of the same context, from ``sixbit_tune.stats``),
+* every ``nn.Linear`` inside the blocks (``act_err``/``out_err`` per format, :mod:`sixbit_tune.profiling.quant`).
+
+The hooks never change what a module returns: outputs of an instrumented model are bit-identical to an
+uninstrumented one. Statistics stay on the device as small ``[.., B]`` tensors appended to lists; :meth:`flush`
+moves everything recorded since the previous flush to the host in one transfer and labels each batch row with its
+(prompt, branch) through ``ModelAdapter.row_branches``. Call it once per denoising step (the runner does it from
+``callback_on_step_end``).
+
+Per-branch state: the previous Δ of each block lives in a diffusers ``StateManager`` keyed by the cache-context
+name, so Wan's ``"cond"``/``"uncond"`` calls keep separate histories and a batched-CFG call keeps per-row history
+inside one batch. A call outside any ``cache_context`` uses the context :data:`FALLBACK_CONTEXT` (``"inference"``)
+and its rows are labelled as one unguided branch (``"cond"``) unless the family batches CFG.
+
+diffusers' ``StateManager``, ``BaseState`` and ``CacheContext`` are semi-private; they are imported here only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+
+from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.formats import FORMATS
+from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
+from sixbit_tune.profiling.quant import QuantizedWeight, linear_errors, quantize_weight
+from sixbit_tune.stats import block_stats, delta_change, stream_delta
+
+__all__ = ["FALLBACK_CONTEXT", "HOOK_NAME", "Instrumentation", "StepRecords", "block_record", "instrument"]
+
+HOOK_NAME = "sixbit_tune.profile"
+FALLBACK_CONTEXT = "inference"
+#: Order of the per-block statistics inside a block record tensor ``[4, B]``.
+BLOCK_FIELDS = ("gamma", "delta_change", "delta_cos", "delta_norm")
+
+
+def block_record(
+    x_streams: Sequence[torch.Tensor], y_streams: Sequence[torch.Tensor], prev_delta: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block call's statistics: ``([4, B] float32 in BLOCK_FIELDS order, Δ [B, N] float32)``.
+
+    ``delta_change``/``delta_cos`` are NaN when there is no previous Δ of the same shape (first step).
+    """
+    delta = stream_delta(x_streams, y_streams)
+    s = block_stats(x_streams, y_streams, delta=delta)
+    if prev_delta is not None and prev_delta.shape == delta.shape:
+        change, cos = delta_change(delta, prev_delta)
+    else:
+        change = cos = torch.full_like(s["gamma"], float("nan"))
+    return torch.stack((s["gamma"], change, cos, s["delta_norm"])), delta
+
+
+class _BlockState(BaseState):
+    def __init__(self) -> None:
+        self.prev_delta: torch.Tensor | None = None
+
+    def reset(self, *args, **kwargs) -> None:
+        self.prev_delta = None
+
+
+class _ContextState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+def _ensure_context(manager: StateManager) -> str:
+    """The active context name of a hook's StateManager, setting :data:`FALLBACK_CONTEXT` when none is active."""
+    if manager._context is None:
+        manager.set_context(CacheContext(FALLBACK_CONTEXT))
+        return FALLBACK_CONTEXT
+    return manager._context.name
+
+
+@dataclass
+class _Call:
+    """What one transformer call recorded (device tensors until the step's flush)."""
+
+    context: str | None
+    blocks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block index, [4, B])
+    layers: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer id, [F, 2, B])
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.current: _Call | None = None
+        self.enabled = True
+
+
+class _RootHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, recorder: _Recorder):
+        super().__init__()
+        self.recorder = recorder
+        self.state_manager = StateManager(_ContextState)
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.recorder.enabled:
+            explicit = self.state_manager._context is not None
+            name = _ensure_context(self.state_manager)
+            self.recorder.current = _Call(name if explicit else None)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        rec = self.recorder
+        if rec.current is not None:
+            rec.calls.append(rec.current)
+            rec.current = None
+        return output
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, recorder: _Recorder, adapter: ModelAdapter, block: BlockRef, fn=block_record):
+        super().__init__()
+        self.recorder = recorder
+        self.adapter = adapter
+        self.block = block
+        self.fn = fn
+        self.state_manager = StateManager(_BlockState)
+        self._inputs: tuple[torch.Tensor, ...] | None = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.recorder.current is not None:
+            streams = self.adapter.streams_in(self.block, args, kwargs)
+            self._inputs = tuple(t.detach().clone() for t in streams)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        xs, self._inputs = self._inputs, None
+        call = self.recorder.current
+        if xs is not None and call is not None:
+            _ensure_context(self.state_manager)
+            state = self.state_manager.get_state()
+            ys = tuple(t.detach() for t in self.adapter.streams_out(self.block, output))
+            rec, state.prev_delta = self.fn(xs, ys, state.prev_delta)
+            call.blocks.append((self.block.index, rec))
+        return output
+
+    def reset_state(self, module):
+        self._inputs = None
+        self.state_manager.reset()
+        return module
+
+
+class _LinearHook(ModelHook):
+    def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, fn=linear_errors):
+        super().__init__()
+        self.recorder = recorder
+        self.layer_id = layer_id
+        self.qw = qw
+        self.fn = fn
+
+    def new_forward(self, module, *args, **kwargs):
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        call = self.recorder.current
+        if call is not None:
+            x = args[0] if args else kwargs["input"]
+            call.layers.append((self.layer_id, self.fn(x, out, self.qw)))
+        return out
+
+
+@dataclass
+class StepRecords:
+    """Host-side rows of one flush, column-wise, named as the store's ``block_steps``/``layer_steps`` columns.
+
+    ``blocks`` keys: prompt_index, branch, step, timestep, block_index, block, gamma, delta_change, delta_cos,
+    delta_norm. ``layers`` keys: prompt_index, branch, step, block_index, layer, format, act_err, out_err.
+    NaN statistics that mean "not defined" (Δ change at a block's first step) are None.
+    """
+
+    blocks: dict[str, list]
+    layers: dict[str, list]
+
+    @staticmethod
+    def empty() -> StepRecords:
+        return StepRecords(
+            {k: [] for k in ("prompt_index", "branch", "step", "timestep", "block_index", "block", *BLOCK_FIELDS)},
+            {k: [] for k in ("prompt_index", "branch", "step", "block_index", "layer", "format", "act_err", "out_err")},
+        )
+
+    def extend(self, other: StepRecords) -> None:
+        for mine, theirs in ((self.blocks, other.blocks), (self.layers, other.layers)):
+            for k, v in theirs.items():
+                mine[k].extend(v)
+
+    def __len__(self) -> int:
+        return len(self.blocks["step"]) + len(self.layers["step"])
+
+
+class Instrumentation:
+    """Recording hooks attached to one transformer. Build with :func:`instrument`; use as a context manager or
+    call :meth:`remove`.
+
+    Attributes:
+        adapter: the model's :class:`ModelAdapter`.
+        formats: the profiled formats.
+        layer_names: full module names of the instrumented linears (index = layer id).
+        layer_formats: per layer, the formats recorded for it (NVFP4 is left out where K % 16 != 0).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        formats: Sequence[str] = FORMATS,
+        layers: bool = True,
+        compile_stats: bool | None = None,
+    ):
+        self.adapter = get_adapter(model)
+        self.transformer = self.adapter.transformer
+        self.formats = tuple(formats)
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
+        self._recorder = _Recorder()
+        device = next(self.transformer.parameters()).device
+        if compile_stats is None:
+            compile_stats = device.type == "cuda"
+        self.compile_stats = bool(compile_stats)
+        block_fn, layer_fn = block_record, linear_errors
+        if self.compile_stats:
+            block_fn = torch.compile(block_record, dynamic=False)
+            layer_fn = torch.compile(linear_errors, dynamic=False)
+        self._blocks = self.adapter.blocks()
+        self.layer_names: list[str] = []
+        self.layer_formats: list[tuple[str, ...]] = []
+        self._layer_block: list[int] = []
+        self._modules: list[torch.nn.Module] = []
+        self._removed = False
+        try:
+            root = HookRegistry.check_if_exists_or_initialize(self.transformer)
+            root.register_hook(_RootHook(self._recorder), HOOK_NAME)
+            self._modules.append(self.transformer)
+            for ref in self._blocks:
+                reg = HookRegistry.check_if_exists_or_initialize(ref.module)
+                reg.register_hook(_BlockHook(self._recorder, self.adapter, ref, block_fn), HOOK_NAME)
+                self._modules.append(ref.module)
+                if not layers:
+                    continue
+                for rel, lin in self.adapter.linears(ref).items():
+                    fmts = self.formats
+                    if "nvfp4" in fmts and lin.in_features % 16 != 0:
+                        fmts = tuple(f for f in fmts if f != "nvfp4")
+                        warnings.warn(
+                            f"{ref.name}.{rel}: in_features={lin.in_features} is not a multiple of 16; "
+                            "recording INT8 only for it",
+                            stacklevel=2,
+                        )
+                    if not fmts:
+                        continue
+                    layer_id = len(self.layer_names)
+                    self.layer_names.append(f"{ref.name}.{rel}")
+                    self.layer_formats.append(fmts)
+                    self._layer_block.append(ref.index)
+                    hook = _LinearHook(self._recorder, layer_id, quantize_weight(lin, fmts), layer_fn)
+                    HookRegistry.check_if_exists_or_initialize(lin).register_hook(hook, HOOK_NAME)
+                    self._modules.append(lin)
+        except BaseException:
+            self.remove()
+            raise
+        # FACTS a4: the root registry caches its child-registry list at the first cache_context(); hooks added
+        # after that would never see a context unless the cache is invalidated.
+        root.invalidate_child_registries_cache()
+
+    # ------------------------------------------------------------------------------------------------ control
+    @property
+    def enabled(self) -> bool:
+        """Whether calls are recorded (hooks stay attached either way; disabled hooks only pass through)."""
+        return self._recorder.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._recorder.enabled = bool(value)
+
+    def reset(self) -> None:
+        """Drop every unflushed record and every block's previous Δ (start of a new prompt)."""
+        self._recorder.calls.clear()
+        self._recorder.current = None
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
+
+    def remove(self) -> None:
+        """Detach every hook this instrumentation attached and drop its state. Idempotent."""
+        if self._removed:
+            return
+        for module in self._modules:
+            reg = getattr(module, "_diffusers_hook", None)
+            if reg is not None and HOOK_NAME in reg.hooks:
+                reg.remove_hook(HOOK_NAME, recurse=False)
+        self._modules.clear()
+        self._recorder.calls.clear()
+        self._recorder.current = None
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        self._removed = True
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------------------------------------ output
+    @property
+    def pending_calls(self) -> int:
+        """Transformer calls recorded since the last flush."""
+        return len(self._recorder.calls)
+
+    def flush(self, step: int, prompt_indices: Sequence[int], timestep: float | None = None) -> StepRecords:
+        """Move everything recorded since the last flush to the host (one device-to-host copy) as rows.
+
+        Args:
+            step: the denoising step the recorded calls belong to.
+            prompt_indices: the global prompt index of each prompt row of the calls (``num_prompts`` =
+                ``len(prompt_indices)``; row ``r`` of a call belongs to ``prompt_indices[r % num_prompts]``).
+            timestep: the scheduler timestep of the step, if known.
+
+        Raises:
+            NonFiniteError: a statistic is NaN where it must be defined (non-finite activations or weights),
+                naming the block or layer and the step.
+            ValueError: a call's batch does not fit ``len(prompt_indices)`` and the family's CFG mode.
+        """
+        calls, self._recorder.calls = self._recorder.calls, []
+        out = StepRecords.empty()
+        if not calls:
+            return out
+        n = len(prompt_indices)
+        tensors = [t for c in calls for _, t in (*c.blocks, *c.layers)]
+        if not tensors:
+            return out
+        host = torch.cat([t.reshape(-1) for t in tensors]).double().cpu().tolist()
+        pos = 0
+        ts = None if timestep is None else float(timestep)
+        for call in calls:
+            batch = call.blocks[0][1].shape[-1] if call.blocks else call.layers[0][1].shape[-1]
+            ctx = call.context
+            if ctx is None and self.adapter.cfg_mode == "separate":
+                ctx = "cond"
+            branches = self.adapter.row_branches(batch, n, ctx)
+            prompts = [int(prompt_indices[r % n]) for r in range(batch)]
+            b = out.blocks
+            for block_index, _rec in call.blocks:
+                vals = host[pos : pos + 4 * batch]
+                pos += 4 * batch
+                name = self._blocks[block_index].name
+                for r in range(batch):
+                    g, ch, cs, nm = (vals[i * batch + r] for i in range(4))
+                    if math.isnan(g) or math.isnan(nm):
+                        raise NonFiniteError(
+                            f"block {name} at step {step} ({branches[r]}, prompt {prompts[r]}) has non-finite "
+                            "statistics: its input or output holds NaN"
+                        )
+                    b["prompt_index"].append(prompts[r])
+                    b["branch"].append(branches[r])
+                    b["step"].append(step)
+                    b["timestep"].append(ts)
+                    b["block_index"].append(block_index)
+                    b["block"].append(name)
+                    b["gamma"].append(g)
+                    b["delta_change"].append(None if math.isnan(ch) else ch)
+                    b["delta_cos"].append(None if math.isnan(cs) else cs)
+                    b["delta_norm"].append(nm)
+            lay = out.layers
+            for layer_id, t in call.layers:
+                fmts = self.layer_formats[layer_id]
+                rows = t.shape[-1]
+                if rows != batch:
+                    raise ValueError(
+                        f"{self.layer_names[layer_id]}: input has {rows} rows in dim 0 but the block batch has "
+                        f"{batch}; cannot attribute its errors to (prompt, branch) rows"
+                    )
+                vals = host[pos : pos + len(fmts) * 2 * batch]
+                pos += len(fmts) * 2 * batch
+                for fi, fmt in enumerate(fmts):
+                    for r in range(batch):
+                        act = vals[(fi * 2) * batch + r]
+                        err = vals[(fi * 2 + 1) * batch + r]
+                        if math.isnan(act) or math.isnan(err):
+                            raise NonFiniteError(
+                                f"layer {self.layer_names[layer_id]} ({fmt}) at step {step} ({branches[r]}, prompt "
+                                f"{prompts[r]}) has non-finite errors: its input, output or weight holds NaN/Inf"
+                            )
+                        lay["prompt_index"].append(prompts[r])
+                        lay["branch"].append(branches[r])
+                        lay["step"].append(step)
+                        lay["block_index"].append(self._layer_block[layer_id])
+                        lay["layer"].append(self.layer_names[layer_id])
+                        lay["format"].append(fmt)
+                        lay["act_err"].append(act)
+                        lay["out_err"].append(err)
+        return out
+
+
+def instrument(
+    model: Any, formats: Sequence[str] = FORMATS, layers: bool = True, compile_stats: bool | None = None
+) -> Instrumentation:
+    """Attach recording hooks to a diffusers pipeline's transformer (or a transformer).
+
+    Args:
+        model: a pipeline or transformer of a supported family.
+        formats: formats whose per-layer errors are recorded.
+        layers: also instrument the linears (False: block statistics only).
+        compile_stats: ``torch.compile`` the statistic functions (fused device kernels); default: on CUDA only.
+            Hooks and model stay eager either way.
+
+    Returns:
+        The :class:`Instrumentation` (call ``remove()`` or use it as a context manager).
+
+    Raises:
+        UnsupportedModelError: the model is not a supported family.
+        NonFiniteError: a weight holds NaN or Inf.
+    """
+    return Instrumentation(model, formats=formats, layers=layers, compile_stats=compile_stats)

@@ -1,0 +1,170 @@
+"""Device-side quantization errors of one linear layer call: ``act_err`` and ``out_err`` (DESIGN §2).
+
+The arithmetic is :mod:`sixbit_tune.formats`' (the specification), composed from its building blocks without the
+per-call finiteness checks: ``formats.nvfp4.quantize`` and ``formats.int8.quantize`` call ``check_finite``, which
+reads a flag back to the host, and one host synchronisation per layer call would serialise the GPU. Here nothing
+leaves the device; NaN/Inf inputs propagate into the statistics and the recorder checks them once per step.
+``tests/profiling/test_quant.py`` pins these functions bit for bit to ``formats.fake_quant`` and to
+``formats.quantized_linear_reference``.
+
+Definitions, per batch row (dim 0 of the activation), for format ``f``:
+
+* ``act_err = ‖Q_f(x) − x‖₂ / ‖x‖₂``
+* ``out_err = ‖Q_f(x)·Q_f(W)ᵀ − x·Wᵀ‖₂ / ‖x·Wᵀ‖₂``
+
+``Q_f(x)`` quantizes the whole activation tensor as the runtime would (NVFP4: one global scale over all rows;
+INT8: one scale per token). ``x·Wᵀ`` is the layer's own output with its bias removed, in float32: exactly the
+unquantized product for float32 models, the model-dtype product (float32 accumulation, rounded once to the model
+dtype) for bf16/fp16 models. The quantized product is computed without any rounding beyond float32 accumulation:
+
+* NVFP4: ``Q(x)·Q(W)ᵀ = (s_x·s_w) · (V_x·V_wᵀ)`` with ``V = E2M1 value × block scale``. Every ``V`` has at most 6
+  significant bits (2 of E2M1 times 4 of a normal E4M3 scale), so on CUDA ``V`` is held exactly in bfloat16 and multiplied on tensor cores with float32
+  output (``torch.mm(..., out_dtype=torch.float32)``); elsewhere in float32.
+* INT8: exact integer accumulation (``torch._int_mm`` on CUDA, float64 elsewhere, as the reference), then
+  ``acc.float() * (s_x[:, None] * s_w[None, :])``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sixbit_tune.formats import FORMATS, int8, nvfp4
+from sixbit_tune.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, SCALE_FLOOR
+from sixbit_tune.stats import safe_ratio
+
+__all__ = ["QuantizedWeight", "int8_codes", "linear_errors", "nvfp4_values", "quantize_weight"]
+
+
+def nvfp4_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4-quantize ``x`` over its last dim; return ``(V, s)`` with ``Q(x) = V * s`` (no finiteness check).
+
+    ``V`` = E2M1 value × float32 block scale (float32, exact), ``s`` = the float32 per-tensor scale (0-d). The
+    steps are ``formats.nvfp4.quantize``'s, in the same order.
+    """
+    K = x.shape[-1]
+    nvfp4.check_k(K)
+    lead = tuple(x.shape[:-1])
+    xb = x.detach().float().reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
+    amax = xb.abs().amax() if xb.numel() else xb.new_zeros(())
+    s = nvfp4._global_scale_from_amax(amax)
+    amax_b = xb.abs().amax(dim=-1)
+    b = (amax_b / E2M1_MAX / s).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn).float()
+    r = (1.0 / s) / b
+    codes = nvfp4.encode_e2m1((xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
+    v = nvfp4.decode_e2m1(codes) * b.unsqueeze(-1)
+    return v.reshape(x.shape), s
+
+
+def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8-quantize ``x`` over its last dim: ``(q int8, scales float32 [...])`` (no finiteness check).
+
+    The arithmetic of ``formats.int8.quantize(x, axis=-1)``.
+    """
+    xf = x.detach().float()
+    scales = (xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])) / float(int8.QMAX)
+    s = scales.unsqueeze(-1)
+    zero = s == 0
+    q = torch.round(xf / torch.where(zero, torch.ones_like(s), s)).clamp(-int8.QMAX, int8.QMAX)
+    q = torch.where(zero, torch.zeros_like(q), q)
+    return q.to(torch.int8), scales
+
+
+@dataclass
+class QuantizedWeight:
+    """One linear weight in every profiled format, quantized once per run.
+
+    Attributes:
+        formats: the formats held, in the order ``linear_errors`` reports them.
+        nvfp4_v: ``V_w`` ``[N, K]`` (bfloat16 on CUDA, exact; float32 elsewhere), or None.
+        nvfp4_s: ``s_w`` (0-d float32), or None.
+        int8_q: ``[N, K]`` int8, or None.
+        int8_s: ``[N]`` float32 per-output-channel scales, or None.
+        bias: the layer's bias (float32) or None; removed from the layer output to get ``x·Wᵀ``.
+    """
+
+    formats: tuple[str, ...]
+    nvfp4_v: torch.Tensor | None = None
+    nvfp4_s: torch.Tensor | None = None
+    int8_q: torch.Tensor | None = None
+    int8_s: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def quantize_weight(linear: torch.nn.Linear, formats: tuple[str, ...] = FORMATS) -> QuantizedWeight:
+    """Quantize ``linear.weight`` in every format of ``formats`` (checked for finiteness once, here).
+
+    Raises:
+        ValueError: an unknown format, or a K that is not a multiple of 16 for NVFP4.
+        NonFiniteError: the weight contains NaN or Inf.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown format(s) {unknown}; expected a subset of {FORMATS}")
+    w = linear.weight.detach()
+    from sixbit_tune.formats import check_finite
+
+    check_finite(w, "weight")
+    qw = QuantizedWeight(formats=tuple(formats))
+    if linear.bias is not None:
+        qw.bias = linear.bias.detach().float()
+    if "nvfp4" in formats:
+        v, s = nvfp4_values(w)
+        qw.nvfp4_v = v.to(torch.bfloat16) if w.is_cuda else v
+        qw.nvfp4_s = s
+    if "int8" in formats:
+        qw.int8_q, qw.int8_s = int8_codes(w)
+    return qw
+
+
+def _mm_f32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t`` with float32 output; bf16 inputs use tensor cores with float32 accumulation and output."""
+    if a.dtype == torch.float32:
+        return a @ b_t
+    return torch.mm(a, b_t, out_dtype=torch.float32)
+
+
+def _int_mm_exact(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """Exact ``qx @ qw.T`` of int8 matrices as float32 (the int32/float64 accumulator's ``.float()``)."""
+    M, K = qx.shape
+    N = qw.shape[0]
+    if qx.is_cuda and M > 16 and K % 8 == 0 and N % 8 == 0:
+        return torch._int_mm(qx, qw.t()).float()
+    return (qx.double() @ qw.double().t()).float()
+
+
+def linear_errors(x: torch.Tensor, y: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """``act_err`` and ``out_err`` of one linear call, per batch row, for every format of ``qw``.
+
+    Args:
+        x: the layer input ``[B, ..., K]`` (dim 0 = batch rows).
+        y: the layer output ``[B, ..., N]`` (bias included; it is removed here).
+        qw: the layer's quantized weight.
+
+    Returns:
+        float32 ``[len(qw.formats), 2, B]``: ``[:, 0]`` act_err, ``[:, 1]`` out_err.
+    """
+    B = x.shape[0]
+    K = x.shape[-1]
+    x2 = x.detach().reshape(-1, K)
+    xf = x2.float()
+    ref = y.detach().reshape(-1, y.shape[-1]).float()
+    if qw.bias is not None:
+        ref = ref - qw.bias
+    ref_n = torch.linalg.vector_norm(ref.reshape(B, -1), dim=1)
+    x_n = torch.linalg.vector_norm(xf.reshape(B, -1), dim=1)
+    out = []
+    for fmt in qw.formats:
+        if fmt == "nvfp4":
+            v, s = nvfp4_values(x2)
+            xq = v * s
+            yq = _mm_f32(v.to(qw.nvfp4_v.dtype), qw.nvfp4_v.t()) * (s * qw.nvfp4_s)
+        else:
+            q, sx = int8_codes(x2)
+            xq = q.float() * sx.unsqueeze(-1)
+            yq = _int_mm_exact(q, qw.int8_q) * (sx.unsqueeze(-1) * qw.int8_s.unsqueeze(0))
+        act = safe_ratio(torch.linalg.vector_norm((xq - xf).reshape(B, -1), dim=1), x_n)
+        err = safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n)
+        out.append(torch.stack((act, err)))
+    return torch.stack(out)
