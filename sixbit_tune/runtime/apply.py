@@ -1,0 +1,307 @@
+"""``load_policy`` / ``apply_policy`` / ``PolicyHandle``: install a policy into a diffusers model and take it out."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from sixbit_tune import policy as _policy
+from sixbit_tune.errors import PolicyError
+from sixbit_tune.models.adapters import ModelAdapter, get_adapter
+from sixbit_tune.runtime._backend import KERNEL_PREFERENCES, Backend
+from sixbit_tune.runtime._diffusers import HookRegistry
+from sixbit_tune.runtime.controller import BlockInfo, Controller
+from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook
+from sixbit_tune.runtime.linear import MixedPrecisionLinear
+from sixbit_tune.runtime.report import RunStats
+
+__all__ = ["GPUMismatchWarning", "PolicyHandle", "apply_policy", "check_policy_fits", "device_target", "load_policy"]
+
+_HANDLE_ATTR = "_sixbit_tune_policy_handle"
+
+
+class GPUMismatchWarning(UserWarning):
+    """The policy was tuned on another GPU (or NVFP4 execution path) than the one it is applied on."""
+
+
+def load_policy(path_or_dict) -> _policy.Policy:
+    """Load and validate a policy (a path, a JSON string, a dict or a ``Policy``); see :func:`sixbit_tune.policy.load`.
+
+    Raises:
+        PolicyError: malformed or of a newer schema; the message names the key.
+    """
+    return _policy.load(path_or_dict)
+
+
+def check_policy_fits(policy: _policy.Policy, adapter: ModelAdapter) -> list[str]:
+    """Every difference between the model a policy was made for and ``adapter``'s model (empty if it fits)."""
+    problems: list[str] = []
+    m = policy.model
+    cls = type(adapter.transformer).__name__
+    if m.cls != cls:
+        problems.append(f"model.class: policy is for {m.cls}, model is {cls}")
+    if m.family != adapter.family.name:
+        problems.append(f"model.family: policy is for {m.family!r}, model is {adapter.family.name!r}")
+    n_blocks = len(adapter.blocks())
+    if m.blocks != n_blocks:
+        problems.append(f"model.blocks: policy has {m.blocks} blocks, model has {n_blocks}")
+    config_hash = adapter.config_hash()
+    if m.config_hash != config_hash:
+        problems.append(
+            f"model.config_hash: policy {m.config_hash[:12]}…, model {config_hash[:12]}… (another configuration)"
+        )
+    linears = adapter.all_linears()
+    layers = policy.dmpq.layers
+    for name in layers:
+        if name not in linears:
+            problems.append(f"dmpq.layers.{name}: no such in-block linear in the model")
+    for name, lin in linears.items():
+        lp = layers.get(name)
+        if lp is None:
+            problems.append(f"dmpq.layers.{name}: model linear [{lin.out_features}x{lin.in_features}] has no entry")
+            continue
+        if (lp.in_features, lp.out_features) != (lin.in_features, lin.out_features):
+            problems.append(
+                f"dmpq.layers.{name}: policy shape in={lp.in_features} out={lp.out_features}, model in="
+                f"{lin.in_features} out={lin.out_features}"
+            )
+    return problems
+
+
+def device_target(device: torch.device | str, backend: Backend | None = None) -> _policy.Target:
+    """The ``Target`` describing ``device``: GPU name, compute capability and the NVFP4 path used there."""
+    device = torch.device(device)
+    backend = backend or Backend("auto")
+    path = backend.path("nvfp4", device)
+    if path not in _policy.NVFP4_PATHS:
+        path = "reference"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return _policy.Target(torch.cuda.get_device_name(device), f"{major}.{minor}", path)
+    return _policy.Target(None, None, path)
+
+
+def _model_device(transformer: nn.Module) -> torch.device:
+    for p in transformer.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_target(policy: _policy.Policy, here: _policy.Target, strict: bool) -> None:
+    t = policy.target
+    diffs = []
+    if (t.gpu or None) != (here.gpu or None):
+        diffs.append(f"GPU: tuned on {t.gpu or 'CPU'}, running on {here.gpu or 'CPU'}")
+    elif t.compute_capability != here.compute_capability:
+        diffs.append(f"compute capability: tuned on {t.compute_capability}, running on {here.compute_capability}")
+    uses_nvfp4 = any(lp.mode in ("nvfp4", "dynamic") for lp in policy.dmpq.layers.values())
+    if uses_nvfp4 and t.nvfp4_path != here.nvfp4_path:
+        diffs.append(f"NVFP4 path: tuned with {t.nvfp4_path!r}, running with {here.nvfp4_path!r}")
+    if not diffs:
+        return
+    msg = (
+        "policy was tuned for another target (" + "; ".join(diffs) + "). The numerics are the same, but the "
+        "latency/memory trade-off it was chosen for may not hold here"
+    )
+    if strict:
+        raise PolicyError(msg + " (strict_gpu=True)", key="target")
+    warnings.warn(msg, GPUMismatchWarning, stacklevel=3)
+
+
+def apply_policy(
+    pipe_or_transformer: Any,
+    policy,
+    *,
+    strict_gpu: bool = False,
+    kernel_preference: str = "auto",
+    num_inference_steps: int | None = None,
+    original_weights: str = "cpu",
+) -> PolicyHandle:
+    """Install a policy into a diffusers pipeline or its transformer.
+
+    Validates that the policy was made for this model (class, family, configuration hash, block count, every
+    in-block layer name and shape), then quantizes each in-block linear's weight once into the encodings its mode
+    needs and swaps in :class:`MixedPrecisionLinear` (mode ``"none"`` keeps the original), and installs the step
+    and block hooks that run DMPQ and the Temporal Delta Cache (rules: :mod:`sixbit_tune.runtime.controller`).
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline with a supported ``transformer``, or the transformer.
+        policy: a ``Policy``, a path, a JSON string or a dict.
+        strict_gpu: raise instead of warning when the GPU, compute capability or NVFP4 path differ from the
+            policy's ``target``.
+        kernel_preference: ``"auto"`` (``sixbit_tune.kernels`` dispatch) or ``"reference"`` (the plain-PyTorch
+            specification; bit-identical to ``formats.quantized_linear_reference``).
+        num_inference_steps: steps per pipeline call, for the TDC cooldown window when neither the cache context
+            nor a pipeline's scheduler tells it (bare transformers except Wan). Can be set later on the handle.
+        original_weights: ``"cpu"`` parks the replaced layers' original weights in host memory while the policy is
+            applied (device memory then holds only the quantized encodings); ``"keep"`` leaves them in place.
+            :meth:`PolicyHandle.remove` brings them back either way.
+
+    Returns:
+        A :class:`PolicyHandle` (``remove()``, ``stats()``, ``reset()``).
+
+    Raises:
+        PolicyError: the policy is malformed, made for another model (the message lists every mismatch), already
+            applied, or (``strict_gpu``) made for another GPU.
+        UnsupportedModelError: the model is not a supported family.
+    """
+    if kernel_preference not in KERNEL_PREFERENCES:
+        raise ValueError(f"kernel_preference must be one of {KERNEL_PREFERENCES}, got {kernel_preference!r}")
+    policy = load_policy(policy)
+    adapter = get_adapter(pipe_or_transformer)
+    transformer = adapter.transformer
+    pipeline = None if isinstance(pipe_or_transformer, nn.Module) else pipe_or_transformer
+    if getattr(transformer, _HANDLE_ATTR, None) is not None:
+        raise PolicyError("a policy is already applied to this model; call handle.remove() first", key="model")
+    problems = check_policy_fits(policy, adapter)
+    if problems:
+        raise PolicyError(
+            f"policy does not fit this model ({len(problems)} mismatch{'es' if len(problems) > 1 else ''}):\n  "
+            + "\n  ".join(problems),
+            key="model",
+        )
+    backend = Backend(kernel_preference)
+    device = _model_device(transformer)
+    _check_target(policy, device_target(device, backend), strict_gpu)
+    handle = PolicyHandle(transformer, policy, pipeline)
+    try:
+        handle._install(adapter, backend, device, num_inference_steps, original_weights)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+class PolicyHandle:
+    """An applied policy. ``remove()`` restores the model exactly; ``stats()`` reports the last run."""
+
+    def __init__(self, transformer: nn.Module, policy: _policy.Policy, pipeline: Any):
+        self.transformer = transformer
+        self.policy = policy
+        self.pipeline = pipeline
+        self.controller: Controller | None = None
+        self._swapped: list[tuple[nn.Module, str, nn.Module, MixedPrecisionLinear]] = []
+        self._hooked: list[tuple[nn.Module, str, bool, Any]] = []
+        self._removed = False
+
+    # ------------------------------------------------------------------------------------------------ install
+    def _install(self, adapter: ModelAdapter, backend: Backend, device, num_steps, original_weights) -> None:
+        policy = self.policy
+        setattr(self.transformer, _HANDLE_ATTR, self)
+        first = policy.dmpq.first_step_format
+        cache_blocks = set(range(len(adapter.blocks()))) if policy.tdc.blocks is None else set(policy.tdc.blocks)
+        weight_bytes = {"nvfp4": 0, "int8": 0, "none": 0}
+        used_formats: set[str] = set()
+        infos: list[BlockInfo] = []
+        for ref in adapter.blocks():
+            dynamic, alphas, betas = [], [], []
+            static = {"nvfp4": 0, "int8": 0, "none": 0}
+            for rel, lin in adapter.linears(ref).items():
+                lp = policy.dmpq.layers[f"{ref.name}.{rel}"]
+                if lp.mode == "none":
+                    static["none"] += 1
+                    weight_bytes["none"] += lin.weight.numel() * lin.weight.element_size()
+                    continue
+                new = MixedPrecisionLinear(lin, lp.mode, backend, first, "cpu" if original_weights == "cpu" else "keep")
+                parent_name, _, attr = rel.rpartition(".")
+                parent = ref.module.get_submodule(parent_name) if parent_name else ref.module
+                setattr(parent, attr, new)
+                self._swapped.append((parent, attr, lin, new))
+                for f, b in new.weight_bytes().items():
+                    weight_bytes[f] += b
+                used_formats.update(new.formats)
+                if lp.mode == "dynamic":
+                    dynamic.append(new)
+                    alphas.append(float(lp.alpha))
+                    betas.append(float(lp.beta))
+                else:
+                    static[lp.mode] += 1
+            infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks))
+        execution = {f: backend.path(f, device) for f in sorted(used_formats)}
+        self.controller = Controller(
+            policy, adapter, infos, execution, weight_bytes, pipeline=self.pipeline, num_inference_steps=num_steps
+        )
+        self._register(self.transformer, STEP_HOOK, StepHook(self.controller))
+        for info in infos:
+            self._register(info.ref.module, BLOCK_HOOK, BlockHook(self.controller, info.ref.index))
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+
+    def _register(self, module: nn.Module, name: str, hook) -> None:
+        had_registry = hasattr(module, "_diffusers_hook")
+        prior_forward = module.__dict__.get("forward", _MISSING)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooked.append((module, name, had_registry, prior_forward))
+
+    # ------------------------------------------------------------------------------------------------ public
+    @property
+    def num_inference_steps(self) -> int | None:
+        """Steps per run for the TDC cooldown window when the pipeline does not say (see :func:`apply_policy`)."""
+        return self.controller.num_inference_steps if self.controller else None
+
+    @num_inference_steps.setter
+    def num_inference_steps(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"num_inference_steps must be a positive int or None, got {value!r}")
+        if self.controller is not None:
+            self.controller.num_inference_steps = value
+
+    def stats(self) -> RunStats | None:
+        """Statistics of the run in progress if it has made any call, else of the last finished run (None if
+        there was none)."""
+        c = self.controller
+        if c is None:
+            return None
+        if c._records:
+            return c.run_stats(completed=False)
+        return c.last_run
+
+    def reset(self) -> None:
+        """Drop all per-run state now (the next call starts a new run)."""
+        if self.controller is not None:
+            self.controller.end_run(completed=False)
+
+    def remove(self) -> None:
+        """Take the policy out: original linears (same objects, weights back on their device) and no hooks.
+
+        Idempotent. After it the model's modules, parameters and outputs are those from before ``apply_policy``.
+        """
+        if self._removed:
+            return
+        self._removed = True
+        if self.controller is not None:
+            self.controller.end_run(completed=False)
+        for module, name, had_registry, prior_forward in reversed(self._hooked):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            registry.remove_hook(name, recurse=False)
+            if not registry.hooks:
+                if not had_registry:
+                    del module._diffusers_hook
+                if prior_forward is _MISSING:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.__dict__["forward"] = prior_forward
+        self._hooked.clear()
+        if hasattr(self.transformer, "_diffusers_hook"):
+            self.transformer._diffusers_hook.invalidate_child_registries_cache()
+        for parent, attr, original, new in reversed(self._swapped):
+            new.restore()
+            setattr(parent, attr, original)
+        self._swapped.clear()
+        if getattr(self.transformer, _HANDLE_ATTR, None) is self:
+            delattr(self.transformer, _HANDLE_ATTR)
+
+    def __enter__(self) -> PolicyHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "applied"
+        return f"PolicyHandle({type(self.transformer).__name__}, {len(self._swapped)} quantized linears, {state})"
+
+
+_MISSING = object()

@@ -1,0 +1,448 @@
+"""DMPQ and Temporal Delta Cache at inference: per-step decisions, per-block measurements, per-context state.
+
+Exact rules (DESIGN §2), for block ``l`` at denoising step ``t`` of one cache context (guidance branch):
+
+* **DMPQ.** A ``"dynamic"`` layer ``j`` of block ``l`` runs NVFP4 iff ``α_j·Γ_l + β_j ≤ τ`` where ``Γ_l`` is the
+  block's Γ at its most recent full computation before step ``t`` (normally step ``t−1``; when the block was
+  skipped at ``t−1``, the step it last ran). With no Γ yet (the first step), the layer runs
+  ``dmpq.first_step_format``. Static layers (``"nvfp4"``, ``"int8"``) ignore the predictor; ``"none"`` layers
+  are never replaced.
+* **TDC.** Let ``r_l`` be the block's last measured per-step change: ``delta_change(Δ_t, Δ_s) / (t − s)`` between
+  its two most recent full computations ``s < t`` (so a change measured across skipped steps is spread over them).
+  Skipping step ``t`` would bring the change accumulated since the last full computation to ``A_l + r_l``. The
+  block is skipped iff ``tdc.tolerance > 0``, the block may cache (``tdc.blocks``), ``warmup ≤ t < N − cooldown``,
+  it has been skipped fewer than ``max_skips`` times in a row, a cached Δ and ``r_l`` exist, and ``A_l + r_l ≤ δ``.
+  Then ``A_l += r_l`` and the block returns ``X + Δ_cached`` for every stream. Any full computation resets
+  ``A_l`` to 0, refreshes Δ (stored in ``tdc.cache_dtype``) and ``r_l``. Tolerance 0 never skips; the cap and
+  the per-step accumulation rule out skipping forever.
+* **Guidance branches and rows.** State is kept per ``cache_context`` name (Wan and HunyuanVideo call the
+  transformer once per branch) and, inside a context, per batch row (a row = one (prompt, branch); batched-CFG
+  families carry ``[uncond rows; cond rows]``). A batched call decides jointly and conservatively: a layer runs
+  NVFP4 only if *every* row's prediction is ``≤ τ``; a block is skipped only if *every* row's accumulated change
+  is ``≤ δ``. Γ, Δ and the change are per row (``sixbit_tune.stats``), so nothing is averaged across branches.
+* **Host synchronisation.** Γ and the change are computed on the device whenever a block runs. At the start of
+  each transformer call, all values measured during the previous call of the same context (and the call's
+  timestep, when it is a tensor) are fetched with one ``torch.cat(...).tolist()``: one sync per denoising step
+  and context. Decisions for every block and layer of the step are then made on the host.
+* **Steps and runs.** ``t`` is the number of calls the context has seen in the current run (or the context's
+  ``step_index`` when the pipeline supplies it, as Wan does). ``N`` comes from the context's
+  ``num_inference_steps`` (Wan), else from a number the handle was told, else from ``len(scheduler.timesteps)``
+  of the pipeline the policy was applied to; with ``N`` unknown and ``cooldown > 0`` no block is skipped (noted
+  in the run's statistics). A run ends, and all state is dropped, when diffusers resets stateful hooks at the end
+  of a pipeline call, when a transformer call raises, or when a new run is detected at the start of a call: the
+  pipeline's scheduler holds a new ``timesteps`` tensor (every pipeline call sets one), the context's
+  ``step_index`` went back, or the timestep went up. So a call that failed anywhere cannot leak state into the
+  next one (with a bare transformer, an exception *outside* the transformer in its very first step followed by a
+  run starting at the same timestep is the one case not detected: call ``handle.reset()`` there).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sixbit_tune import stats as _stats
+from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.runtime._diffusers import BaseState, CacheContext, StateManager
+from sixbit_tune.runtime.linear import MixedPrecisionLinear
+from sixbit_tune.runtime.report import RunStats, StepStats
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_CONTEXT = "inference"
+
+
+@dataclass
+class BlockInfo:
+    """What the controller knows about one block (built once by ``apply_policy``)."""
+
+    ref: Any  # models.adapters.BlockRef
+    dynamic: list[MixedPrecisionLinear]
+    alphas: list[float]
+    betas: list[float]
+    static_calls: dict[str, int]  # per block call, executed static layers by format ("nvfp4", "int8", "none")
+    cacheable: bool
+
+
+class ContextState(BaseState):
+    """Everything remembered for one cache context during one run (see the module docstring)."""
+
+    def __init__(self, n_blocks: int = 0):
+        self.n = n_blocks
+        self.reset()
+
+    def reset(self, *args, **kwargs) -> None:
+        n = self.n
+        self.rows: int | None = None
+        self.step = 0
+        self.last_timestep: float | None = None
+        self.gamma_dev: list[torch.Tensor | None] = [None] * n
+        self.gamma: list[list[float] | None] = [None] * n
+        self.change_dev: list[torch.Tensor | None] = [None] * n
+        self.change_gap: list[int] = [1] * n
+        self.rate: list[list[float] | None] = [None] * n
+        self.acc: list[list[float]] = [[] for _ in range(n)]
+        self.consec = [0] * n
+        self.last_compute: list[int | None] = [None] * n
+        self.cache: list[tuple[torch.Tensor, ...] | None] = [None] * n
+        self.skip = [False] * n
+        self.fmts: list[list[str]] = [[] for _ in range(n)]
+        self.measure_gamma = [False] * n
+        self.measure_delta = [False] * n
+        self.finite_dev: torch.Tensor | None = None  # isfinite(all) of the last call's output, not yet fetched
+
+
+@dataclass
+class _CallRecord:
+    context: str
+    step: int
+    rows: int
+    layer_calls: dict[str, int] = field(default_factory=lambda: {"nvfp4": 0, "int8": 0, "none": 0})
+    block_calls: int = 0
+    skipped: int = 0
+
+
+class Controller:
+    """Owns the per-context state and makes every DMPQ/TDC decision. One per applied policy."""
+
+    def __init__(self, policy, adapter, blocks: list[BlockInfo], execution: dict[str, str],
+                 weight_bytes: dict[str, int], pipeline: Any = None, num_inference_steps: int | None = None):
+        self.policy = policy
+        self.adapter = adapter
+        self.blocks = blocks
+        self.pipeline = pipeline
+        self.num_inference_steps = num_inference_steps
+        self.execution = execution
+        self.weight_bytes = weight_bytes
+        self.state_manager = StateManager(ContextState, (len(blocks),))
+        self.states: dict[str, ContextState] = {}
+        self.active: ContextState | None = None
+        self._call: _CallRecord | None = None
+        self._context_name = DEFAULT_CONTEXT
+        self._seen_timesteps: Any = None
+        self._scheduler_steps: int | None = None
+        tdc = policy.tdc
+        self.threshold = float(policy.dmpq.threshold)
+        self.first_format = policy.dmpq.first_step_format
+        self.tolerance = float(tdc.tolerance)
+        self.cache_dtype = _DTYPES[tdc.cache_dtype]
+        self.tdc_enabled = tdc.tolerance > 0 and tdc.max_skips > 0 and any(b.cacheable for b in blocks)
+        self._cache_bytes = 0
+        self._new_run_stats()
+        self.last_run: RunStats | None = None
+        self._hidden_pos, self._timestep_pos = _arg_positions(adapter.transformer)
+
+    # ------------------------------------------------------------------------------------------------ runs
+    def _new_run_stats(self) -> None:
+        self._records: list[StepStats] = []
+        self._notes: list[str] = []
+        self._peak_cache = 0
+        self._run_steps: int | None = None
+
+    def run_stats(self, completed: bool = False) -> RunStats:
+        """Statistics of the run in progress."""
+        totals = {"nvfp4": 0, "int8": 0, "none": 0}
+        blocks = skipped = 0
+        for r in self._records:
+            for k, v in r.layer_calls.items():
+                totals[k] += v
+            blocks += r.block_calls
+            skipped += r.skipped_blocks
+        return RunStats(
+            steps=list(self._records), layer_calls=totals, block_calls=blocks, skipped_blocks=skipped,
+            execution=dict(self.execution), weight_bytes=dict(self.weight_bytes), cache_bytes=self._peak_cache,
+            num_inference_steps=self._run_steps, notes=list(self._notes), completed=completed,
+        )
+
+    def end_run(self, completed: bool) -> None:
+        """Close the current run: keep its statistics, drop every context's state and cache."""
+        flags = [s.finite_dev for s in self.states.values() if s.finite_dev is not None]
+        if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one sync per run
+            note = "the transformer output of the last step contains NaN or Inf"
+            self._add_note(note)
+            warnings.warn(note + " with the policy applied", RuntimeWarning, stacklevel=2)
+        if self._records:
+            self.last_run = self.run_stats(completed=completed)
+        for s in self.states.values():
+            s.reset()
+        self.states.clear()
+        self.active = None
+        self._call = None
+        self._cache_bytes = 0
+        self._new_run_stats()
+
+    def _add_note(self, note: str) -> None:
+        if note not in self._notes:
+            self._notes.append(note)
+
+    # ------------------------------------------------------------------------------------------------ calls
+    def run_call(self, forward, args: tuple, kwargs: dict):
+        """One transformer call: detect a new run, sync once, decide, run, record."""
+        sm = self.state_manager
+        own_context = sm._context is None
+        if own_context:
+            sm.set_context(CacheContext(DEFAULT_CONTEXT))
+        try:
+            state = self._begin_call(sm._context, args, kwargs)
+            out = forward(*args, **kwargs)
+            self._end_call(state, out)
+            return out
+        except BaseException:
+            self.end_run(completed=False)
+            raise
+        finally:
+            self.active = None
+            self._call = None
+            if own_context:
+                sm.set_context(None)
+
+    def _state(self, name: str) -> ContextState:
+        if name not in self.states:
+            self.states[name] = ContextState(len(self.blocks))
+        return self.states[name]
+
+    def _begin_call(self, ctx: CacheContext, args: tuple, kwargs: dict) -> ContextState:
+        # New run: the pipeline set new timesteps.
+        if self.pipeline is not None:
+            ts = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+            if ts is not None and ts is not self._seen_timesteps:
+                self.end_run(completed=False)
+                self._seen_timesteps = ts
+                self._scheduler_steps = len(ts)
+        state = self._state(ctx.name)
+        # New run: the context's step index went back.
+        if ctx.step_index is not None and ctx.step_index < state.step:
+            self.end_run(completed=False)
+            state = self._state(ctx.name)
+        timestep = _arg(args, kwargs, "timestep", self._timestep_pos)
+        self._context_name = ctx.name
+        t_value = self._sync(state, timestep)
+        # New run: the timestep went up (denoising timesteps never increase within a run).
+        if t_value is not None and state.last_timestep is not None and t_value > state.last_timestep:
+            self.end_run(completed=False)
+            state = self._state(ctx.name)
+        state.last_timestep = t_value
+        hidden = _arg(args, kwargs, "hidden_states", self._hidden_pos)
+        rows = int(hidden.shape[0]) if isinstance(hidden, torch.Tensor) else 1
+        if state.rows is not None and rows != state.rows:  # another batch in the same context: start over
+            self._drop_cache(state)
+            state.reset()
+        state.rows = rows
+        if ctx.step_index is not None:
+            state.step = ctx.step_index
+        self._decide(state, ctx)
+        self.active = state
+        self._call = _CallRecord(ctx.name, state.step, rows)
+        return state
+
+    def _end_call(self, state: ContextState, out: Any) -> None:
+        sample = _first_tensor(out)
+        if sample is not None and sample.is_floating_point():
+            state.finite_dev = torch.isfinite(sample.detach()).all()
+        rec = self._call
+        if rec is not None:
+            self._records.append(
+                StepStats(rec.context, rec.step, rec.rows, dict(rec.layer_calls), rec.block_calls, rec.skipped)
+            )
+        state.step += 1
+
+    # ------------------------------------------------------------------------------------------------ sync
+    def _sync(self, state: ContextState, timestep: Any) -> float | None:
+        """Fetch every pending device value of this context (and the timestep) with one host transfer."""
+        parts: list[tuple[str, int, torch.Tensor]] = []
+        for i in range(len(self.blocks)):
+            if state.gamma_dev[i] is not None:
+                parts.append(("g", i, state.gamma_dev[i]))
+            if state.change_dev[i] is not None:
+                parts.append(("c", i, state.change_dev[i]))
+        if state.finite_dev is not None:
+            parts.append(("f", -1, state.finite_dev.reshape(1)))
+        t_tensor = isinstance(timestep, torch.Tensor)
+        if t_tensor:
+            parts.append(("t", -1, timestep.detach().reshape(-1)[:1]))
+        if not parts:
+            return float(timestep) if isinstance(timestep, int | float) else None
+        device = parts[0][2].device
+        flat = torch.cat([p[2].to(device=device, dtype=torch.float32).reshape(-1) for p in parts]).tolist()
+        pos = 0
+        t_value = None if t_tensor else (float(timestep) if isinstance(timestep, int | float) else None)
+        for kind, i, tensor in parts:
+            n = tensor.numel() if kind not in "tf" else 1
+            vals = flat[pos : pos + n]
+            pos += n
+            if kind == "g":
+                state.gamma[i] = vals
+                state.gamma_dev[i] = None
+            elif kind == "c":
+                gap = max(1, state.change_gap[i])
+                state.rate[i] = [v / gap for v in vals]
+                state.change_dev[i] = None
+            elif kind == "f":
+                state.finite_dev = None
+                if vals[0] != 1.0:
+                    raise NonFiniteError(
+                        f"the transformer's output at step {state.step - 1} (context {self._context_name!r}) contains "
+                        "NaN or Inf with the policy applied"
+                    )
+            else:
+                t_value = vals[0]
+        for i, g in enumerate(state.gamma):
+            if g is not None and any(math.isnan(v) for v in g):
+                raise NonFiniteError(
+                    f"block {self.blocks[i].ref.name} produced NaN at step {state.step - 1} "
+                    f"(context {self._context_name!r}) with the policy applied"
+                )
+        return t_value
+
+    # ------------------------------------------------------------------------------------------------ decisions
+    def _steps_known(self, ctx: CacheContext) -> int | None:
+        if ctx.num_inference_steps:
+            return int(ctx.num_inference_steps)
+        if self.num_inference_steps:
+            return int(self.num_inference_steps)
+        return self._scheduler_steps
+
+    def _decide(self, state: ContextState, ctx: CacheContext) -> None:
+        t = state.step
+        rows = state.rows or 1
+        tdc = self.policy.tdc
+        tdc_on = self.tdc_enabled
+        n_steps = self._steps_known(ctx)
+        if n_steps is not None:
+            self._run_steps = n_steps
+        if tdc_on and n_steps is None and tdc.cooldown > 0:
+            tdc_on = False
+            self._add_note(
+                "TDC skipped nothing: the number of denoising steps is unknown (no num_inference_steps in the "
+                "cache context, none given to the handle, no pipeline scheduler) and cooldown > 0"
+            )
+        end = n_steps - tdc.cooldown if n_steps is not None else None
+        in_window = tdc_on and t >= tdc.warmup and (end is None or t < end)
+        future_window = tdc_on and (end is None or t + 1 < end)
+        tau = self.threshold
+        for i, info in enumerate(self.blocks):
+            skip = False
+            if in_window and info.cacheable and state.cache[i] is not None and state.rate[i] is not None \
+                    and state.consec[i] < tdc.max_skips and len(state.rate[i]) == rows:
+                acc = state.acc[i] or [0.0] * rows
+                new_acc = [a + r for a, r in zip(acc, state.rate[i])]
+                if all(v <= self.tolerance for v in new_acc):
+                    skip = True
+                    state.acc[i] = new_acc
+                    state.consec[i] += 1
+            if not skip:
+                state.acc[i] = [0.0] * rows
+                state.consec[i] = 0
+                if info.dynamic:
+                    g = state.gamma[i]
+                    if g is None or len(g) != rows:
+                        state.fmts[i] = [self.first_format] * len(info.dynamic)
+                    else:
+                        state.fmts[i] = [
+                            "nvfp4" if all(a * gi + b <= tau for gi in g) else "int8"
+                            for a, b in zip(info.alphas, info.betas)
+                        ]
+            state.skip[i] = skip
+            state.measure_gamma[i] = bool(info.dynamic)
+            keep_cache = future_window and info.cacheable
+            state.measure_delta[i] = keep_cache
+            if not keep_cache and state.cache[i] is not None and not skip:
+                self._set_cache(state, i, None)
+
+    # ------------------------------------------------------------------------------------------------ blocks
+    def _set_cache(self, state: ContextState, i: int, value: tuple[torch.Tensor, ...] | None) -> None:
+        old = state.cache[i]
+        if old is not None:
+            self._cache_bytes -= sum(t.numel() * t.element_size() for t in old)
+        if value is not None:
+            self._cache_bytes += sum(t.numel() * t.element_size() for t in value)
+        state.cache[i] = value
+        self._peak_cache = max(self._peak_cache, self._cache_bytes)
+
+    def _drop_cache(self, state: ContextState) -> None:
+        for i in range(len(self.blocks)):
+            if state.cache[i] is not None:
+                self._set_cache(state, i, None)
+
+    @torch.compiler.disable
+    def block_begin(self, index: int, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        """Before block ``index`` runs: ``(True, output)`` to skip it, else ``(False, cloned input streams|None)``."""
+        info = self.blocks[index]
+        state = self.active
+        if state is None:  # a block called outside a transformer call: plain run, first-step formats
+            for layer in info.dynamic:
+                layer.fmt = self.first_format
+            return False, None
+        rec = self._call
+        rec.block_calls += 1
+        if state.skip[index]:
+            rec.skipped += 1
+            xs = self.adapter.streams_in(info.ref, args, kwargs)
+            outs = tuple(x + d.to(x.dtype) for x, d in zip(xs, state.cache[index]))
+            return True, self.adapter.output_from_streams(info.ref, outs)
+        for layer, fmt in zip(info.dynamic, state.fmts[index]):
+            layer.fmt = fmt
+            rec.layer_calls[fmt] += 1
+        for k, v in info.static_calls.items():
+            rec.layer_calls[k] += v
+        if state.measure_gamma[index] or state.measure_delta[index]:
+            xs = tuple(x.detach().clone() for x in self.adapter.streams_in(info.ref, args, kwargs))
+            return False, xs
+        return False, None
+
+    @torch.compiler.disable
+    def block_end(self, index: int, xs: tuple[torch.Tensor, ...], output: Any) -> None:
+        """After block ``index`` ran fully: measure Γ and the change of Δ on the device; refresh the cache."""
+        state = self.active
+        if state is None:
+            return
+        info = self.blocks[index]
+        ys = tuple(y.detach() for y in self.adapter.streams_out(info.ref, output))
+        delta = _stats.stream_delta(xs, ys)
+        if state.measure_gamma[index]:
+            state.gamma_dev[index] = _stats.block_stats(xs, ys, delta=delta)["gamma"]
+        if state.measure_delta[index]:
+            old = state.cache[index]
+            if old is not None and old[0].shape[0] == delta.shape[0]:
+                prev = torch.cat([c.reshape(c.shape[0], -1) for c in old], dim=1) if len(old) > 1 \
+                    else old[0].reshape(old[0].shape[0], -1)
+                state.change_dev[index] = _stats.delta_change(delta, prev)[0]
+                state.change_gap[index] = state.step - state.last_compute[index]
+            parts, offset = [], 0
+            for x in xs:
+                n = x[0].numel()
+                parts.append(delta[:, offset : offset + n].reshape(x.shape).to(self.cache_dtype))
+                offset += n
+            self._set_cache(state, index, tuple(parts))
+            state.last_compute[index] = state.step
+
+
+def _arg_positions(transformer: torch.nn.Module) -> tuple[int | None, int | None]:
+    """Positional indices of ``hidden_states`` and ``timestep`` in the transformer's forward (resolved once)."""
+    try:
+        params = list(inspect.signature(type(transformer).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return 0, None
+    pos = {name: i for i, name in enumerate(params)}
+    return pos.get("hidden_states", 0), pos.get("timestep")
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    sample = getattr(out, "sample", None)
+    return sample if isinstance(sample, torch.Tensor) else None
+
+
+def _arg(args: tuple, kwargs: dict, name: str, pos: int | None) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    if pos is not None and pos < len(args):
+        return args[pos]
+    return None

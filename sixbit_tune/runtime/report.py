@@ -1,0 +1,116 @@
+"""Per-run statistics of an applied policy (``PolicyHandle.stats()``): counted on the host, no device syncs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["RunStats", "StepStats"]
+
+
+def _share(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One transformer call: a denoising step in one cache context (one guidance branch, or both when batched).
+
+    Attributes:
+        context: the ``cache_context`` name (``"cond_uncond"``, ``"cond"``, ``"uncond"``; ``"inference"`` for a call
+            outside any context).
+        step: 0-based step index within the context.
+        rows: batch rows of the call.
+        layer_calls: executed in-block linear calls by format (``"nvfp4"``, ``"int8"``, ``"none"``).
+        block_calls: transformer blocks reached (computed + skipped).
+        skipped_blocks: blocks answered from the Temporal Delta Cache.
+    """
+
+    context: str
+    step: int
+    rows: int
+    layer_calls: dict[str, int]
+    block_calls: int
+    skipped_blocks: int
+
+    @property
+    def nvfp4_share(self) -> float | None:
+        """NVFP4 layer-calls / all executed in-block linear calls (None when no layer ran)."""
+        return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
+
+    @property
+    def skip_share(self) -> float | None:
+        """Skipped blocks / blocks reached."""
+        return _share(self.skipped_blocks, self.block_calls)
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Statistics of one run (a pipeline call, or the transformer calls since the last reset).
+
+    Shares count executed calls: a skipped block's linears do not run, so they count neither as NVFP4 nor INT8;
+    ``"none"`` layers (left in the model dtype) are in the denominator of :attr:`nvfp4_share`.
+
+    Attributes:
+        steps: per-call records in execution order.
+        layer_calls: executed in-block linear calls by format over the run.
+        block_calls: blocks reached over the run.
+        skipped_blocks: blocks skipped over the run.
+        execution: execution path of each quantized format (``sixbit_tune.kernels.kernel_path``, or
+            ``"reference"`` with ``kernel_preference="reference"``), e.g. ``{"int8": "triton", "nvfp4": "emulated"}``.
+        weight_bytes: bytes of in-block linear weights by storage (``"nvfp4"``, ``"int8"``; ``"none"`` = layers
+            kept in the model dtype). A dynamic layer counts in both formats.
+        cache_bytes: peak bytes held by the Temporal Delta Cache during the run.
+        num_inference_steps: steps per context the TDC window used (None if unknown).
+        notes: conditions that changed behaviour (e.g. TDC off because the number of steps was unknown).
+        completed: False while the run is in progress or when it ended with an exception.
+    """
+
+    steps: list[StepStats] = field(default_factory=list)
+    layer_calls: dict[str, int] = field(default_factory=dict)
+    block_calls: int = 0
+    skipped_blocks: int = 0
+    execution: dict[str, str] = field(default_factory=dict)
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+    cache_bytes: int = 0
+    num_inference_steps: int | None = None
+    notes: list[str] = field(default_factory=list)
+    completed: bool = False
+
+    @property
+    def nvfp4_share(self) -> float | None:
+        """NVFP4 layer-calls / all executed in-block linear calls."""
+        return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
+
+    @property
+    def skip_share(self) -> float | None:
+        """Skipped blocks / blocks reached."""
+        return _share(self.skipped_blocks, self.block_calls)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict, shares included (per step too)."""
+        d = asdict(self)
+        d["nvfp4_share"] = self.nvfp4_share
+        d["skip_share"] = self.skip_share
+        for rec, s in zip(d["steps"], self.steps):
+            rec["nvfp4_share"] = s.nvfp4_share
+            rec["skip_share"] = s.skip_share
+        return d
+
+    def summary(self) -> str:
+        """A short human-readable table."""
+
+        def pct(v: float | None) -> str:
+            return "   -  " if v is None else f"{100 * v:5.1f}%"
+
+        lines = [
+            f"NVFP4 layer-calls {pct(self.nvfp4_share)}   skipped blocks {pct(self.skip_share)}   "
+            f"({sum(self.layer_calls.values())} layer-calls, {self.block_calls} block-calls)",
+            "execution: " + (", ".join(f"{k}={v}" for k, v in sorted(self.execution.items())) or "model dtype only"),
+            "weights: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(self.weight_bytes.items()))
+            + f"   TDC cache peak {self.cache_bytes / 2**20:.2f} MiB",
+            f"{'context':<12} {'step':>4} {'NVFP4':>7} {'skipped':>8}",
+        ]
+        for s in self.steps:
+            lines.append(f"{s.context:<12} {s.step:>4} {pct(s.nvfp4_share):>7} {pct(s.skip_share):>8}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
