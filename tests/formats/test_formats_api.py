@@ -92,6 +92,20 @@ def test_int8_linear_accumulation_is_exact_for_large_k():
     assert torch.equal(y, expected)
 
 
+def test_int8_linear_exact_accumulation_random_large_k():
+    """|acc| far above 2**24 with odd partial sums: a float32 accumulator would round, the reference must not."""
+    g = torch.Generator().manual_seed(3)
+    K = 4096
+    x = torch.rand(4, K, generator=g) * 0.5 + 0.5  # all positive, q in 64..127: acc ~ 3.7e7 > 2**24
+    w = torch.rand(5, K, generator=g) * 0.5 + 0.5
+    y = formats.quantized_linear_reference(x, w, None, "int8")
+    qx, sx = _int8_numpy(x.numpy())
+    qw, sw = _int8_numpy(w.numpy())
+    acc = qx @ qw.T
+    assert np.abs(acc).min() > 2**24
+    np.testing.assert_array_equal(y.numpy(), acc.astype(np.float32) * (sx[..., None] * sw[None, :]))
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_nvfp4_linear_is_dequantize_then_matmul(dtype, with_bias):

@@ -187,6 +187,19 @@ def test_block_scale_ties_and_neighbours():
     assert_matches_scalar(x, global_scale=1.0)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_block_scale_near_ties_with_arbitrary_global_scale(seed):
+    """amax_block / 6 / s (two float32 divisions, in that order) lands within a few ulps of every E4M3 tie."""
+    rng = np.random.default_rng(seed)
+    s = float(np.float32(10.0 ** rng.uniform(-4, 2)))
+    lo, hi = E4M3_NORMAL[:-1].double(), E4M3_NORMAL[1:].double()
+    targets = torch.from_numpy(((lo + hi) / 2 * 6 * s).numpy().astype(np.float32))
+    amaxes = torch.cat([targets, *(torch.nextafter(targets, targets * k) for k in (0.0, 2.0))])
+    amaxes = torch.cat([amaxes, torch.nextafter(amaxes[-targets.numel():], amaxes[-targets.numel():] * 2)])
+    amaxes = amaxes[(amaxes / 6 / s) <= 448]
+    assert_matches_scalar(_blocks_with_amax(amaxes.tolist()), global_scale=s)
+
+
 def test_block_scale_floor():
     # blocks whose amax/6/s < 2**-6 (including an all-zero block) get exactly 2**-6, never a subnormal
     x = torch.cat([torch.full((16,), 1000.0), torch.full((16,), 1e-3), torch.zeros(16), torch.full((16,), -2e-4)])
