@@ -32,12 +32,14 @@ def check_finite(x: torch.Tensor, what: str) -> None:
     )
 
 
-def check_float_input(x: torch.Tensor, what: str) -> None:
-    """Validate a quantizer input: a bf16/fp16/fp32 tensor with at least one dim, all finite."""
+def check_float_input(x: torch.Tensor, what: str, finite: bool = True) -> None:
+    """Validate a quantizer input: a bf16/fp16/fp32 tensor with at least one dim, all finite (the NaN/Inf scan,
+    which synchronizes with the device, is skipped when ``finite`` is False)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{what} must have at least one dimension (the reduction dim K), got a 0-d tensor")
-    check_finite(x, what)
+    if finite:
+        check_finite(x, what)

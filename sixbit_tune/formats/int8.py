@@ -26,12 +26,14 @@ def _norm_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def quantize(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, axis: int = -1, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to symmetric INT8 with one scale per slice reduced over ``axis``.
 
     Args:
         x: float32/float16/bfloat16 tensor, any shape with at least one dim.
         axis: the reduced dim (default the last).
+        check: scan ``x`` for NaN/Inf (a device synchronization). Pass False only where the caller has already
+            checked; non-finite input then gives unspecified codes instead of an error.
 
     Returns:
         ``(q, scales)``: ``q`` int8 of ``x.shape``; ``scales`` float32 of ``x.shape`` without ``axis``.
@@ -41,7 +43,7 @@ def quantize(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tenso
         TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
         ValueError: ``axis`` out of range.
     """
-    check_float_input(x, "INT8 input")
+    check_float_input(x, "INT8 input", finite=check)
     ax = _norm_axis(axis, x.dim())
     xf = x.detach().to(torch.float32)
     if xf.shape[ax] == 0:

@@ -59,11 +59,19 @@ def check_k(K: int) -> None:
         )
 
 
-def _global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """float32 0-d ``amax / 2688`` with the degenerate-scale rule applied (see :func:`global_scale_of`)."""
-    s = amax.to(torch.float32) / _GLOBAL_DENOM
+def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 2688`` in float32 with the degenerate-scale rule of :func:`global_scale_of` applied.
+
+    For callers (kernels, profiling) that already hold ``amax = max(|x|)`` as a float32 tensor (any shape; applied
+    elementwise, no host synchronization).
+    """
+    amax = amax.to(torch.float32)
+    s = amax / _GLOBAL_DENOM
     usable = (amax > 0) & torch.isfinite((1.0 / s) / SCALE_FLOOR)
     return torch.where(usable, s, torch.ones_like(s))
+
+
+_global_scale_from_amax = global_scale_from_amax  # old private name, kept for callers that already use it
 
 
 def global_scale_of(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +90,7 @@ def global_scale_of(x: torch.Tensor) -> torch.Tensor:
     check_float_input(x, "NVFP4 input")
     if x.numel() == 0:
         return torch.ones((), dtype=torch.float32, device=x.device)
-    return _global_scale_from_amax(x.detach().float().abs().amax())
+    return global_scale_from_amax(x.detach().float().abs().amax())
 
 
 def _as_global_scale(global_scale, device: torch.device) -> torch.Tensor:
@@ -204,7 +212,7 @@ class NVFP4Tensor:
         )
 
 
-def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
+def quantize(x: torch.Tensor, global_scale=None, *, check: bool = True) -> NVFP4Tensor:
     """Quantize ``x`` ``[..., K]`` to NVFP4 over its last dim, exactly as the module docstring specifies.
 
     Args:
@@ -212,6 +220,8 @@ def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
         global_scale: optional per-tensor float32 scale ``s`` to use instead of :func:`global_scale_of` ``(x)``
             (a float or 1-element tensor, finite, > 0, and ``(1/s)/2**-6`` finite). Block scales are then clamped
             to [2**-6, 448] and elements to [-6, 6] as usual.
+        check: scan ``x`` for NaN/Inf (a device synchronization). Pass False only where the caller has already
+            checked; non-finite input then gives unspecified codes instead of an error.
 
     Returns:
         The :class:`NVFP4Tensor`, on ``x``'s device.
@@ -221,12 +231,17 @@ def quantize(x: torch.Tensor, global_scale=None) -> NVFP4Tensor:
         NonFiniteError: ``x`` contains NaN or Inf.
         TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
     """
-    check_float_input(x, "NVFP4 input")
+    check_float_input(x, "NVFP4 input", finite=check)
     shape = x.shape
     K = shape[-1]
     check_k(K)
     xf = x.detach().to(torch.float32)
-    s = global_scale_of(x) if global_scale is None else _as_global_scale(global_scale, x.device)
+    if global_scale is not None:
+        s = _as_global_scale(global_scale, x.device)
+    elif xf.numel() == 0:
+        s = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        s = global_scale_from_amax(xf.abs().amax())
 
     lead = tuple(shape[:-1])
     xb = xf.reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)

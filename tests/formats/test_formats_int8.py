@@ -144,3 +144,14 @@ def test_bad_arguments():
         int8.dequantize(q, s[:2])
     with pytest.raises(TypeError, match="int8"):
         int8.dequantize(q.to(torch.int32), s)
+
+
+def test_check_false_skips_only_the_finiteness_scan():
+    x = torch.randn(3, 8)
+    q, s = int8.quantize(x)
+    q2, s2 = int8.quantize(x, check=False)
+    assert torch.equal(q, q2) and torch.equal(s, s2)
+    x[1, 1] = float("inf")
+    int8.quantize(x, check=False)
+    with pytest.raises(ValueError, match="axis"):
+        int8.quantize(x, axis=5, check=False)

@@ -458,3 +458,22 @@ def test_nvfp4tensor_validates_parts():
         nvfp4.NVFP4Tensor(t.data, t.block_scales, t.global_scale.reshape(1), t.shape, t.orig_dtype)
     with pytest.raises(ValueError, match="16"):
         nvfp4.NVFP4Tensor(t.data, t.block_scales, t.global_scale, torch.Size([2, 31]), t.orig_dtype)
+
+
+def test_check_false_skips_only_the_finiteness_scan():
+    x = torch.randn(3, 32)
+    a, b = nvfp4.quantize(x), nvfp4.quantize(x, check=False)
+    assert torch.equal(a.data, b.data) and torch.equal(a.global_scale, b.global_scale)
+    assert torch.equal(a.block_scales.view(torch.uint8), b.block_scales.view(torch.uint8))
+    x[0, 0] = float("nan")
+    nvfp4.quantize(x, check=False)  # no error: the caller promised to have checked
+    with pytest.raises(ValueError, match="K=20"):
+        nvfp4.quantize(torch.randn(2, 20), check=False)  # shape checks stay
+
+
+def test_global_scale_from_amax_is_elementwise_rule():
+    amax = torch.tensor([0.0, 1e-36, 5e-34, 1.0, 2688.0, FLT_MAX])
+    s = nvfp4.global_scale_from_amax(amax)
+    for a, got in zip(amax.tolist(), s.tolist()):
+        assert got == float(nvfp4.global_scale_of(torch.tensor([a])))
+    assert s[0] == 1.0 and s[1] == 1.0 and s[4] == 1.0 and s[3] == float(np.float32(1.0) / np.float32(2688.0))
