@@ -75,12 +75,13 @@ class _ContextState(BaseState):
         pass
 
 
-def _ensure_context(manager: StateManager) -> str:
-    """The active context name of a hook's StateManager, setting :data:`FALLBACK_CONTEXT` when none is active."""
+def _ensure_context(manager: StateManager) -> bool:
+    """Set :data:`FALLBACK_CONTEXT` on a hook's StateManager when no context is active; True if it did (the caller
+    clears it again after the call, so a later ``cache_context`` or context-less call is seen as such)."""
     if manager._context is None:
         manager.set_context(CacheContext(FALLBACK_CONTEXT))
-        return FALLBACK_CONTEXT
-    return manager._context.name
+        return True
+    return False
 
 
 @dataclass
@@ -109,9 +110,8 @@ class _RootHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self.recorder.enabled:
-            explicit = self.state_manager._context is not None
-            name = _ensure_context(self.state_manager)
-            self.recorder.current = _Call(name if explicit else None)
+            ctx = self.state_manager._context
+            self.recorder.current = _Call(None if ctx is None else ctx.name)
         return args, kwargs
 
     def post_forward(self, module, output):
@@ -148,8 +148,10 @@ class _BlockHook(ModelHook):
         xs, self._inputs = self._inputs, None
         call = self.recorder.current
         if xs is not None and call is not None:
-            _ensure_context(self.state_manager)
+            fallback = _ensure_context(self.state_manager)
             state = self.state_manager.get_state()
+            if fallback:
+                self.state_manager.set_context(None)
             ys = tuple(t.detach() for t in self.adapter.streams_out(self.block, output))
             rec, state.prev_delta = self.fn(xs, ys, state.prev_delta)
             call.blocks.append((self.block.index, rec))

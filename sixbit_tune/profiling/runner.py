@@ -12,115 +12,18 @@ Seeds do not depend on sharding: prompt ``i`` always runs with generator seed ``
 
 from __future__ import annotations
 
-import json
-import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-from sixbit_tune.formats import FORMATS
+from sixbit_tune.profiling.config import DTYPES, ProfileConfig, load_prompts
 
 __all__ = ["DTYPES", "ProfileConfig", "load_prompts", "profile", "shape_step_inputs"]
-
-DTYPES = ("bfloat16", "float16", "float32")
-
-
-@dataclass
-class ProfileConfig:
-    """Settings of one profiling run. Defaults are the CLI's defaults.
-
-    Attributes:
-        model: a model spec (``sixbit_tune.models.specs.SPEC_HELP``). ``shape:<name>`` profiles the transformer
-            alone: a step is one transformer forward per CFG branch on random latents of the real token count,
-            followed by an Euler update with the guided prediction.
-        prompts: the prompts (for ``shape:`` specs they only label and seed the random inputs).
-        store: the store folder (created if missing).
-        steps: denoising steps per prompt.
-        height, width, frames: video size in pixels/frames (None: the pipeline's default; for ``shape:`` specs the
-            architecture's published size, e.g. 480x720, 49 frames for CogVideoX-2B).
-        guidance: CFG scale (None: the pipeline's default; ``shape:`` specs 6.0). ``<= 1`` disables CFG.
-        seed: base seed; prompt ``i`` uses ``seed + i``.
-        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``; None: CUDA when available.
-        dtype: model dtype name (None: bfloat16 on CUDA, float32 on CPU).
-        workers: processes to shard prompts over (several GPUs: one per GPU, up to the GPU count).
-        formats: formats whose per-layer errors are recorded.
-        compile_stats: fuse the statistic computations with ``torch.compile`` (None: on CUDA only).
-        progress: show a tqdm bar over prompts x steps.
-        run_id: explicit run id (default: generated).
-    """
-
-    model: str
-    prompts: list[str]
-    store: str
-    steps: int = 20
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    guidance: float | None = None
-    seed: int = 0
-    device: str | None = None
-    dtype: str | None = None
-    workers: int = 1
-    formats: tuple[str, ...] = FORMATS
-    compile_stats: bool | None = None
-    progress: bool = True
-    run_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.prompts, str):
-            self.prompts = [self.prompts]
-        self.prompts = [str(p) for p in self.prompts]
-        if not self.prompts:
-            raise ValueError("prompts: give at least one prompt")
-        if any(not p.strip() for p in self.prompts):
-            raise ValueError("prompts: empty prompt text")
-        for name in ("steps", "workers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("height", "width", "frames"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
-        if self.guidance is not None and not math.isfinite(float(self.guidance)):
-            raise ValueError(f"guidance must be finite, got {self.guidance!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        self.formats = tuple(self.formats)
-        if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
-        if not str(self.store):
-            raise ValueError("store: give a folder")
-        self.store = str(self.store)
-
-
-def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a file: a JSON list of strings (``.json``) or one prompt per line (blank lines and lines
-    starting with ``#`` skipped).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file holds no prompt, or a ``.json`` file that is not a list of strings.
-    """
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
-    if p.suffix.lower() == ".json":
-        data = json.loads(text)
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise ValueError(f"{p}: a .json prompts file must hold a list of strings")
-        prompts = [x for x in data if x.strip()]
-    else:
-        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{p} holds no prompt")
-    return prompts
-
 
 # ------------------------------------------------------------------------------------------------ public API
 def profile(config: ProfileConfig) -> str:
