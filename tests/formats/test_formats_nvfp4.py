@@ -477,3 +477,22 @@ def test_global_scale_from_amax_is_elementwise_rule():
     for a, got in zip(amax.tolist(), s.tolist()):
         assert got == float(nvfp4.global_scale_of(torch.tensor([a])))
     assert s[0] == 1.0 and s[1] == 1.0 and s[4] == 1.0 and s[3] == float(np.float32(1.0) / np.float32(2688.0))
+
+
+@pytest.mark.gpu
+def test_cuda_reference_equals_cpu_reference():
+    """Kernel tests may build the reference on the GPU: it must give the same bits as on the CPU."""
+    from sixbit_tune.formats import int8
+
+    rng = np.random.default_rng(21)
+    for kind in KINDS:
+        x = torch.from_numpy(_random_input(rng, (33, 96), kind))
+        for dtype in (torch.float32, torch.bfloat16):
+            xc = x.to(dtype)
+            a, b = nvfp4.quantize(xc), nvfp4.quantize(xc.cuda())
+            assert torch.equal(a.data, b.data.cpu())
+            assert torch.equal(a.block_scales.view(torch.uint8), b.block_scales.cpu().view(torch.uint8))
+            assert torch.equal(a.global_scale, b.global_scale.cpu())
+            assert torch.equal(a.dequantize(), b.dequantize().cpu())
+            (q, s), (qg, sg) = int8.quantize(xc), int8.quantize(xc.cuda())
+            assert torch.equal(q, qg.cpu()) and torch.equal(s, sg.cpu())
