@@ -21,7 +21,8 @@ Arithmetic, all in float32, each operation IEEE round-to-nearest-even, in exactl
 4. dequantized value ``(E2M1[code] * float32(b)) * s``. ``E2M1[code] * b`` is exact in float32, so this is the
    correctly rounded product of the three factors (any association that rounds once matches it).
 
-Range notes (float32, IEEE subnormals kept, no flush-to-zero): ``r >= (2688 / FLT_MAX) / 448 > 2**-126`` is always
+Range notes (float32, IEEE subnormals kept, no flush-to-zero), for the default global scale (not for an explicit
+``global_scale`` argument): ``r >= (2688 / FLT_MAX) / 448 > 2**-126`` is always
 a normal number, and ``E2M1[code] * b <= 2688`` so ``(q * b) * s`` stays finite even for ``amax = FLT_MAX``: finite
 input never yields NaN or Inf anywhere. A kernel that flushes subnormals to zero can differ from this reference
 only for tensors with ``amax`` below about 2e-33 (where ``amax_block / 6`` can be subnormal) and in the sign of
