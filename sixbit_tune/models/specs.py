@@ -235,7 +235,9 @@ def build_shape_transformer(name: str, device=None, dtype=None, seed: int = 0) -
     cls = getattr(diffusers, class_name)
     device = torch.device(device if device is not None else "cpu")
     dtype = dtype if dtype is not None else torch.bfloat16
-    with _parameters_on_meta():
+    # On "meta" the buffers are not computed either; elsewhere they are computed once on the CPU, as the constructor
+    # does, then moved.
+    with _parameters_on_meta(), torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
         model = cls(**config)
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
     _materialize(model, device, dtype, keep, seed)
