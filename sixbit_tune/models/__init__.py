@@ -16,7 +16,13 @@ from sixbit_tune.models.adapters import (
     supported_classes,
 )
 from sixbit_tune.models.specs import SHAPE_CONFIGS, SPEC_HELP, load_pipeline, load_transformer
-from sixbit_tune.models.tiny import tiny_pipeline, tiny_pipeline_call_kwargs, tiny_transformer
+from sixbit_tune.models.tiny import (
+    TINY_VIDEO,
+    tiny_pipeline,
+    tiny_pipeline_call_kwargs,
+    tiny_transformer,
+    tiny_transformer_inputs,
+)
 
 __all__ = [
     "FAMILIES",
@@ -35,4 +41,6 @@ __all__ = [
     "tiny_pipeline",
     "tiny_pipeline_call_kwargs",
     "tiny_transformer",
+    "tiny_transformer_inputs",
+    "TINY_VIDEO",
 ]

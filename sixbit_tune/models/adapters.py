@@ -21,6 +21,10 @@ Facts the table encodes (diffusers 0.42, read in ``diffusers/models/transformers
   with the batch ``[uncond rows; cond rows]`` (the pipelines ``torch.cat([negative_prompt_embeds, prompt_embeds])``).
   Separate CFG (Wan: ``"cond"`` and ``"uncond"``; HunyuanVideo: ``"cond"``, plus ``"uncond"`` only with
   ``true_cfg_scale > 1`` and a negative prompt): one call per branch, the context name is the branch.
+  (HunyuanVideo's image-to-video pipelines call the transformer outside any ``cache_context``; there the branch of a
+  call cannot be known and :meth:`ModelAdapter.row_branches` raises.)
+- Only ``pipe.transformer`` is adapted; a Wan 2.2 ``transformer_2`` needs its own adapter (``get_adapter(pipe.
+  transformer_2)``).
 """
 
 from __future__ import annotations
@@ -186,9 +190,10 @@ def unwrap_transformer(model: Any) -> nn.Module:
     Raises:
         UnsupportedModelError: ``model`` is neither a pipeline with a ``transformer`` nor an ``nn.Module``.
     """
-    transformer = getattr(model, "transformer", None)
-    if not isinstance(model, nn.Module) and isinstance(transformer, nn.Module):
-        model = transformer
+    if not isinstance(model, nn.Module) and hasattr(model, "transformer"):
+        if not isinstance(model.transformer, nn.Module):
+            raise _unsupported(f"pipeline {type(model).__name__} without a transformer")
+        model = model.transformer
     if not isinstance(model, nn.Module):
         raise _unsupported(f"object of type {type(model).__name__} (not a diffusers pipeline or transformer)")
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule

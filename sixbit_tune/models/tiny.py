@@ -20,6 +20,7 @@ from sixbit_tune.errors import UnsupportedModelError
 __all__ = [
     "TINY_TEXT_DIM",
     "TINY_TRANSFORMER_KWARGS",
+    "TINY_VIDEO",
     "tiny_pipeline",
     "tiny_pipeline_call_kwargs",
     "tiny_transformer",

@@ -235,6 +235,12 @@ def test_unsupported_models_are_refused():
     with pytest.raises(UnsupportedModelError, match="not a diffusers pipeline or transformer"):
         get_adapter(object())
 
+    class NoTransformer:
+        transformer = None
+
+    with pytest.raises(UnsupportedModelError, match="NoTransformer without a transformer"):
+        get_adapter(NoTransformer())
+
 
 @pytest.mark.parametrize("family", ALL)
 def test_row_branches_rules(models, family):
