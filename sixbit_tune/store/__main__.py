@@ -1,4 +1,4 @@
-"""``python -m sixbit_tune.store {info,migrate} STORE``: inspect a store, or migrate it to this schema version."""
+"""``python -m sixbit_tune.store {info,migrate,compact} STORE``: inspect, migrate or compact a store."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("store")
     p = sub.add_parser("migrate", help="migrate a store in place to this sixbit-tune's schema version")
     p.add_argument("store")
+    p = sub.add_parser("compact", help="merge the many small part files of runs/trials/predictors/policies")
+    p.add_argument("store")
     args = parser.parse_args(argv)
 
     from sixbit_tune.store import SCHEMA_VERSION, TABLES, Store, migrate
@@ -26,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
             for s in steps:
                 print(f"migrated {s}")
             print(f"{args.store}: schema version {SCHEMA_VERSION}" + ("" if steps else " (already current)"))
+            return 0
+        if args.cmd == "compact":
+            with Store.open(args.store) as store:
+                merged = store.compact()
+            for name, n in merged.items():
+                print(f"  {name:12s} {n:>8,d} parts merged into 1")
+            print(f"{args.store}: compacted" if merged else f"{args.store}: nothing to compact")
             return 0
         print(f"{args.store}: schema version {read_version(args.store)} (this sixbit-tune reads {SCHEMA_VERSION})")
         with Store.open(args.store, read_only=True) as store:

@@ -104,6 +104,8 @@ _WHO = (
     _c("host", pa.string(), "hostname of the writer", required=True),
     _c("worker_id", pa.string(), "the writer's worker id", required=True),
     _c("written", TS, "when this version of the row was written (UTC)", required=True),
+    _c("_part", pa.string(), "internal: the part file a row was first written in, kept by compaction (the order "
+       "of writes); NULL in ordinary parts; not shown by the views"),
 )
 
 RUNS = Table(
@@ -299,9 +301,10 @@ def conform(table: Table, rows: RowsLike, *, fill: Mapping[str, Any] | None = No
     what = f"{table.name}"
     data = as_arrow(rows, what)
     names = list(data.column_names)
-    unknown = [n for n in names if n not in table.column_names]
+    public = [n for n in table.column_names if not n.startswith("_")]
+    unknown = [n for n in names if n not in public]
     if unknown:
-        raise ValueError(f"{what}: unknown columns {unknown}; the table has {list(table.column_names)}")
+        raise ValueError(f"{what}: unknown columns {unknown}; the table has {public}")
     if len(set(names)) != len(names):
         raise ValueError(f"{what}: duplicate column names in {names}")
     n = data.num_rows

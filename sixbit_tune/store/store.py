@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
 from sixbit_tune.errors import StoreSchemaError
@@ -42,6 +43,7 @@ TMP = ".tmp"
 SEED = "00000000000000000000-schema.parquet"
 _GLOB_CHARS = set("*?[]{}")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_RETRIES = 4
 
 GPU_KEYS = ("name", "driver", "memory_bytes", "compute_capability", "uuid")
 """Keys of the ``gpu`` dict :meth:`StoreWriter.begin_run` accepts (what :func:`sixbit_tune.store.env.gpu_info`
@@ -101,6 +103,20 @@ def _ensure_seeds(root: Path, *, rewrite: bool = False) -> None:
         d.mkdir(exist_ok=True)
         if rewrite or not (d / SEED).is_file():
             _atomic_parquet(table.arrow_schema.empty_table(), root / TMP, d / SEED)
+
+
+def _stale_seeds(root: Path) -> list[str]:
+    """Tables whose seed file is missing or does not hold this code's exact columns and types."""
+    stale = []
+    for table in TABLES.values():
+        seed = root / table.name / SEED
+        try:
+            ok = pq.read_schema(seed).remove_metadata().equals(table.arrow_schema.remove_metadata())
+        except (FileNotFoundError, OSError, pa.ArrowInvalid):
+            ok = False
+        if not ok:
+            stale.append(table.name)
+    return stale
 
 
 def _atomic_parquet(data: pa.Table, tmp_dir: Path, dest: Path) -> None:
@@ -223,14 +239,14 @@ class Store:
         _check_path(root)
         meta = _read_meta(root)
         _check_version(root, meta)
-        if any(not (root / t / SEED).is_file() for t in TABLES):
+        stale = _stale_seeds(root)
+        if stale:
             if read_only:
-                missing = [t for t in TABLES if not (root / t / SEED).is_file()]
                 raise StoreSchemaError(
-                    f"the store at {root} lacks the schema files of tables {missing}; open it once writable "
+                    f"the store at {root} lacks current schema files for tables {stale}; open it once writable "
                     f"(Store.open(path)) or run `python -m sixbit_tune.store migrate {root}` to restore them"
                 )
-            _ensure_seeds(root)
+            _ensure_seeds(root, rewrite=True)
         return cls({str(root): root}, read_only=read_only)
 
     @classmethod
@@ -298,6 +314,52 @@ class Store:
             raise PermissionError("this Store is read-only (open it with Store.open(path) to write)")
         return StoreWriter(self.path, worker_id)
 
+    def compact(self, *, tmp_max_age_s: float = 3600.0) -> dict[str, int]:
+        """Merge the part files of each entity table (runs, predictors, trials, policies) into one.
+
+        Safe while readers and writers run: the merged part is in place before the merged-away parts are removed
+        (a reader meanwhile sees some rows twice, which the views' latest-per-key rule absorbs; a query that
+        loses a removed file is retried), and parts written after the listing are left alone. Every row is kept,
+        so ``created`` stays right. Fact tables are not compacted: their parts (one per prompt) are large and a
+        moment of duplicate rows would be visible there. Also removes temporary files older than
+        ``tmp_max_age_s`` left by killed writers.
+
+        Returns:
+            ``table -> number of part files merged`` (tables with fewer than 2 parts are skipped).
+        """
+        if self.read_only:
+            raise PermissionError("this Store is read-only (open it with Store.open(path) to compact)")
+        root = self.path
+        merged: dict[str, int] = {}
+        for table in TABLES.values():
+            if not table.key:
+                continue
+            parts = sorted(p for p in (root / table.name).glob("*.parquet") if p.name != SEED)
+            if len(parts) < 2:
+                continue
+            pieces = []
+            for p in parts:
+                t = pq.read_table(p, schema=table.arrow_schema)
+                part = t.column("_part")
+                if part.null_count:
+                    filled = pa.compute.coalesce(part, pa.scalar(p.name))
+                    t = t.set_column(t.schema.get_field_index("_part"), table.arrow_schema.field("_part"), filled)
+                pieces.append(t)
+            data = pa.concat_tables(pieces)
+            w = StoreWriter(root, "compact")
+            w._write(table, data)
+            for p in parts:
+                p.unlink(missing_ok=True)
+            merged[table.name] = len(parts)
+        cutoff = time.time() - tmp_max_age_s
+        for f in (root / TMP).glob("*.tmp"):
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+            except FileNotFoundError:
+                pass
+        return merged
+
     # -- reading ------------------------------------------------------------------------------------------
 
     def _create_views(self) -> None:
@@ -309,7 +371,7 @@ class Store:
         for label, root in self._roots.items():
             glob = str(root / table.name / "*.parquet")
             parts.append(
-                f"SELECT *, {_lit(label)} AS store, parse_filename(filename) AS _part "
+                f"SELECT *, {_lit(label)} AS store "
                 f"FROM read_parquet({_lit(glob)}, union_by_name = true, filename = true)"
             )
         union = " UNION ALL BY NAME ".join(parts)
@@ -320,11 +382,13 @@ class Store:
         if not table.key:
             cols = ", ".join(col(c) for c in table.columns)
             return f"SELECT {cols}, store FROM ({union})"
-        cols = ", ".join(col(c) for c in table.columns if c.name != "written")
+        cols = ", ".join(col(c) for c in table.columns if c.name != "written" and not c.name.startswith("_"))
         key = ", ".join(_ident(k) for k in table.key)
+        # Write order = the name of the part a row was first written in (time_ns first; kept by compaction).
+        order = "coalesce(_part, parse_filename(filename))"
         return (
             f"SELECT {cols}, store, _created AS created, written AS updated FROM ("
-            f"SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY _part DESC) AS _rn, "
+            f"SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY {order} DESC) AS _rn, "
             f"min(written) OVER (PARTITION BY {key}) AS _created FROM ({union})) WHERE _rn = 1"
         )
 
@@ -341,7 +405,17 @@ class Store:
         with self._lock:
             cur = self._con.cursor()
         try:
-            return cur.sql(sql, params=params).to_arrow_table() if params else cur.sql(sql).to_arrow_table()
+            for attempt in range(_RETRIES):
+                try:
+                    rel = cur.sql(sql, params=params) if params else cur.sql(sql)
+                    return rel.to_arrow_table()
+                except duckdb.IOException:
+                    # A part listed by the glob was removed by a concurrent compaction before it was read; the
+                    # rows are in the compacted part, so simply read again.
+                    if attempt == _RETRIES - 1:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+            raise AssertionError("unreachable")
         finally:
             cur.close()
 

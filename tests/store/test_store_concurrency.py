@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -160,3 +161,41 @@ def test_two_machines_combine_into_one_view(tmp_path, labelled):
     store.close()
     with pytest.raises(ValueError, match="share the label"):
         Store.open_many([paths["machine-a"], paths["machine-a"]])
+
+
+def test_compaction_keeps_every_answer_and_runs_beside_a_writer(tmp_path):
+    path = tmp_path / "store"
+    store = Store.create(path)
+    w = store.writer("w")
+    for n in range(20):
+        w.write_trial("s", n, state="RUNNING")
+        w.write_trial("s", n, state="COMPLETE" if n % 3 else "PRUNED", latency_ms=float(n))
+    rid = w.begin_run("search", "tiny:wan")
+    w.finish_run(rid)
+    stale = path / ".tmp" / "dead-writer.parquet.0.tmp"
+    stale.write_bytes(b"PAR1 partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    before_trials, before_runs = store.trials(), store.runs()
+
+    assert store.compact() == {"runs": 2, "trials": 40}
+    assert not stale.exists()
+    assert len(list((path / "trials").glob("*.parquet"))) == 2  # seed + one merged part
+    for after, before in ((store.trials(), before_trials), (store.runs(), before_runs)):
+        pd.testing.assert_frame_equal(after, before)  # created/updated included
+    w.write_trial("s", 0, state="COMPLETE", latency_ms=99.0)  # a write after compaction still wins
+    assert store.trials("s").iloc[0][["state", "latency_ms"]].tolist() == ["COMPLETE", 99.0]
+
+    # Compact repeatedly while another process writes trials and this one reads: no error, nothing lost.
+    p = _spawn(path, "t-0", "trials", 30, 0, 0.005)
+    rounds = 0
+    while p.poll() is None:
+        store.compact()
+        t = store.trials("shared")
+        assert t["number"].is_unique
+        rounds += 1
+    _finish(p)
+    store.compact()
+    t = store.trials("shared")
+    assert t["number"].tolist() == list(range(0, 60, 2)) and set(t["state"]) == {"COMPLETE"}
+    assert rounds >= 2
+    store.close()

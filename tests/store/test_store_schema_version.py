@@ -122,3 +122,15 @@ def test_parts_carry_the_schema_version(tmp_path):
         assert md[b"sixbit_tune.schema_version"] == str(SCHEMA_VERSION).encode()
         assert md[b"sixbit_tune.table"] == part.parent.name.encode()
     assert isinstance(pq.read_schema(path / "runs" / "00000000000000000000-schema.parquet"), pa.Schema)
+
+
+def test_missing_or_stale_seed_files_are_refused_read_only_and_repaired_writable(tmp_path):
+    path = _make_store(tmp_path)
+    seed = path / "trials" / "00000000000000000000-schema.parquet"
+    pq.write_table(pa.table({"study": pa.array([], pa.string())}), seed)  # a seed that lost columns
+    (path / "policies" / "00000000000000000000-schema.parquet").unlink()
+    with pytest.raises(StoreSchemaError, match=r"tables \['trials', 'policies'\].*open it once writable"):
+        Store.open(path, read_only=True)
+    with Store.open(path) as s:
+        assert s.trials().empty and s.policies().empty and "latency_ms" in s.trials().columns
+    Store.open(path, read_only=True).close()
