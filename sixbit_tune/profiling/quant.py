@@ -1,8 +1,9 @@
 """Device-side quantization errors of one linear layer call: ``act_err`` and ``out_err`` (DESIGN §2).
 
-The arithmetic is :mod:`sixbit_tune.formats`' (the specification), composed from its building blocks without the
-per-call finiteness checks: ``formats.nvfp4.quantize`` and ``formats.int8.quantize`` call ``check_finite``, which
-reads a flag back to the host, and one host synchronisation per layer call would serialise the GPU. Here nothing
+The arithmetic is :mod:`sixbit_tune.formats`' (the specification), without the per-call finiteness scan (it reads
+a flag back to the host, and one host synchronisation per layer call would serialise the GPU): INT8 is
+``formats.int8.quantize(..., check=False)``; NVFP4 is composed from ``formats.nvfp4``'s building blocks because the
+GEMM needs the unpacked values ``E2M1 × block scale`` rather than packed codes. Here nothing
 leaves the device; NaN/Inf inputs propagate into the statistics and the recorder checks them once per step.
 ``tests/profiling/test_quant.py`` pins these functions bit for bit to ``formats.fake_quant`` and to
 ``formats.quantized_linear_reference``.
@@ -48,7 +49,7 @@ def nvfp4_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lead = tuple(x.shape[:-1])
     xb = x.detach().float().reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
     amax = xb.abs().amax() if xb.numel() else xb.new_zeros(())
-    s = nvfp4._global_scale_from_amax(amax)
+    s = nvfp4.global_scale_from_amax(amax)
     amax_b = xb.abs().amax(dim=-1)
     b = (amax_b / E2M1_MAX / s).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn).float()
     r = (1.0 / s) / b
@@ -58,17 +59,9 @@ def nvfp4_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT8-quantize ``x`` over its last dim: ``(q int8, scales float32 [...])`` (no finiteness check).
-
-    The arithmetic of ``formats.int8.quantize(x, axis=-1)``.
-    """
-    xf = x.detach().float()
-    scales = (xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])) / float(int8.QMAX)
-    s = scales.unsqueeze(-1)
-    zero = s == 0
-    q = torch.round(xf / torch.where(zero, torch.ones_like(s), s)).clamp(-int8.QMAX, int8.QMAX)
-    q = torch.where(zero, torch.zeros_like(q), q)
-    return q.to(torch.int8), scales
+    """INT8-quantize ``x`` over its last dim: ``(q int8, scales float32 [...])``, without the finiteness scan
+    (``formats.int8.quantize(x, check=False)``)."""
+    return int8.quantize(x, axis=-1, check=False)
 
 
 @dataclass

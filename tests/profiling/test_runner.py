@@ -1,0 +1,176 @@
+"""Profiling runs end to end into a real store: every tiny family, the CLI, two workers, a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sixbit_tune.cli import main
+from sixbit_tune.models.adapters import get_adapter
+from sixbit_tune.models.tiny import tiny_transformer
+from sixbit_tune.profiling.config import ProfileConfig, load_prompts
+from sixbit_tune.profiling.runner import profile
+from sixbit_tune.store import Store
+
+FAMILIES = ["cogvideox", "wan", "hunyuanvideo", "ltx", "mochi"]
+
+
+def _expected(family):
+    adapter = get_adapter(tiny_transformer(family))
+    n_layers = sum(len(adapter.linears(b)) for b in adapter.blocks())
+    return len(adapter.blocks()), n_layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_profiles_into_a_store(tmp_path, family):
+    steps = 2
+    run_id = profile(ProfileConfig(model=f"tiny:{family}", prompts=["a cat runs on the beach"],
+                                   store=str(tmp_path / "s"), steps=steps, progress=False))
+    n_blocks, n_layers = _expected(family)
+    with Store.open(tmp_path / "s", read_only=True) as s:
+        runs = s.runs()
+        assert list(runs["run_id"]) == [run_id]
+        run = runs.iloc[0]
+        assert run["status"] == "finished" and run["family"] == family and run["kind"] == "profile"
+        assert len(run["timesteps"]) == steps
+        assert run["gpu_name"] is None or run["gpu_name"] != run["gpu_name"]  # NULL without a GPU (None/NaN)
+        settings = json.loads(run["settings"])
+        assert settings["steps"] == steps and settings["formats"] == ["nvfp4", "int8"]
+        assert json.loads(run["versions"])["torch"]
+        b = s.query("SELECT branch, step, count(*) AS n, count(delta_change) AS nc, min(gamma) AS g, "
+                    "any_value(timestep) AS t FROM block_steps WHERE run_id = ? GROUP BY ALL ORDER BY ALL", [run_id])
+        assert list(b["branch"]) == ["cond", "cond", "uncond", "uncond"]
+        assert list(b["n"]) == [n_blocks] * 4
+        assert list(b["nc"]) == [0, n_blocks, 0, n_blocks]  # Δ change is defined from the second step on
+        assert (b["g"] > 0).all()
+        assert sorted(set(b["t"])) == sorted(run["timesteps"])
+        lay = s.query("SELECT format, count(*) AS n, min(out_err) AS lo, max(out_err) AS hi FROM layer_steps "
+                      "WHERE run_id = ? GROUP BY ALL ORDER BY format", [run_id])
+        assert list(lay["format"]) == ["int8", "nvfp4"]
+        assert list(lay["n"]) == [n_layers * 2 * steps] * 2
+        assert (lay["lo"] > 0).all() and (lay["hi"] < 1.5).all()
+
+
+def test_cli_prompts_file_and_two_workers(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration prompts\na cat runs\n\na dog jumps in snow\na red car\n")
+    assert load_prompts(prompts) == ["a cat runs", "a dog jumps in snow", "a red car"]
+    store = tmp_path / "s"
+    rc = main(["profile", "--model", "tiny:wan", "--prompts", str(prompts), "--steps", "2", "--store", str(store),
+               "--workers", "2", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    n_blocks, n_layers = _expected("wan")
+    with Store.open(store, read_only=True) as s:
+        assert list(s.runs()["status"]) == ["finished"]
+        b = s.query("SELECT prompt_index, any_value(prompt) AS prompt, count(*) AS n FROM block_steps "
+                    "GROUP BY ALL ORDER BY ALL")
+        assert list(b["prompt_index"]) == [0, 1, 2]
+        assert list(b["prompt"]) == ["a cat runs", "a dog jumps in snow", "a red car"]
+        assert list(b["n"]) == [n_blocks * 2 * 2] * 3
+        n = s.query("SELECT count(*) AS n FROM layer_steps")["n"][0]
+        assert n == 3 * n_layers * 2 * 2 * 2
+    parts = [p.name for p in (store / "block_steps").glob("*.parquet")]
+    assert any("-w0-" in p for p in parts) and any("-w1-" in p for p in parts)  # each worker wrote its part
+
+
+def test_same_prompt_same_statistics_regardless_of_sharding(tmp_path):
+    a = profile(ProfileConfig(model="tiny:cogvideox", prompts=["a", "b cat"], store=str(tmp_path / "s"), steps=2,
+                              progress=False))
+    b = profile(ProfileConfig(model="tiny:cogvideox", prompts=["b cat"], store=str(tmp_path / "s"), steps=2,
+                              seed=1, progress=False))
+    with Store.open(tmp_path / "s", read_only=True) as s:
+        q = ("SELECT branch, step, block_index, gamma FROM block_steps WHERE run_id = ? AND prompt = 'b cat' "
+             "ORDER BY ALL")
+        assert s.query(q, [a]).equals(s.query(q, [b]))
+
+
+def test_killed_run_leaves_finished_prompts_readable(tmp_path):
+    store = tmp_path / "s"
+    n_prompts = 40
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"prompt {i} a cat" for i in range(n_prompts)]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sixbit_tune", "profile", "--model", "tiny:wan", "--prompts", str(prompts),
+         "--steps", "3", "--store", str(store), "--no-progress", "--device", "cpu"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if len(list((store / "block_steps").glob("*-w0-*.parquet"))) >= 1:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"profile process ended early with {proc.returncode}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no prompt finished within 90 s")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    n_blocks, n_layers = _expected("wan")
+    with Store.open(store, read_only=True) as s:
+        assert list(s.runs()["status"]) == ["running"]  # killed: never marked finished
+        b = s.query("SELECT prompt_index, count(*) AS n FROM block_steps GROUP BY ALL ORDER BY ALL")
+        assert 1 <= len(b) < n_prompts
+        assert list(b["prompt_index"]) == list(range(len(b)))
+        assert (b["n"] == n_blocks * 2 * 3).all()
+        lay = s.query("SELECT prompt_index, count(*) AS n FROM layer_steps GROUP BY ALL ORDER BY ALL")
+        # every prompt with block rows has all its layer rows (layer rows are written first)
+        done = lay[lay["prompt_index"].isin(b["prompt_index"])]
+        assert len(done) == len(b) and (done["n"] == n_layers * 2 * 3 * 2).all()
+
+
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_transformer_only_mode_on_a_tiny_transformer(tmp_path, family):
+    """The shape: code path (a step = one transformer forward per CFG branch on random latents), run on a tiny
+    transformer of the same family so it fits the CPU."""
+    import torch
+
+    from sixbit_tune.profiling.hooks import instrument
+    from sixbit_tune.profiling.runner import _shape_defaults, _shape_prompt
+
+    model = tiny_transformer(family)
+    config = ProfileConfig(model=f"shape:{family}", prompts=["p"], store=str(tmp_path), steps=2, frames=9, height=16,
+                           width=16)
+    d = _shape_defaults(get_adapter(model), config)
+    assert (d["frames"], d["height"], d["width"], d["guidance"]) == (9, 16, 16, 6.0)
+    with instrument(model) as inst:
+        steps = []
+        records, timesteps = _shape_prompt(model, inst, config, 0, "cpu", torch.float32, steps.append)
+    assert steps == [1, 1] and len(timesteps) == 2 and timesteps[0] > timesteps[1]
+    n_blocks = len(get_adapter(model).blocks())
+    assert sorted(set(records.blocks["branch"])) == ["cond", "uncond"]
+    assert len(records.blocks["step"]) == n_blocks * 2 * 2
+    assert records.blocks["delta_change"].count(None) == n_blocks * 2
+
+
+def test_bad_settings_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), steps=0)
+    with pytest.raises(ValueError, match="formats must be"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("fp8",))
+    with pytest.raises(ValueError, match="prompts"):
+        ProfileConfig(model="tiny:wan", prompts=[], store=str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--model", "tiny:wan", "--prompt", "a", "--store", str(tmp_path / "s"), "--workers", "0"])
+    assert e.value.code == 2 and "workers" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        load_prompts(empty)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            profile(ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path / "s2"), device="cuda"))
+    with pytest.raises(ValueError, match="device must be"):
+        profile(ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path / "s3"), device="tpu"))
