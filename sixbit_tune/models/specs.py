@@ -145,6 +145,67 @@ SHAPE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             text_dim=4096,
         ),
     ),
+    # hunyuanvideo-community/HunyuanVideo (20 dual-stream + 40 single-stream blocks)
+    "hunyuanvideo-13b": (
+        "HunyuanVideoTransformer3DModel",
+        dict(
+            in_channels=16,
+            out_channels=16,
+            num_attention_heads=24,
+            attention_head_dim=128,
+            num_layers=20,
+            num_single_layers=40,
+            num_refiner_layers=2,
+            mlp_ratio=4.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=True,
+            text_embed_dim=4096,
+            pooled_projection_dim=768,
+            rope_theta=256.0,
+            rope_axes_dim=(16, 56, 56),
+        ),
+    ),
+    # Lightricks/LTX-Video (0.9.x, 2B)
+    "ltx-video-2b": (
+        "LTXVideoTransformer3DModel",
+        dict(
+            in_channels=128,
+            out_channels=128,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=32,
+            attention_head_dim=64,
+            cross_attention_dim=2048,
+            num_layers=28,
+            activation_fn="gelu-approximate",
+            qk_norm="rms_norm_across_heads",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            caption_channels=4096,
+            attention_bias=True,
+            attention_out_bias=True,
+        ),
+    ),
+    # genmo/mochi-1-preview
+    "mochi-1-10b": (
+        "MochiTransformer3DModel",
+        dict(
+            patch_size=2,
+            num_attention_heads=24,
+            attention_head_dim=128,
+            num_layers=48,
+            pooled_projection_dim=1536,
+            in_channels=12,
+            out_channels=None,
+            qk_norm="rms_norm",
+            text_embed_dim=4096,
+            time_embed_dim=256,
+            activation_fn="swiglu",
+            max_sequence_length=256,
+        ),
+    ),
 }
 
 SPEC_HELP = (
@@ -365,41 +426,36 @@ def _parameters_on_meta():
 @torch.no_grad()
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, keep_fp32: tuple, seed: int) -> None:
     """Give every meta parameter storage on ``device`` and random values; move buffers to ``device``."""
-    generator_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
-    torch.manual_seed(seed)
-    try:
-        for mod_name, module in model.named_modules():
-            for pname, param in list(module._parameters.items()):
-                if param is None:
-                    continue
-                full = f"{mod_name}.{pname}" if mod_name else pname
-                target = torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
-                if not torch.is_floating_point(param):
-                    target = param.dtype
-                module._parameters[pname] = nn.Parameter(
-                    torch.empty(param.shape, device=device, dtype=target), requires_grad=param.requires_grad
-                )
-            for bname, buf in list(module._buffers.items()):
-                if buf is not None:
-                    module._buffers[bname] = buf.to(device)
-        if device.type == "meta":
-            return
+    for mod_name, module in model.named_modules():
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            target = torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
+            if not torch.is_floating_point(param):
+                target = param.dtype
+            module._parameters[pname] = nn.Parameter(
+                torch.empty(param.shape, device=device, dtype=target), requires_grad=param.requires_grad
+            )
+        for bname, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[bname] = buf.to(device)
+    if device.type == "meta":
+        return
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"):
+        torch.manual_seed(seed)
         initialised: set[int] = set()
         for module in model.modules():
             own = [p for p in module._parameters.values() if p is not None]
-            if own and hasattr(module, "reset_parameters") and callable(module.reset_parameters):
+            if own and callable(getattr(module, "reset_parameters", None)):
                 try:
                     module.reset_parameters()
                 except (NotImplementedError, RuntimeError, TypeError):
                     continue
-                initialised.update(id(p) for p in module._parameters.values() if p is not None)
+                initialised.update(id(p) for p in own)
         for module in model.modules():
             for param in module._parameters.values():
                 if param is not None and id(param) not in initialised and torch.is_floating_point(param):
                     std = 1.0 / math.sqrt(max(1, param.shape[-1])) if param.dim() else 0.02
                     param.normal_(0.0, std)
-    finally:
-        torch.random.set_rng_state(generator_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)

@@ -28,6 +28,21 @@ SHAPES = {
 }
 
 
+# other families: (blocks, width of the first block's attention query projection)
+OTHER_SHAPES = {"hunyuanvideo-13b": (20 + 40, 3072), "ltx-video-2b": (28, 2048), "mochi-1-10b": (48, 3072)}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_SHAPES))
+def test_other_family_shapes_on_meta(name):
+    blocks, dim = OTHER_SHAPES[name]
+    adapter = get_adapter(load_transformer(f"shape:{name}", device="meta"))
+    refs = adapter.blocks()
+    assert len(refs) == blocks
+    q = next(lin for rel, lin in adapter.linears(refs[0]).items() if rel.endswith(".to_q"))
+    assert (q.out_features, q.in_features) == (dim, dim)
+    assert all(p.is_meta for p in adapter.transformer.parameters())
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_shape_specs_on_meta(name):
     blocks, dim, ffn = SHAPES[name]
