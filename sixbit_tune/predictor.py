@@ -10,9 +10,12 @@ raises the median R² over layers by at least ``PER_BRANCH_MIN_GAIN``; otherwise
 schema (v1) holds one (α, β) per layer, so the policy always carries a pooled-form predictor; when the data says
 per-branch would be better, ``fit`` says so loudly and records it (the comparison is kept in the fit's settings).
 
-Trust. A layer's predictor drives the DMPQ rule only when ``n >= min_n`` and ``R² >= min_r2``. An untrusted layer
-gets the static mode ``untrusted_mode`` in every policy (default ``"int8"``: the robust format — the search cannot
-tell when NVFP4 is safe for a layer whose error the predictor does not explain).
+Trust. A layer's predictor drives the DMPQ rule only when it predicts the error well: ``n >= min_n`` and either
+``R² >= min_r2`` (Γ explains the variation of the error) or the relative residual ``RMSE / mean(out_err) <=
+max_rel_rmse`` (there is little variation to explain: e.g. cross-attention K/V projections of the fixed text
+embedding have a nearly constant error, so R² is near 0 while α·Γ+β ≈ mean is an accurate prediction). An untrusted
+layer gets the static mode ``untrusted_mode`` in every policy (default ``"int8"``: the robust format — the search
+cannot tell when NVFP4 is safe for a layer whose error the predictor does not explain).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class FitSettings:
     Attributes:
         min_r2: a predictor with R² below this is not trusted.
         min_n: a predictor fitted on fewer pairs is not trusted.
+        max_rel_rmse: a predictor with R² below ``min_r2`` is still trusted when its residual RMSE is at most this
+            fraction of the mean error.
         pooling: ``"auto"`` (decide from the data), ``"pooled"`` or ``"per_branch"``.
         untrusted_mode: static mode of untrusted layers in policies: ``"int8"`` or ``"nvfp4"``.
         format: the format whose error is predicted (the paper predicts NVFP4).
@@ -45,6 +50,7 @@ class FitSettings:
 
     min_r2: float = 0.5
     min_n: int = 8
+    max_rel_rmse: float = 0.10
     pooling: str = "auto"
     untrusted_mode: str = "int8"
     format: str = "nvfp4"
@@ -52,6 +58,8 @@ class FitSettings:
     def __post_init__(self) -> None:
         if not (0.0 <= self.min_r2 <= 1.0):
             raise ValueError(f"min_r2 must lie in [0, 1], got {self.min_r2}")
+        if not self.max_rel_rmse >= 0.0:
+            raise ValueError(f"max_rel_rmse must be >= 0, got {self.max_rel_rmse}")
         if self.min_n < 2:
             raise ValueError(f"min_n must be >= 2 (a line needs two points), got {self.min_n}")
         if self.pooling not in ("auto", "pooled", "per_branch"):
@@ -68,6 +76,15 @@ class LineFit:
     beta: float
     r2: float
     n: int
+    rmse: float = 0.0  # root mean squared residual
+    mean_y: float = 0.0
+
+    @property
+    def rel_rmse(self) -> float:
+        """Residual RMSE relative to mean(y) (inf when mean(y) is 0 and the residual is not)."""
+        if self.mean_y == 0.0:
+            return 0.0 if self.rmse == 0.0 else math.inf
+        return self.rmse / abs(self.mean_y)
 
     def predict(self, x):
         return self.alpha * x + self.beta
@@ -88,21 +105,22 @@ def fit_line(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
         raise ValueError(f"x and y differ in length: {x.size} vs {y.size}")
     n = int(x.size)
     if n == 0:
-        return LineFit(0.0, 0.0, 0.0, 0)
+        return LineFit(0.0, 0.0, 0.0, 0, 0.0, 0.0)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("fit_line: x or y holds NaN/Inf")
     mx, my = float(x.mean()), float(y.mean())
     dx, dy = x - mx, y - my
     sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
     if n < 2 or sxx <= _VAR_EPS * max(mx * mx, 1e-30) * n:
-        return LineFit(0.0, my, 1.0 if syy == 0.0 and n >= 2 else 0.0, n)
+        return LineFit(0.0, my, 1.0 if syy == 0.0 and n >= 2 else 0.0, n, math.sqrt(syy / n), my)
     alpha = sxy / sxx
     beta = my - alpha * mx
     if syy == 0.0:
-        return LineFit(alpha, beta, 1.0, n)
+        return LineFit(alpha, beta, 1.0, n, 0.0, my)
     resid = dy - alpha * dx
-    r2 = 1.0 - float(resid @ resid) / syy
-    return LineFit(alpha, beta, max(0.0, min(1.0, r2)), n)
+    ssr = float(resid @ resid)
+    r2 = 1.0 - ssr / syy
+    return LineFit(alpha, beta, max(0.0, min(1.0, r2)), n, math.sqrt(ssr / n), my)
 
 
 @dataclass(frozen=True)
@@ -221,8 +239,11 @@ def fit_pairs(pairs, run_ids: Sequence[str], settings: FitSettings = FitSettings
         reasons = []
         if pooled.n < settings.min_n:
             reasons.append(f"n={pooled.n} < {settings.min_n}")
-        if pooled.r2 < settings.min_r2:
-            reasons.append(f"R²={pooled.r2:.3f} < {settings.min_r2}")
+        if pooled.r2 < settings.min_r2 and pooled.rel_rmse > settings.max_rel_rmse:
+            reasons.append(
+                f"R²={pooled.r2:.3f} < {settings.min_r2} and residual {100 * pooled.rel_rmse:.1f}% of the mean "
+                f"error > {100 * settings.max_rel_rmse:.0f}%"
+            )
         layers[name] = LayerFit(name, block, pooled, per, trusted=not reasons, reason="; ".join(reasons))
     return FitResult(
         fit_id=fit_id or f"fit-{uuid.uuid4().hex[:12]}",

@@ -23,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--min-r2", type=float, default=_D.min_r2, help=f"trust threshold on R² (default {_D.min_r2})")
     parser.add_argument(
+        "--max-rel-rmse",
+        type=float,
+        default=_D.max_rel_rmse,
+        help="also trust a low-R² predictor whose residual RMSE is at most this fraction of the mean error "
+        f"(default {_D.max_rel_rmse})",
+    )
+    parser.add_argument(
         "--min-n", type=int, default=_D.min_n, help=f"trust threshold on the number of pairs (default {_D.min_n})"
     )
     parser.add_argument(
@@ -44,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from sixbit_tune.store import Store
 
     settings = FitSettings(
-        min_r2=args.min_r2, min_n=args.min_n, pooling=args.pooling, untrusted_mode=args.untrusted_mode
+        min_r2=args.min_r2, min_n=args.min_n, max_rel_rmse=args.max_rel_rmse, pooling=args.pooling, untrusted_mode=args.untrusted_mode
     )
     with Store.open(args.store) as store:
         result = fit_store(store, args.runs, settings)

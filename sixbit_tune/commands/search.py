@@ -1,17 +1,89 @@
-"""``sixbit-tune search``."""
+"""``sixbit-tune search``: the Optuna multi-objective policy search (see :mod:`sixbit_tune.search.study`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from sixbit_tune.errors import NotBuiltYet
+from sixbit_tune.search.config import SearchConfig
 
 HELP = "Optuna search over the DMPQ threshold and TDC knobs against measured latency, memory and quality."
 
+_D = SearchConfig(store="", model="")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--store", required=True, help="store folder with a profile and a fit")
+    parser.add_argument("--model", required=True, help="model spec (as profiled): reference, tiny:<family>, ...")
+    parser.add_argument("--trials", type=int, default=_D.trials, help=f"total trials of the study (default {_D.trials})")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: an RDB URL (postgresql://user@host/db) for several hosts, or a journal file path "
+        "(default <store>/optuna.journal)",
+    )
+    parser.add_argument("--study", default=None, help="study name (default search-<model>-<device>)")
+    parser.add_argument(
+        "--workers", type=int, default=_D.workers, help="worker processes on this host (one per GPU when on GPUs)"
+    )
+    parser.add_argument("--seed", type=int, default=_D.seed, help=f"TPE sampler seed (default {_D.seed})")
+    parser.add_argument(
+        "--quality-floor",
+        type=float,
+        default=_D.quality_floor_db,
+        help=f"constraint: mean PSNR (dB) against the unquantized output (default {_D.quality_floor_db})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=_D.repeats, help=f"timed generations per prompt (default {_D.repeats})"
+    )
+    parser.add_argument(
+        "--warmup-runs", type=int, default=_D.warmup_runs, help=f"untimed generations per trial (default {_D.warmup_runs})"
+    )
+    parser.add_argument(
+        "--prompt", dest="prompts", action="append", default=None, help="prompt (repeatable; default: the profile's)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
+    parser.add_argument(
+        "--memory-budget",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="fail trials whose measured memory exceeds this (out-of-memory)",
+    )
+    parser.add_argument("--fit", dest="fit_id", default=None, help="fit id (default: the store's latest fit)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> SearchConfig:
+    return SearchConfig(
+        store=args.store,
+        model=args.model,
+        trials=args.trials,
+        study=args.study,
+        storage=args.storage,
+        workers=args.workers,
+        seed=args.seed,
+        prompts=tuple(args.prompts) if args.prompts else None,
+        steps=args.steps,
+        quality_floor_db=args.quality_floor,
+        repeats=args.repeats,
+        warmup_runs=args.warmup_runs,
+        memory_budget_bytes=args.memory_budget,
+        fit_id=args.fit_id,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotBuiltYet("`sixbit-tune search` lands with issue #7")
+    from sixbit_tune.search.study import run_search, summarize
+
+    config = config_from_args(args)
+    study = run_search(config)
+    print(summarize(study))
+    print(
+        f"export a trial with: sixbit-tune export --store {config.store} --study {config.study_name} "
+        f"--trial N --out policies/NAME.json"
+        + (f" --storage {config.storage}" if config.storage else "")
+    )
+    return 0

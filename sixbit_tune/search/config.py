@@ -1,0 +1,162 @@
+"""Settings of a search: one JSON-serializable dataclass shared by the CLI, the Python API and worker processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sixbit_tune.search.quality import GenerationSettings
+
+#: Prompts used when neither the caller nor the profile run names any (the reference model's grammar).
+DEFAULT_PROMPTS = (
+    "a red square moving left on a striped background",
+    "a blue circle moving right on a checkered background",
+    "a green triangle moving up on a plain background",
+)
+
+#: Objectives, in Optuna's order, and their directions.
+OBJECTIVES = ("latency_ms", "memory_bytes", "psnr_db")
+DIRECTIONS = ("minimize", "minimize", "maximize")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search (and each of its worker processes) needs.
+
+    Attributes:
+        store: the store folder (profile, fit; trials are mirrored here; references cached in ``references/``).
+        model: model spec (``reference``, ``tiny:<family>``, a folder or repo id).
+        trials: total number of trials of the study (enqueued reference trials included); a resumed study runs
+            only the missing ones.
+        study: study name (default ``search-<model>-<device>``).
+        storage: Optuna storage: an RDB URL (``postgresql://...``, ``sqlite:///...``) or a journal file path
+            (default ``<store>/optuna.journal``).
+        workers: processes on this host, each running trials of the same study (one per GPU when there are GPUs).
+        seed: TPE sampler seed (worker ``i`` uses ``seed + i``).
+        prompts: prompts every trial generates (default: the profile run's prompts, else :data:`DEFAULT_PROMPTS`).
+        seeds: generation seed per prompt (cycled).
+        generation: pipeline settings (default: the profile run's steps/size/guidance).
+        steps: denoising steps, overriding the profile's (when ``generation`` is not given).
+        quality_floor_db: constraint: mean PSNR against the unquantized output must be at least this.
+        repeats: timed generations per prompt (the latency is their median).
+        warmup_runs: untimed generations before the timed ones, per trial.
+        memory_budget_bytes: a trial whose measured memory exceeds this fails as out-of-memory (on a GPU through
+            torch's own allocator limit; on the CPU checked after the measurement).
+        fit_id: predictors to use (default: the store's latest fit).
+        device: ``cpu`` or ``cuda`` (default: cuda when available).
+        startup_trials: TPE random startup trials (default ``max(3, trials // 4)``).
+        progress: show a tqdm bar.
+        reference_corners: enqueue the corner policies (static INT8, static NVFP4, DMPQ without cache).
+    """
+
+    store: str
+    model: str
+    trials: int = 20
+    study: str | None = None
+    storage: str | None = None
+    workers: int = 1
+    seed: int = 0
+    prompts: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = (0,)
+    generation: GenerationSettings | None = None
+    steps: int | None = None
+    quality_floor_db: float = 30.0
+    repeats: int = 3
+    warmup_runs: int = 1
+    memory_budget_bytes: int | None = None
+    fit_id: str | None = None
+    device: str | None = None
+    startup_trials: int | None = None
+    progress: bool = True
+    reference_corners: bool = True
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.warmup_runs < 0:
+            raise ValueError(f"warmup_runs must be >= 0, got {self.warmup_runs}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if not math.isfinite(self.quality_floor_db):
+            raise ValueError(f"quality_floor_db must be finite, got {self.quality_floor_db}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+            if not self.prompts:
+                raise ValueError("prompts must not be empty")
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device is not None:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def study_name(self) -> str:
+        return self.study or default_study_name(self.model, self.resolved_device)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or str(Path(self.store).absolute() / "optuna.journal")
+
+    @property
+    def n_startup(self) -> int:
+        return self.startup_trials if self.startup_trials is not None else max(3, self.trials // 4)
+
+    def replace(self, **kw) -> SearchConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SearchConfig:
+        d = json.loads(text)
+        if d.get("generation") is not None:
+            d["generation"] = GenerationSettings(**d["generation"])
+        for k in ("prompts", "seeds"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def default_study_name(model: str, device: str) -> str:
+    return "search-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{device}").strip("-")
+
+
+@dataclass
+class TrialFigures:
+    """What one trial measured."""
+
+    latency_ms: float
+    memory_bytes: int
+    peak_memory_bytes: int | None
+    weight_bytes: int
+    cache_bytes: int
+    psnr_db: float
+    ssim: float | None
+    latent_rel_l2: float
+    psnr_min_db: float
+    lpips: float | None
+    nvfp4_share: float | None
+    skip_share: float | None
+    execution: dict = field(default_factory=dict)
+    latencies_ms: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,251 @@
+"""One search worker's view of the world: the pipeline, the predictors, the references; measuring one policy.
+
+:class:`SearchContext` is built once per worker process. :meth:`SearchContext.measure` applies a policy to the
+pipeline, generates every (prompt, seed), measures latency, memory and quality, and removes the policy again.
+
+Latency: every generation is timed — with CUDA events on a GPU (after a synchronize), with the wall clock on the
+CPU — after one untimed warm-up generation; the figure is the median over prompts × repeats.
+
+Memory: on a GPU, the peak of ``torch.cuda.max_memory_allocated`` over the timed generations (weights in every
+encoding the policy keeps, the Temporal Delta Cache and activations). On the CPU there is no allocator peak, so the
+memory objective is the bytes the policy controls: the in-block linear weights in the encodings kept (a dynamic
+layer keeps both) plus the cache's peak (both from the runtime's statistics). ``peak_memory_bytes`` is then None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.search.config import SearchConfig, TrialFigures
+from sixbit_tune.search.quality import Generation, GenerationSettings, ReferenceCache, compare, generate
+
+#: Reference trials (the corners of the policy space), enqueued before TPE samples anything.
+CORNERS = ("static_int8", "static_nvfp4", "dmpq_no_cache")
+
+#: Exceptions that fail a trial and let the study go on (anything else stops the worker: it is a bug).
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, NonFiniteError)
+
+
+def memory_metric(device: str) -> str:
+    return "cuda_max_memory_allocated" if device == "cuda" else "linear_weights_plus_cache_bytes"
+
+
+def _is_cpu_oom(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+@dataclass
+class Baseline:
+    """The unquantized pipeline's figures (for speedups)."""
+
+    latency_ms: float
+    memory_bytes: int
+    peak_memory_bytes: int | None
+    weight_bytes: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SearchContext:
+    """Pipeline + predictors + references of one worker.
+
+    Args:
+        config: the search settings.
+        pipe: an already loaded pipeline (default: ``load_pipeline(config.model)`` on the config's device).
+        generation: generation settings (default: the config's, else the profile run's, else the defaults).
+    """
+
+    def __init__(self, config: SearchConfig, pipe=None, store=None):
+        from sixbit_tune.models.adapters import get_adapter
+        from sixbit_tune.predictor import read_predictors
+        from sixbit_tune.store import Store
+
+        self.config = config
+        self.device = config.resolved_device
+        self.store = store if store is not None else Store.open(config.store)
+        self.predictors = read_predictors(self.store, config.fit_id)
+        profile = self.store.runs(run_ids=self.predictors.run_ids)
+        self.profile_settings = _json(profile["settings"].iloc[-1]) if len(profile) else {}
+        self.generation = config.generation or GenerationSettings.for_model(
+            config.model, self.profile_settings, steps=config.steps
+        )
+        self.prompts = list(config.prompts or self.profile_settings.get("prompts") or _default_prompts())
+        self.cases = [(p, config.seeds[i % len(config.seeds)]) for i, p in enumerate(self.prompts)]
+        if pipe is None:
+            from sixbit_tune.models.specs import load_pipeline
+
+            dtype = torch.bfloat16 if self.device == "cuda" else None
+            pipe = load_pipeline(config.model, device=self.device, dtype=dtype)
+        self.pipe = pipe
+        self.adapter = get_adapter(pipe)
+        self.model_id = {
+            "spec": config.model,
+            "class": type(self.adapter.transformer).__name__,
+            "config_hash": self.adapter.config_hash(),
+        }
+        self.references = ReferenceCache(_store_path(self.store) / "references", self.model_id)
+        self._refs: dict[tuple[str, int], Generation] = {}
+        if self.device == "cuda" and config.memory_budget_bytes:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, config.memory_budget_bytes / total))
+
+    # ------------------------------------------------------------------------------------------- references
+    def reference(self, prompt: str, seed: int) -> Generation:
+        key = (prompt, seed)
+        if key not in self._refs:
+            self._refs[key] = self.references.get(self.pipe, prompt, seed, self.generation)
+        return self._refs[key]
+
+    def ensure_references(self) -> None:
+        for p, s in self.cases:
+            self.reference(p, s)
+
+    # ------------------------------------------------------------------------------------------- policies
+    def build_policy(self, params: dict, corner: str | None = None):
+        """The policy of one trial: DMPQ at τ (untrusted layers static) and TDC from the window knobs; a corner
+        (:data:`CORNERS`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache."""
+        from sixbit_tune.search.policies import build_policy
+
+        return build_policy(self, params, corner)
+
+    # ------------------------------------------------------------------------------------------- measuring
+    def _timed_generate(self, prompt: str, seed: int) -> tuple[Generation, float]:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            gen = generate(self.pipe, prompt, seed, self.generation)
+            end.record()
+            torch.cuda.synchronize()
+            return gen, float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        gen = generate(self.pipe, prompt, seed, self.generation)
+        return gen, (time.perf_counter() - t0) * 1e3
+
+    def measure_baseline(self) -> Baseline:
+        """Latency and memory of the pipeline with no policy (references are generated first)."""
+        self.ensure_references()
+        times, peak = self._run_cases(outputs=None)
+        weight = sum(
+            lin.weight.numel() * lin.weight.element_size() for lin in self.adapter.all_linears().values()
+        )
+        mem = peak if peak is not None else weight
+        return Baseline(statistics.median(times), int(mem), peak, int(weight))
+
+    def _run_cases(self, outputs: dict | None, on_output=None) -> tuple[list[float], int | None]:
+        cfg = self.config
+        for _ in range(cfg.warmup_runs):  # untimed
+            generate(self.pipe, self.cases[0][0], self.cases[0][1], self.generation)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for prompt, seed in self.cases:
+            for r in range(cfg.repeats):
+                gen, ms = self._timed_generate(prompt, seed)
+                times.append(ms)
+                if r == 0 and outputs is not None:
+                    outputs[(prompt, seed)] = gen
+                    if on_output is not None:
+                        on_output()
+        peak = int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
+        return times, peak
+
+    def measure(self, policy) -> tuple[TrialFigures, Any]:
+        """Apply ``policy``, generate every case, measure, remove the policy. Returns (figures, last RunStats).
+
+        Raises:
+            torch.OutOfMemoryError: out of memory (also: a CPU allocation failure, or the memory budget exceeded).
+            NonFiniteError: a generated video or latents with NaN/Inf.
+        """
+        from sixbit_tune.runtime import apply_policy
+
+        cfg = self.config
+        self.ensure_references()
+        handle = apply_policy(self.pipe, policy)
+        counts = {"nvfp4": 0, "layer": 0, "skipped": 0, "blocks": 0}
+        last: dict[str, Any] = {}
+
+        def collect():
+            st = handle.stats()
+            if st is None:
+                return
+            last["stats"] = st
+            counts["nvfp4"] += st.layer_calls.get("nvfp4", 0)
+            counts["layer"] += sum(st.layer_calls.values())
+            counts["skipped"] += st.skipped_blocks
+            counts["blocks"] += st.block_calls
+
+        outputs: dict[tuple[str, int], Generation] = {}
+        try:
+            times, peak = self._run_cases(outputs, on_output=collect)
+        except RuntimeError as e:
+            if _is_cpu_oom(e) and not isinstance(e, torch.OutOfMemoryError):
+                raise torch.OutOfMemoryError(str(e)) from e
+            raise
+        finally:
+            handle.remove()
+            if self.device == "cuda":
+                gc.collect()
+                torch.cuda.empty_cache()
+        stats = last.get("stats")
+        weight = int(sum(stats.weight_bytes.values())) if stats is not None else 0
+        cache = int(stats.cache_bytes) if stats is not None else 0
+        memory = peak if peak is not None else weight + cache
+        if cfg.memory_budget_bytes is not None and memory > cfg.memory_budget_bytes:
+            raise torch.OutOfMemoryError(
+                f"measured memory {memory} bytes ({memory_metric(self.device)}) exceeds the memory budget "
+                f"{cfg.memory_budget_bytes} bytes"
+            )
+        qs = [compare(outputs[c], self.reference(*c)) for c in self.cases]
+        psnrs = [q["psnr_db"] for q in qs]
+        ssims = [q["ssim"] for q in qs if q["ssim"] is not None and math.isfinite(q["ssim"])]
+        lp = [q["lpips"] for q in qs if q["lpips"] is not None]
+        figures = TrialFigures(
+            latency_ms=float(statistics.median(times)),
+            memory_bytes=int(memory),
+            peak_memory_bytes=peak,
+            weight_bytes=weight,
+            cache_bytes=cache,
+            psnr_db=float(statistics.fmean(psnrs)),
+            ssim=float(statistics.fmean(ssims)) if ssims else None,
+            latent_rel_l2=float(statistics.fmean(q["latent_rel_l2"] for q in qs)),
+            psnr_min_db=float(min(psnrs)),
+            lpips=float(statistics.fmean(lp)) if lp else None,
+            nvfp4_share=counts["nvfp4"] / counts["layer"] if counts["layer"] else None,
+            skip_share=counts["skipped"] / counts["blocks"] if counts["blocks"] else None,
+            execution=dict(stats.execution) if stats is not None else {},
+            latencies_ms=[float(t) for t in times],
+        )
+        return figures, stats
+
+
+def _default_prompts():
+    from sixbit_tune.search.config import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS
+
+
+def _json(v) -> dict:
+    import json
+
+    if v is None:
+        return {}
+    if isinstance(v, str):
+        return json.loads(v)
+    return dict(v)
+
+
+def _store_path(store):
+    return store.path

@@ -1,0 +1,404 @@
+"""The Optuna study: storages, creation and resumption, the objective, workers, mirroring into the store.
+
+Storages (DESIGN §9): a journal file (``JournalStorage(JournalFileBackend(path))``, default
+``<store>/optuna.journal``) for several processes on one host; an RDB URL (``postgresql://...``) for several hosts.
+
+Trials. The objectives are (latency_ms ↓, memory_bytes ↓, psnr_db ↑) with one constraint,
+``quality_floor_db − psnr_db ≤ 0``. The corner policies (:data:`~sixbit_tune.search.runner.CORNERS`) are
+enqueued when the study is created, marked by ``user_attrs["reference"]``. Every trial is mirrored into the
+store's ``trials`` table: RUNNING when it starts, then COMPLETE or FAIL (with its reason). Out-of-memory and
+non-finite quality fail the trial and the study goes on; any other exception stops the worker.
+
+Trial count. ``trials`` is the study's total. Each worker runs trials while the study holds fewer than that.
+``--workers N`` on one host splits the missing trials into exact per-worker quotas, so the total is exact. Several
+independent ``search`` commands on one RDB study (several hosts) may overshoot by at most one trial per extra host:
+a trial numbered beyond the total is pruned at once (state PRUNED, ``user_attrs["surplus"]``).
+
+Resumption. A study is created with ``load_if_exists``. Its search space and settings are kept in the study's
+user attributes at creation and must match on resume (else: a clear error asking for another ``--study``). A trial
+left RUNNING by a process that died is marked FAIL before new trials start: on this host when its recorded pid is
+gone; on an RDB storage also through Optuna's heartbeat (``fail_stale_trials``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from sixbit_tune.search.config import DIRECTIONS, OBJECTIVES, SearchConfig
+from sixbit_tune.search.runner import CORNERS, TRIAL_FAILURES, SearchContext, memory_metric
+from sixbit_tune.search.space import SearchSpace, derive_space, profile_quantiles
+
+HEARTBEAT_S = 20
+GRACE_S = 60
+#: Keys of the study's user attributes that must agree when a study is resumed.
+_FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device")
+
+
+# ----------------------------------------------------------------------------------------------- storages
+def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
+    """An RDB storage for a URL (``scheme://...``), else a journal file storage at that path."""
+    if "://" in url_or_path:
+        return optuna.storages.RDBStorage(
+            url_or_path, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, engine_kwargs={"pool_pre_ping": True}
+        )
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    path = Path(url_or_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(config: SearchConfig, worker: int = 0) -> optuna.samplers.TPESampler:
+    """Seeded multi-objective TPE (constraints come from ``trial.set_constraint``)."""
+    return optuna.samplers.TPESampler(
+        seed=config.seed + worker, n_startup_trials=config.n_startup, multivariate=True, constant_liar=True
+    )
+
+
+def study_attrs(config: SearchConfig, ctx: SearchContext, space: SearchSpace) -> dict:
+    return {
+        "space": space.to_dict(),
+        "quality_floor_db": config.quality_floor_db,
+        "generation": ctx.generation.to_dict(),
+        "prompts": list(ctx.prompts),
+        "seeds": list(config.seeds),
+        "fit_id": ctx.predictors.fit_id,
+        "profile_runs": list(ctx.predictors.run_ids),
+        "model": config.model,
+        "device": ctx.device,
+        "memory_metric": memory_metric(ctx.device),
+        "objectives": list(OBJECTIVES),
+        "sampler": {"name": "TPESampler", "seed": config.seed, "n_startup_trials": config.n_startup},
+        "trials": config.trials,
+    }
+
+
+def create_or_load(config: SearchConfig, ctx: SearchContext, worker: int = 0) -> optuna.Study:
+    """Create the study (space from the profile, corners enqueued, baseline measured) or load it and check it."""
+    storage = open_storage(config.storage_url)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=config.study_name,
+        directions=list(DIRECTIONS),
+        sampler=make_sampler(config, worker),
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    if "space" not in attrs:
+        tau_q, delta_q = profile_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
+        space = derive_space(tau_q, delta_q, ctx.generation.steps)
+        for k, v in study_attrs(config, ctx, space).items():
+            study.set_user_attr(k, v)
+        study.set_metric_names(list(OBJECTIVES))
+        if config.reference_corners:
+            mid = 0.5 * (space.tau_low + space.tau_high)
+            taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": mid}
+            for corner in CORNERS:
+                study.enqueue_trial(space.corner(taus[corner], 0.0), user_attrs={"reference": corner})
+    else:
+        mine = study_attrs(config, ctx, SearchSpace.from_dict(attrs["space"]))
+        diffs = [k for k in _FROZEN_KEYS if k != "space" and _norm(attrs.get(k)) != _norm(mine.get(k))]
+        if diffs:
+            detail = "; ".join(f"{k}: study {attrs.get(k)!r} vs now {mine.get(k)!r}" for k in diffs)
+            raise ValueError(
+                f"study {config.study_name!r} in {config.storage_url} was created with other settings ({detail}); "
+                "resume it with the same settings or pass another --study"
+            )
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr("baseline", ctx.measure_baseline().to_dict())
+    return study
+
+
+def _norm(v):
+    return json.loads(json.dumps(v, sort_keys=True)) if v is not None else None
+
+
+# ----------------------------------------------------------------------------------------------- stale trials
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study: optuna.Study, writer=None) -> list[int]:
+    """Mark FAIL every RUNNING trial whose worker died (same host: pid gone; RDB: stale heartbeat)."""
+    failed = []
+    storage = study._storage
+    if isinstance(storage, optuna.storages.RDBStorage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        failed += sorted(before - after)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        w = t.user_attrs.get("worker") or {}
+        if w.get("host") == host and isinstance(w.get("pid"), int) and w["pid"] != os.getpid() and not _pid_alive(
+            w["pid"]
+        ):
+            reason = f"worker process {w['pid']} on {host} died while the trial was running"
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
+                failed.append(t.number)
+    if writer is not None:
+        for t in study.get_trials(deepcopy=False):
+            if t.number in failed:
+                writer.write_trial(
+                    study.study_name,
+                    t.number,
+                    state="FAIL",
+                    params=t.params,
+                    fail_reason=t.user_attrs.get("fail_reason") or "worker died (stale heartbeat)",
+                )
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------- objective
+class Objective:
+    """Optuna objective of one worker: build, apply, measure, mirror."""
+
+    def __init__(self, config: SearchConfig, ctx: SearchContext, study: optuna.Study, writer):
+        self.config = config
+        self.ctx = ctx
+        self.space = SearchSpace.from_dict(study.user_attrs["space"])
+        self.baseline = study.user_attrs.get("baseline") or {}
+        self.floor = float(study.user_attrs["quality_floor_db"])
+        self.study_name = study.study_name
+        self.writer = writer
+        self.total = config.trials
+
+    def __call__(self, trial: optuna.Trial):
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        params = self.space.suggest(trial)
+        if trial.number >= self.total:
+            trial.set_user_attr("surplus", True)
+            raise optuna.TrialPruned(f"trial {trial.number} is beyond the study's {self.total} trials")
+        corner = trial.user_attrs.get("reference")
+        w = self.writer
+        w.write_trial(self.study_name, trial.number, state="RUNNING", params=params)
+        try:
+            policy = self.ctx.build_policy(params, corner)
+            figures, _stats = self.ctx.measure(policy)
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"[:2000]
+            trial.set_user_attr("fail_reason", reason)
+            w.write_trial(self.study_name, trial.number, state="FAIL", params=params, fail_reason=reason)
+            raise
+        base = self.baseline.get("latency_ms")
+        speedup = base / figures.latency_ms if base and figures.latency_ms > 0 else None
+        feasible_gap = self.floor - figures.psnr_db
+        trial.set_constraint("quality_floor", feasible_gap)
+        d = figures.to_dict()
+        d["speedup"] = speedup
+        trial.set_user_attr("figures", d)
+        trial.set_user_attr("policy", policy.to_dict())
+        w.write_trial(
+            self.study_name,
+            trial.number,
+            state="COMPLETE",
+            params=params,
+            latency_ms=figures.latency_ms,
+            speedup=speedup,
+            peak_memory_bytes=figures.peak_memory_bytes,
+            weight_bytes=figures.weight_bytes,
+            cache_bytes=figures.cache_bytes,
+            psnr_db=figures.psnr_db,
+            ssim=figures.ssim,
+            quality={
+                "latent_rel_l2": figures.latent_rel_l2,
+                "psnr_min_db": figures.psnr_min_db,
+                "lpips": figures.lpips,
+                "memory_bytes": figures.memory_bytes,
+                "memory_metric": memory_metric(self.ctx.device),
+                "feasible": feasible_gap <= 0,
+                "quality_floor_db": self.floor,
+                "reference": corner,
+                "latencies_ms": figures.latencies_ms,
+            },
+            skip_share=figures.skip_share,
+            nvfp4_share=figures.nvfp4_share,
+            gpu=policy.target.gpu,
+            nvfp4_path=policy.target.nvfp4_path,
+            kernel_path=json.dumps(figures.execution, sort_keys=True) if figures.execution else None,
+            policy=policy.to_dict(),
+        )
+        return figures.latency_ms, float(figures.memory_bytes), figures.psnr_db
+
+
+def count_trials(study: optuna.Study) -> int:
+    """Trials that ran or run (enqueued WAITING trials are not counted: they are yet to run)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
+                                                        TrialState.RUNNING)))
+
+
+def pareto_size(study: optuna.Study) -> int:
+    try:
+        return len(study.best_trials)
+    except (ValueError, RuntimeError):
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------- running
+def run_worker(
+    config: SearchConfig, quota: int | None = None, worker: int = 0, pipe=None, store=None, bar=None, ctx=None
+):
+    """Run trials of the study in this process until it holds ``config.trials`` (or ``quota`` trials ran)."""
+    ctx = ctx or SearchContext(config, pipe=pipe, store=store)
+    study = create_or_load(config, ctx, worker)
+    writer = ctx.store.writer(worker_id=f"{socket.gethostname()}-{os.getpid()}-w{worker}")
+    objective = Objective(config, ctx, study, writer)
+    ran = 0
+    while quota is None or ran < quota:
+        if count_trials(study) >= config.trials:
+            break
+        study.optimize(objective, n_trials=1, catch=TRIAL_FAILURES)
+        ran += 1
+        if bar is not None:
+            bar.n = min(count_trials(study), config.trials)
+            bar.set_postfix(pareto=pareto_size(study))
+            bar.refresh()
+    return study
+
+
+def prepare(config: SearchConfig, pipe=None, store=None) -> tuple[optuna.Study, SearchContext, list[int]]:
+    """Create or load the study, fail dead trials, make sure references and the baseline exist."""
+    ctx = SearchContext(config, pipe=pipe, store=store)
+    study = create_or_load(config, ctx)
+    failed = fail_dead_trials(study, ctx.store.writer(worker_id=f"{socket.gethostname()}-{os.getpid()}-coord"))
+    ctx.ensure_references()
+    return study, ctx, failed
+
+
+def run_search(config: SearchConfig, pipe=None, store=None, log=print) -> optuna.Study:
+    """The whole search: prepare, then run the missing trials in this process or in ``config.workers`` workers.
+
+    Returns:
+        The study (reload it for the latest state when workers ran it).
+    """
+    study, ctx, failed = prepare(config, pipe=pipe, store=store)
+    if failed:
+        log(f"marked {len(failed)} trial(s) of dead workers FAIL: {failed}")
+    have = count_trials(study)
+    missing = max(0, config.trials - have)
+    log(
+        f"study {config.study_name!r} ({config.storage_url}): {have} trial(s) present, {missing} to run, "
+        f"{config.workers} worker(s), device {ctx.device}"
+    )
+    bar = _bar(config, have)
+    try:
+        if missing == 0:
+            pass
+        elif config.workers == 1:
+            run_worker(config, quota=missing, bar=bar, ctx=ctx)
+        else:
+            run_workers(config, missing, study, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return optuna.load_study(study_name=config.study_name, storage=open_storage(config.storage_url))
+
+
+def _bar(config: SearchConfig, initial: int):
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=config.trials, initial=min(initial, config.trials), desc="trials", unit="trial", file=sys.stderr)
+
+
+def quotas(missing: int, workers: int) -> list[int]:
+    base, extra = divmod(missing, workers)
+    return [base + (1 if i < extra else 0) for i in range(workers)]
+
+
+def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=None) -> None:
+    """Spawn one process per worker (``python -m sixbit_tune.search.worker``), pinning a GPU each when any."""
+    import torch
+
+    n_gpus = torch.cuda.device_count() if config.resolved_device == "cuda" else 0
+    procs = []
+    for i, q in enumerate(quotas(missing, config.workers)):
+        if q == 0:
+            continue
+        env = dict(os.environ)
+        if n_gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(k) for k in range(n_gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
+        cmd = [sys.executable, "-m", "sixbit_tune.search.worker", "--config", config.replace(progress=False).to_json(),
+               "--quota", str(q), "--worker", str(i)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(1.0)
+            if bar is not None:
+                bar.n = min(count_trials(study), config.trials)
+                bar.set_postfix(pareto=pareto_size(study))
+                bar.refresh()
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        raise
+    bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise RuntimeError(f"search worker(s) exited with errors: {bad}")
+
+
+# ----------------------------------------------------------------------------------------------- results
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and all(v <= 0 for v in (trial.constraints or {}).values())
+
+
+def summarize(study: optuna.Study) -> str:
+    """A table of the reference trials and the feasible Pareto front."""
+    floor = study.user_attrs.get("quality_floor_db")
+    rows = []
+    trials = study.get_trials(deepcopy=False)
+    best = {t.number for t in study.best_trials} if trials else set()
+    for t in trials:
+        if t.user_attrs.get("reference") or t.number in best:
+            rows.append(t)
+    counts = {s.name: sum(1 for t in trials if t.state == s) for s in TrialState}
+    lines = [
+        f"study {study.study_name}: {len(trials)} trials "
+        + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        + f"; quality floor PSNR >= {floor} dB; Pareto front (feasible) {len(best)}",
+        f"{'#':>4} {'kind':<14} {'latency ms':>10} {'memory':>10} {'PSNR dB':>8} {'NVFP4':>6} {'skip':>6} feasible",
+    ]
+    for t in rows:
+        f = t.user_attrs.get("figures") or {}
+        kind = t.user_attrs.get("reference") or "pareto"
+        lines.append(
+            f"{t.number:>4} {kind:<14} {_fmt(f.get('latency_ms'), '.1f'):>10} {_bytes(f.get('memory_bytes')):>10} "
+            f"{_fmt(f.get('psnr_db'), '.2f'):>8} {_pct(f.get('nvfp4_share')):>6} {_pct(f.get('skip_share')):>6} "
+            f"{'yes' if feasible(t) else ('FAIL' if t.state == TrialState.FAIL else 'no')}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(v, spec) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _bytes(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 2**20:.2f}M" if v >= 2**20 else f"{v / 2**10:.1f}K"
