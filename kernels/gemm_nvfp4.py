@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ._triton_support import interpreting
+from .gemm_int8 import autotune_bench, store_rounded
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -122,11 +123,11 @@ def _nvfp4_gemm_body(
     if HAS_BIAS:
         out = out + tl.load(bias_ptr + on, mask=mn, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + om[:, None].to(tl.int64) * stride_cm + on[None, :]
-    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+    store_rounded(c_ptrs, out, mm[:, None] & mn[None, :], c_ptr.dtype.element_ty)
 
 
 _nvfp4_gemm_kernel = triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS"]
+    configs=_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS"], do_bench=autotune_bench
 )(_nvfp4_gemm_body)
 
 

@@ -181,7 +181,7 @@ def _amax_bits(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     out = torch.zeros((1,), dtype=torch.int32, device=x.device)
     if n:
-        block = 1024 if interpreting() else 4096
+        block = 16384 if interpreting() else 4096
         iters = 1 if interpreting() else max(1, min(64, triton.cdiv(n, block * 132 * 4)))
         _amax_bits_kernel[(triton.cdiv(n, block * iters),)](
             x, out, n, BLOCK=block, ITERS=iters, num_warps=1 if interpreting() else 8
@@ -208,8 +208,8 @@ def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: b
     gs = torch.ones((1,), dtype=torch.float32, device=dev)
     deq = torch.empty((M, K), dtype=torch.bfloat16, device=dev) if write_dequant else data
     if M:
-        block_k = min(256, triton.next_power_of_2(K))
-        rows = 16 if interpreting() else max(1, 4096 // block_k)
+        block_k = min(1024 if interpreting() else 256, triton.next_power_of_2(K))
+        rows = 32 if interpreting() else max(1, 4096 // block_k)
         grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k))
         _nvfp4_block_kernel[grid](
             x, amax_bits, data, scales, deq, gs, M, K, x.stride(0),

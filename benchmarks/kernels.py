@@ -1,0 +1,345 @@
+"""Quantized GEMM and quantizer benchmark on the DiT linear shapes, correctness first (run on the H200).
+
+    python benchmarks/kernels.py --out DIR [--shapes all|key] [--variants all|main]
+
+For each linear shape of CogVideoX-2B/5B (49 frames 480x720, CFG batch 2: 35,552 tokens) and Wan 2.1 1.3B/14B
+(81 frames 480x832, CFG batch 2: 65,520 tokens) it first checks our kernels against sixbit_tune.formats (whole
+tensors for the quantizers, sampled rows for the GEMMs), then times, with CUDA events (median of repeats after
+warm-up, autotuning done in the warm-up): cuBLAS bf16 ``F.linear`` (with bias), ``torch._scaled_mm`` FP8 row-wise,
+``torch._int_mm`` (int32 out, no epilogue), our INT8 GEMM (with scales + bias epilogue) alone and with the
+activation quantizer, our NVFP4 GEMM with its activation quantizer, and the quantizers alone (GB/s counting each
+input byte read once and each output byte written once). Writes kernels.json and kernels.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sixbit_tune.formats import int8, nvfp4  # noqa: E402
+
+COG_TOKENS = 2 * 17_776  # 2 x (13 latent frames x 60 x 90 / 4 patches + 226 text) = 35,552
+WAN_TOKENS = 2 * 32_760  # 2 x 21 latent frames x 30 x 52 / ... = 65,520
+
+SHAPES = [
+    # model, layer, M, K, N
+    ("cogvideox-2b", "attn qkv/out", COG_TOKENS, 1920, 1920),
+    ("cogvideox-2b", "ff up", COG_TOKENS, 1920, 5120),
+    ("cogvideox-2b", "ff down", COG_TOKENS, 5120, 1920),
+    ("cogvideox-5b", "attn qkv/out", COG_TOKENS, 3072, 3072),
+    ("cogvideox-5b", "ff up", COG_TOKENS, 3072, 12288),
+    ("cogvideox-5b", "ff down", COG_TOKENS, 12288, 3072),
+    ("wan2.1-1.3b", "attn qkv/out", WAN_TOKENS, 1536, 1536),
+    ("wan2.1-1.3b", "ffn up", WAN_TOKENS, 1536, 8960),
+    ("wan2.1-1.3b", "ffn down", WAN_TOKENS, 8960, 1536),
+    ("wan2.1-14b", "attn qkv/out", WAN_TOKENS, 5120, 5120),
+    ("wan2.1-14b", "ffn up", WAN_TOKENS, 5120, 13824),
+    ("wan2.1-14b", "ffn down", WAN_TOKENS, 13824, 5120),
+]
+KEY_SHAPES = {("cogvideox-2b", "attn qkv/out"), ("cogvideox-5b", "ff up"), ("wan2.1-1.3b", "ffn up"),
+              ("wan2.1-14b", "ffn down")}
+
+
+DEVICE = "cuda"
+
+
+def cuda_time_ms(fn, min_reps=5, max_reps=50, target_ms=300.0, warmup=3):
+    """Median of per-call CUDA-event times after ``warmup`` calls (the first of which may autotune)."""
+    if DEVICE == "cpu":  # --smoke: the script's logic on CPU under the Triton interpreter, times meaningless
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3, []
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    reps = int(max(min_reps, min(max_reps, target_ms / max(s.elapsed_time(e), 1e-3))))
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times), times
+
+
+def check_shape(x, w, b, qw8, qw4, rows):
+    """Correctness of every kernel on this shape; returns a dict of facts (raises nothing, records failures)."""
+    from sixbit_tune.kernels.gemm_int8 import int8_gemm
+    from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_gemm_deq, nvfp4_gemm_packed
+    from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
+
+    out = {}
+    # Quantizers: whole tensors, bit for bit.
+    q, s = quantize_int8_rows(x)
+    rq, rs = int8.quantize(x)
+    out["int8_quant_bit_exact"] = bool(torch.equal(q, rq) and torch.equal(s, rs))
+    del rq, rs
+    data, scales, gs, _, _ = quantize_nvfp4(x)
+    ref4 = nvfp4.quantize(x)
+    out["nvfp4_quant_bit_exact"] = bool(
+        torch.equal(data, ref4.data)
+        and torch.equal(scales.view(torch.uint8), ref4.block_scales.view(torch.uint8))
+        and torch.equal(gs, ref4.global_scale)
+    )
+    _, _, gs2, deq, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
+    M, K = x.shape
+    codes = nvfp4.decode_e2m1(nvfp4.unpack_codes(ref4.data[rows])).reshape(len(rows), K // 16, 16)
+    expect = (codes * ref4.block_scales[rows].float()[..., None]).reshape(len(rows), K)
+    out["nvfp4_quant_deq_matches"] = bool(torch.equal(gs2, gs) and torch.equal(deq[rows].float(), expect))
+    # Weights, too (they go through the same kernels).
+    wq8, ws8 = quantize_int8_rows(w)
+    out["int8_weight_bit_exact"] = bool(torch.equal(wq8, qw8[0]) and torch.equal(ws8, qw8[1]))
+
+    # GEMMs on sampled rows, against the reference arithmetic on those rows.
+    xr = x[rows]
+    rq_rows = int8.quantize(xr)
+    acc = rq_rows[0].double() @ qw8[0].double().T
+    ref8 = acc.float() * (rq_rows[1][:, None] * qw8[1][None, :]) + b.float()
+    for variant in ("tma", "pointer"):
+        y = int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant=variant)[rows].float()
+        err = (y - ref8).abs()
+        out[f"int8_gemm_{variant}_max_err_over_2^-8_ref"] = float((err / (2.0**-8 * ref8.abs().clamp_min(1e-30))).max())
+        out[f"int8_gemm_{variant}_exact_share"] = float((y == ref8.to(torch.bfloat16).float()).float().mean())
+    xa_rows = nvfp4.quantize(xr, global_scale=ref4.global_scale)
+    ref4y = xa_rows.dequantize() @ qw4.dequantize().T + b.float()
+    mag = xa_rows.dequantize().abs() @ qw4.dequantize().abs().T
+    bound = x.shape[1] * 2.0**-23 * mag + 2.0**-8 * ref4y.abs()
+    for name, fn in nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4).items():
+        y = fn()[rows].float()
+        out[f"nvfp4_{name}_within_bound"] = bool(((y - ref4y).abs() <= bound).all())
+        out[f"nvfp4_{name}_rel_l2"] = float((y - ref4y).norm() / ref4y.norm())
+    return out
+
+
+def nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4, variants="all"):
+    def deq(swap):
+        def f():
+            _, _, gs, d, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
+            return nvfp4_gemm_deq(d, gs, qw4.data, qw4.block_scales, qw4.global_scale, b, torch.bfloat16, swap=swap)
+
+        return f
+
+    def packed(swap):
+        def f():
+            data, scales, gs, _, _ = quantize_nvfp4(x)
+            return nvfp4_gemm_packed(data, scales, gs, qw4.data, qw4.block_scales, qw4.global_scale, b,
+                                     torch.bfloat16, swap=swap)
+
+        return f
+
+    v = {"deq-swap": deq(True), "deq": deq(False)}
+    if variants == "all":
+        v.update({"packed": packed(False), "packed-swap": packed(True)})
+    return v
+
+
+def bench_shape(model, layer, M, K, N, variants):
+    from sixbit_tune.kernels import quantize_weight
+    from sixbit_tune.kernels.gemm_int8 import _int8_gemm_kernel, _int8_gemm_tma_kernel, int8_gemm
+    from sixbit_tune.kernels.gemm_nvfp4 import _nvfp4_gemm_kernel, nvfp4_gemm_deq, nvfp4_gemm_packed
+    from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
+
+    g = torch.Generator(device=DEVICE).manual_seed(M + 7 * K + 13 * N)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    x[:, :: max(1, K // 17)] *= 8.0  # a few outlier channels, as DiT activations have
+    w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
+    b = torch.randn(N, device=DEVICE, dtype=torch.bfloat16, generator=g) * 0.1
+    qw8 = quantize_weight(w, "int8", preference="reference")
+    qw4 = quantize_weight(w, "nvfp4", preference="reference")
+    rows = torch.cat([torch.tensor([0, M - 1]), torch.randint(0, M, (62,), generator=torch.Generator().manual_seed(M))])
+    rows = rows.to(DEVICE)
+    rec = {"model": model, "layer": layer, "M": M, "K": K, "N": N}
+    t0 = time.time()
+    try:
+        rec["check"] = check_shape(x, w, b, qw8, qw4, rows)
+    except Exception as exc:  # record and still time what runs
+        rec["check"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    rec["check_s"] = round(time.time() - t0, 2)
+
+    flops = 2.0 * M * N * K
+    res = {}
+
+    def timeit(name, fn):
+        try:
+            ms, _ = cuda_time_ms(fn)
+            res[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        except Exception as exc:  # record, keep going
+            res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+    timeit("cublas_bf16", lambda: F.linear(x, w, b))
+    # FP8 row-wise (operands quantized beforehand; GEMM + scales + bias in cuBLASLt).
+    try:
+        xs = x.float().abs().amax(dim=1, keepdim=True) / 448.0
+        ws = w.float().abs().amax(dim=1, keepdim=True) / 448.0
+        x8 = (x.float() / xs).to(torch.float8_e4m3fn)
+        w8 = (w.float() / ws).to(torch.float8_e4m3fn)
+        ws_t = ws.t().contiguous()
+        timeit("scaled_mm_fp8_rowwise", lambda: torch._scaled_mm(
+            x8, w8.t(), scale_a=xs, scale_b=ws_t, bias=b, out_dtype=torch.bfloat16, use_fast_accum=True))
+    except Exception as exc:
+        res["scaled_mm_fp8_rowwise"] = {"error": f"{type(exc).__name__}: {exc}"}
+    q, s = quantize_int8_rows(x)
+    wq_t = qw8[0].t()
+    timeit("torch_int_mm", lambda: torch._int_mm(q, wq_t))
+    timeit("int8_gemm_tma", lambda: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant="tma"))
+    if variants == "all":
+        timeit("int8_gemm_pointer", lambda: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant="pointer"))
+
+    def int8_full():
+        qq, ss = quantize_int8_rows(x)
+        return int8_gemm(qq, qw8[0], ss, qw8[1], b, torch.bfloat16)
+
+    timeit("int8_quant+gemm", int8_full)
+    for name, fn in nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4, variants).items():
+        timeit(f"nvfp4_{name}", fn)
+    # Quantizers alone.
+    qbytes = {
+        "quant_int8": (lambda: quantize_int8_rows(x), M * K * 2 + M * K + 4 * M),
+        "quant_nvfp4": (lambda: quantize_nvfp4(x), M * K * 2 + M * K // 2 + M * K // 16),
+        "quant_nvfp4_deq": (lambda: quantize_nvfp4(x, write_dequant=True, write_packed=False), M * K * 4),
+    }
+    for name, (fn, nbytes) in qbytes.items():
+        try:
+            ms, _ = cuda_time_ms(fn)
+            res[name] = {"ms": ms, "gbps": nbytes / ms / 1e6}
+        except Exception as exc:
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    base = res["cublas_bf16"].get("ms")
+    for v in res.values():
+        if "ms" in v and "tflops" in v and base:
+            v["speedup_vs_bf16"] = base / v["ms"]
+    rec["timings"] = res
+    configs = {}
+    for name, kern in (("int8_tma", _int8_gemm_tma_kernel), ("int8_pointer", _int8_gemm_kernel),
+                       ("nvfp4", _nvfp4_gemm_kernel)):
+        configs[name] = {str(k): str(c) for k, c in getattr(kern, "cache", {}).items()}
+    rec["autotune"] = configs
+    return rec
+
+
+def copy_bandwidth():
+    if DEVICE == "cpu":
+        return 0.0
+    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device=DEVICE)
+    bb = torch.empty_like(a)
+    ms, _ = cuda_time_ms(lambda: bb.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+def to_markdown(report):
+    lines = [
+        f"# Kernel benchmark: {report['gpu']}",
+        "",
+        f"torch {report['torch']}, triton {report['triton']}, date {report['date']}; copy bandwidth "
+        f"{report['copy_gbps']:.0f} GB/s (read + write).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Times are medians of CUDA-event timings after warm-up (ms); TFLOP/s = 2MNK/t; x = speed relative to "
+        "cuBLAS bf16 `F.linear` with bias. INT8 `+q` includes the activation quantizer; NVFP4 includes its "
+        "activation quantizer. Quantizer GB/s counts input read once + outputs written once.",
+        "",
+        "| model | layer | M | K | N | bf16 ms (TFLOP/s) | FP8 rowwise x | _int_mm x | INT8 gemm x | INT8 +q x "
+        "| NVFP4 x (best form) | q-int8 GB/s | q-nvfp4 GB/s | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["shapes"]:
+        t = r["timings"]
+
+        def sp(name, t=t):
+            v = t.get(name, {})
+            return f"{v['speedup_vs_bf16']:.2f}" if "speedup_vs_bf16" in v else "err"
+
+        nv = {k: v for k, v in t.items() if k.startswith("nvfp4_") and "ms" in v}
+        best = min(nv, key=lambda k: nv[k]["ms"]) if nv else None
+        nvs = f"{nv[best]['speedup_vs_bf16']:.2f} ({best[6:]})" if best else "err"
+        int8_best = max((k for k in ("int8_gemm_tma", "int8_gemm_pointer") if "ms" in t.get(k, {})),
+                        key=lambda k: t[k]["speedup_vs_bf16"], default=None)
+        ok = all(v for k, v in r["check"].items() if isinstance(v, bool))
+        bf = t["cublas_bf16"]
+        lines.append(
+            f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {bf['ms']:.3f} ({bf['tflops']:.0f}) "
+            f"| {sp('scaled_mm_fp8_rowwise')} | {sp('torch_int_mm')} | "
+            f"{sp(int8_best) if int8_best else 'err'} | {sp('int8_quant+gemm')} | {nvs} | "
+            f"{t.get('quant_int8', {}).get('gbps', 0):.0f} | {t.get('quant_nvfp4', {}).get('gbps', 0):.0f} | "
+            f"{'pass' if ok else 'FAIL'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", choices=["all", "key"], default="all")
+    ap.add_argument("--variants", choices=["all", "main"], default="all",
+                    help="all: also time the slower alternative kernel forms")
+    ap.add_argument("--all-variants-on-key", action="store_true",
+                    help="time all kernel forms on the key shapes and the main ones elsewhere")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET=1: checks the script, not the speed")
+    args = ap.parse_args(argv)
+    import triton
+
+    global DEVICE
+    shapes = SHAPES
+    if args.smoke:
+        DEVICE = "cpu"
+        shapes = [("smoke", "attn qkv/out", 67, 64, 48), ("smoke", "ffn up", 33, 96, 80)]
+        KEY_SHAPES.add(("smoke", "attn qkv/out"))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)",
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if DEVICE == "cuda" else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "copy_gbps": copy_bandwidth(),
+        "shapes": [],
+    }
+    for model, layer, M, K, N in shapes:
+        key = (model, layer) in KEY_SHAPES
+        if args.shapes == "key" and not key:
+            continue
+        variants = args.variants
+        if args.all_variants_on_key:
+            variants = "all" if key else "main"
+        t0 = time.time()
+        rec = bench_shape(model, layer, M, K, N, variants)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        rec["wall_s"] = round(time.time() - t0, 1)
+        report["shapes"].append(rec)
+        (out / "kernels.json").write_text(json.dumps(report, indent=1))
+        t = rec["timings"]
+        print(f"{model:13s} {layer:13s} M={M} K={K} N={N} ({rec['wall_s']} s) checks="
+              f"{all(v for v in rec['check'].values() if isinstance(v, bool))}", flush=True)
+        for name, v in t.items():
+            print(f"    {name:24s} " + " ".join(f"{k}={val:.3f}" if isinstance(val, float) else f"{k}={val}"
+                                             for k, val in v.items()), flush=True)
+    (out / "kernels.md").write_text(to_markdown(report))
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
