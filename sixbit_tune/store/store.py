@@ -204,23 +204,38 @@ class Store:
         """
         root = Path(path).absolute()
         _check_path(root)
-        if (root / META).exists():
+
+        def existing() -> Store:
             if exist_ok:
                 return cls.open(root)
             raise FileExistsError(f"a store already exists at {root}; open it with Store.open({str(root)!r})")
-        if root.exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not empty; choose an empty or new folder for the store")
+
+        if (root / META).exists():
+            return existing()
         root.mkdir(parents=True, exist_ok=True)
+        layout = {*TABLES, TMP, META}
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in layout and not p.name.startswith(META))
+        if foreign:
+            raise FileExistsError(
+                f"{root} is not empty ({foreign[:5]}) and is no store; choose an empty or new folder for the store"
+            )
+        # meta.json appears exactly once, atomically (link fails if it exists): of several processes creating
+        # the same store at once, one creates it and the others open it.
+        tmp = root / f"{META}.{uuid.uuid4().hex}.tmp"
+        meta = {
+            "format": STORE_FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "created": _now().isoformat(),
+            "created_by": _tool_version(),
+        }
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        try:
+            os.link(tmp, root / META)
+        except FileExistsError:
+            return existing()
+        finally:
+            tmp.unlink(missing_ok=True)
         _ensure_seeds(root)
-        _write_meta(
-            root,
-            {
-                "format": STORE_FORMAT,
-                "schema_version": SCHEMA_VERSION,
-                "created": _now().isoformat(),
-                "created_by": _tool_version(),
-            },
-        )
         return cls({str(root): root}, read_only=False)
 
     @classmethod

@@ -65,7 +65,7 @@ def test_reader_sees_finished_parts_while_a_writer_process_writes(tmp_path):
 def test_two_writer_processes_record_at_once_without_losing_rows(tmp_path):
     path = tmp_path / "store"
     Store.create(path).close()
-    parts, rows = 15, 300
+    parts, rows = 10, 300
     procs = [
         _spawn(path, "w-0", "block", parts, rows, 0.0),
         _spawn(path, "w-1", "block", parts, rows, 0.0),
@@ -199,3 +199,23 @@ def test_compaction_keeps_every_answer_and_runs_beside_a_writer(tmp_path):
     assert t["number"].tolist() == list(range(0, 60, 2)) and set(t["state"]) == {"COMPLETE"}
     assert rounds >= 2
     store.close()
+
+
+def test_processes_creating_the_same_store_at_once_all_succeed(tmp_path):
+    """One worker per GPU started together, each doing Store.create(path, exist_ok=True)."""
+    path = tmp_path / "new" / "store"
+    code = (
+        "import sys, time; from sixbit_tune.store import Store\n"
+        "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
+        "Store.create(sys.argv[1], exist_ok=True).writer().write_trial('s', int(sys.argv[2]), state='RUNNING')\n"
+    )
+    start = time.time() + 2.0  # past every child's import time: they race on the create itself
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), str(i), str(start)], stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    with Store.open(path, read_only=True) as s:
+        assert s.trials("s")["number"].tolist() == [0, 1, 2, 3]

@@ -281,3 +281,31 @@ def test_opening_and_creating_errors(tmp_path):
 def test_import_is_light():
     code = "import sys, sixbit_tune.store\nassert 'torch' not in sys.modules, 'store import pulled in torch'\n"
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_one_store_serves_threads_while_writing(store):
+    """Streamlit runs sessions as threads over one cached Store: each call uses its own DuckDB cursor."""
+    import threading
+
+    w = store.writer()
+    errors: list[BaseException] = []
+    counts: list[int] = []
+
+    def read():
+        try:
+            for _ in range(15):
+                counts.append(len(store.trials("s")))
+                store.query("SELECT count(*) FROM runs WHERE kind = ?", ["profile"])
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for n in range(15):
+        w.write_trial("s", n, state="COMPLETE", latency_ms=1.0)
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(counts) == 60 and max(counts) <= 15
+    assert len(store.trials("s")) == 15
