@@ -55,10 +55,16 @@ def _run(pipe, family, prompts, guidance):
     return frames, calls
 
 
+@pytest.fixture(scope="module")
+def cfg_runs(pipes):
+    """One CFG run per family: (frames, transformer calls)."""
+    return {family: _run(pipes[family], family, PROMPTS, guidance=5.0) for family in ALL}
+
+
 @pytest.mark.parametrize("family", ALL)
-def test_pipeline_runs_with_cfg_and_is_deterministic(pipes, family):
+def test_pipeline_runs_with_cfg_and_is_deterministic(pipes, cfg_runs, family):
     pipe = pipes[family]
-    frames, calls = _run(pipe, family, PROMPTS, guidance=5.0)
+    frames, calls = cfg_runs[family]
     video = TINY_VIDEO[family]
     assert frames.shape[0] == len(PROMPTS)
     assert tuple(frames.shape[2:]) == (3, video["height"], video["width"])
@@ -71,7 +77,7 @@ def test_pipeline_runs_with_cfg_and_is_deterministic(pipes, family):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_row_branches_match_real_pipeline_batches(pipes, family):
+def test_row_branches_match_real_pipeline_batches(pipes, cfg_runs, family):
     """Rows labelled "uncond" carry the negative prompt's embedding, rows labelled "cond" the prompt's."""
     pipe = pipes[family]
     adapter = get_adapter(pipe)
@@ -84,7 +90,7 @@ def test_row_branches_match_real_pipeline_batches(pipes, family):
     pos, neg = pos_calls[0][2], neg_calls[0][2]
     assert not torch.allclose(pos, neg)
 
-    _, calls = _run(pipe, family, PROMPTS, guidance=5.0)
+    _, calls = cfg_runs[family]
     seen = set()
     for ctx, batch, ehs in calls:
         assert ctx in adapter.family.cfg_contexts
