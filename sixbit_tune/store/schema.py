@@ -271,7 +271,10 @@ def as_arrow(rows: RowsLike, what: str) -> pa.Table:
         cols = {}
         for k, v in rows.items():
             if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor: move to host numpy
-                v = v.detach().cpu().numpy()
+                v = v.detach().cpu()
+                if str(v.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+                    v = v.float()
+                v = v.numpy()
             cols[k] = v
         lengths = {k: len(v) for k, v in cols.items() if not isinstance(v, str | bytes) and hasattr(v, "__len__")}
         scalars = [k for k in cols if k not in lengths]

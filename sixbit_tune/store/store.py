@@ -286,6 +286,8 @@ class Store:
             label = str(root) if label is None else str(label)
             if label in roots:
                 raise ValueError(f"two stores share the label {label!r}")
+            if root in roots.values():
+                raise ValueError(f"{root} is given twice (its rows would be counted twice)")
             roots[label] = root
         return cls(roots, read_only=True)
 

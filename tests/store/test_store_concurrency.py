@@ -161,6 +161,10 @@ def test_two_machines_combine_into_one_view(tmp_path, labelled):
     store.close()
     with pytest.raises(ValueError, match="share the label"):
         Store.open_many([paths["machine-a"], paths["machine-a"]])
+    with pytest.raises(ValueError, match="given twice"):
+        Store.open_many({"a": paths["machine-a"], "b": paths["machine-a"]})
+    with pytest.raises(ValueError, match="at least one"):
+        Store.open_many([])
 
 
 def test_compaction_keeps_every_answer_and_runs_beside_a_writer(tmp_path):

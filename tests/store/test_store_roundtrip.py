@@ -80,7 +80,7 @@ def test_every_table_round_trips(store, reader):
         "block_index": torch.tensor([0, 0, 1, 1]),  # CPU tensors are accepted as columns
         "layer": ["transformer_blocks.0.attn1.to_q"] * 2 + ["transformer_blocks.1.ffn.net.0.proj"] * 2,
         "format": ["nvfp4", "int8", "nvfp4", "int8"],
-        "act_err": [0.1, 0.01, 0.2, 0.02],
+        "act_err": torch.tensor([0.1, 0.01, 0.2, 0.02], dtype=torch.bfloat16),  # rounded: 0.1 -> 0.10009765625
         "out_err": torch.tensor([0.15, 0.015, 0.25, 0.025], dtype=torch.float32),
         "run_id": [rid] * 4,
     }
@@ -121,6 +121,7 @@ def test_every_table_round_trips(store, reader):
 
     layers = r.layer_steps([rid])
     assert len(layers) == 4 and layers["out_err"].tolist() == pytest.approx([0.015, 0.15, 0.025, 0.25])
+    assert layers["act_err"].tolist() == pytest.approx([0.01, 0.1, 0.02, 0.2], rel=4e-3)
     assert r.layer_steps(formats=["int8"])["format"].unique().tolist() == ["int8"]
 
     preds = r.predictors(fit)
