@@ -28,13 +28,18 @@ Many small parts make reads slow (2,000 trial parts: 1.2 s per ``trials()``; aft
 cores): ``store.compact()`` / ``python -m sixbit_tune.store compact <store>`` merges the parts of the entity
 tables into one, safely while readers and writers run (search may call it now and then).
 
-Fact tables (``block_steps``, ``layer_steps``) are append-only. Entity tables are keyed and the latest write of a
+Fact tables (``block_steps``, ``layer_steps``) are append-only: rows written twice count twice, so write each
+prompt once (a resumed profile uses a new run_id). Entity tables are keyed and the latest write of a
 key wins in the views (a trial written RUNNING then COMPLETE shows once, COMPLETE): ``runs`` (run_id),
 ``trials`` (study, number), ``predictors`` (fit_id, layer, format), ``policies`` (name). Their views add
 ``created`` (first write of the key) and ``updated`` (latest write). "Latest" is the part file name order: the
 writer's wall clock in ns (strictly increasing per writer). A run killed before ``finish_run`` stays ``running``
 (look at ``updated``/``host``/``pid``). Every view has a ``store`` column (the folder, or the label given to
 :meth:`Store.open_many`). Column definitions: ``sixbit_tune.store.schema`` (``TABLES``).
+
+Several processes may call ``Store.create(path, exist_ok=True)`` at once (one creates, the others open).
+``query`` returns pandas' default conversion (an integer column holding NULLs comes out as float64); use
+``to_arrow`` for exact types.
 
 Versions: ``SCHEMA_VERSION`` is kept in ``meta.json``. Opening a store of another version raises
 ``sixbit_tune.errors.StoreSchemaError`` naming both versions and the remedy (``python -m sixbit_tune.store
