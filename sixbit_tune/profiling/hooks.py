@@ -35,7 +35,13 @@ from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHo
 from sixbit_tune.errors import NonFiniteError
 from sixbit_tune.formats import FORMATS
 from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
-from sixbit_tune.profiling.quant import QuantizedWeight, linear_errors, quantize_weight
+from sixbit_tune.profiling.quant import (
+    QuantizedWeight,
+    linear_errors,
+    linear_errors_impl,
+    nvfp4_gemm_path,
+    quantize_weight,
+)
 from sixbit_tune.stats import block_stats, delta_change, stream_delta
 
 __all__ = ["FALLBACK_CONTEXT", "HOOK_NAME", "Instrumentation", "StepRecords", "block_record", "instrument"]
@@ -164,20 +170,40 @@ class _BlockHook(ModelHook):
 
 
 class _LinearHook(ModelHook):
-    def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, fn=linear_errors):
+    def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, impl=linear_errors_impl):
         super().__init__()
         self.recorder = recorder
         self.layer_id = layer_id
         self.qw = qw
-        self.fn = fn
+        self.impl = impl
 
     def new_forward(self, module, *args, **kwargs):
         out = self.fn_ref.original_forward(*args, **kwargs)
         call = self.recorder.current
         if call is not None:
             x = args[0] if args else kwargs["input"]
-            call.layers.append((self.layer_id, self.fn(x, out, self.qw)))
+            call.layers.append((self.layer_id, linear_errors(x, out, self.qw, self.impl)))
         return out
+
+
+class _Compiled:
+    """``torch.compile(fn)`` that falls back to ``fn`` (eager, same numbers) if compilation fails; the reason is
+    kept in :attr:`failed` and warned once."""
+
+    def __init__(self, fn):
+        self.eager = fn
+        self.compiled = torch.compile(fn)
+        self.failed: str | None = None
+
+    def __call__(self, *args):
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function is the spec
+                self.failed = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn(f"torch.compile of {self.eager.__name__} failed, using eager: {self.failed}",
+                              stacklevel=2)
+        return self.eager(*args)
 
 
 @dataclass
@@ -237,10 +263,13 @@ class Instrumentation:
         if compile_stats is None:
             compile_stats = device.type == "cuda"
         self.compile_stats = bool(compile_stats)
-        block_fn, layer_fn = block_record, linear_errors
+        block_fn, layer_fn = block_record, linear_errors_impl
+        self._compiled: list[_Compiled] = []
         if self.compile_stats:
-            block_fn = torch.compile(block_record, dynamic=False)
-            layer_fn = torch.compile(linear_errors, dynamic=False)
+            block_fn, layer_fn = _Compiled(block_record), _Compiled(linear_errors_impl)
+            self._compiled = [block_fn, layer_fn]
+        #: how the NVFP4 product of out_err runs (see sixbit_tune.profiling.quant)
+        self.nvfp4_gemm = nvfp4_gemm_path(device)
         self._blocks = self.adapter.blocks()
         self.layer_names: list[str] = []
         self.layer_formats: list[tuple[str, ...]] = []
@@ -269,10 +298,11 @@ class Instrumentation:
                     if not fmts:
                         continue
                     layer_id = len(self.layer_names)
+                    qw = quantize_weight(lin, fmts)
                     self.layer_names.append(f"{ref.name}.{rel}")
-                    self.layer_formats.append(fmts)
+                    self.layer_formats.append(qw.formats)
                     self._layer_block.append(ref.index)
-                    hook = _LinearHook(self._recorder, layer_id, quantize_weight(lin, fmts), layer_fn)
+                    hook = _LinearHook(self._recorder, layer_id, qw, layer_fn)
                     HookRegistry.check_if_exists_or_initialize(lin).register_hook(hook, HOOK_NAME)
                     self._modules.append(lin)
         except BaseException:
@@ -283,6 +313,11 @@ class Instrumentation:
         root.invalidate_child_registries_cache()
 
     # ------------------------------------------------------------------------------------------------ control
+    @property
+    def compile_failures(self) -> list[str]:
+        """Why ``torch.compile`` of a statistic function failed (its eager version ran instead); empty if none."""
+        return [c.failed for c in self._compiled if c.failed]
+
     @property
     def enabled(self) -> bool:
         """Whether calls are recorded (hooks stay attached either way; disabled hooks only pass through)."""

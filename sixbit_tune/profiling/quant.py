@@ -35,7 +35,15 @@ from sixbit_tune.formats import FORMATS, int8, nvfp4
 from sixbit_tune.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, SCALE_FLOOR
 from sixbit_tune.stats import safe_ratio
 
-__all__ = ["QuantizedWeight", "int8_codes", "linear_errors", "nvfp4_values", "quantize_weight"]
+__all__ = [
+    "QuantizedWeight",
+    "int8_codes",
+    "linear_errors",
+    "linear_errors_impl",
+    "nvfp4_gemm_path",
+    "nvfp4_values",
+    "quantize_weight",
+]
 
 
 def nvfp4_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +77,7 @@ class QuantizedWeight:
     """One linear weight in every profiled format, quantized once per run.
 
     Attributes:
-        formats: the formats held, in the order ``linear_errors`` reports them.
+        formats: the formats held, in ``FORMATS`` order (the order ``linear_errors`` reports them).
         nvfp4_v: ``V_w`` ``[N, K]`` (bfloat16 on CUDA, exact; float32 elsewhere), or None.
         nvfp4_s: ``s_w`` (0-d float32), or None.
         int8_q: ``[N, K]`` int8, or None.
@@ -99,16 +107,39 @@ def quantize_weight(linear: torch.nn.Linear, formats: tuple[str, ...] = FORMATS)
     from sixbit_tune.formats import check_finite
 
     check_finite(w, "weight")
-    qw = QuantizedWeight(formats=tuple(formats))
+    qw = QuantizedWeight(formats=tuple(f for f in FORMATS if f in formats))
     if linear.bias is not None:
         qw.bias = linear.bias.detach().float()
     if "nvfp4" in formats:
         v, s = nvfp4_values(w)
-        qw.nvfp4_v = v.to(torch.bfloat16) if w.is_cuda else v
+        qw.nvfp4_v = v.to(torch.bfloat16) if nvfp4_gemm_path(w.device) != "fp32" else v
         qw.nvfp4_s = s
     if "int8" in formats:
         qw.int8_q, qw.int8_s = int8_codes(w)
     return qw
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def _mm_out_dtype_supported() -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs here (CUDA, torch >= 2.9)."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is None:
+        try:
+            a = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+            _MM_OUT_DTYPE = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE
+
+
+def nvfp4_gemm_path(device: torch.device) -> str:
+    """How the NVFP4 product runs on ``device``: ``"bf16-tensorcore-fp32-out"`` or ``"fp32"`` (both exact up to
+    float32 accumulation)."""
+    if device.type == "cuda" and _mm_out_dtype_supported():
+        return "bf16-tensorcore-fp32-out"
+    return "fp32"
 
 
 def _mm_f32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -127,37 +158,59 @@ def _int_mm_exact(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     return (qx.double() @ qw.double().t()).float()
 
 
-def linear_errors(x: torch.Tensor, y: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """``act_err`` and ``out_err`` of one linear call, per batch row, for every format of ``qw``.
+def linear_errors_impl(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    nvfp4_v: torch.Tensor | None,
+    nvfp4_s: torch.Tensor | None,
+    int8_q: torch.Tensor | None,
+    int8_s: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`linear_errors` on plain tensors (what ``torch.compile`` traces: guards on shapes and dtypes only).
 
-    Args:
-        x: the layer input ``[B, ..., K]`` (dim 0 = batch rows).
-        y: the layer output ``[B, ..., N]`` (bias included; it is removed here).
-        qw: the layer's quantized weight.
-
-    Returns:
-        float32 ``[len(qw.formats), 2, B]``: ``[:, 0]`` act_err, ``[:, 1]`` out_err.
+    Formats present (weight tensors not None) are reported in ``FORMATS`` order.
     """
     B = x.shape[0]
     K = x.shape[-1]
     x2 = x.detach().reshape(-1, K)
     xf = x2.float()
     ref = y.detach().reshape(-1, y.shape[-1]).float()
-    if qw.bias is not None:
-        ref = ref - qw.bias
+    if bias is not None:
+        ref = ref - bias
     ref_n = torch.linalg.vector_norm(ref.reshape(B, -1), dim=1)
     x_n = torch.linalg.vector_norm(xf.reshape(B, -1), dim=1)
     out = []
-    for fmt in qw.formats:
-        if fmt == "nvfp4":
-            v, s = nvfp4_values(x2)
-            xq = v * s
-            yq = _mm_f32(v.to(qw.nvfp4_v.dtype), qw.nvfp4_v.t()) * (s * qw.nvfp4_s)
-        else:
-            q, sx = int8_codes(x2)
-            xq = q.float() * sx.unsqueeze(-1)
-            yq = _int_mm_exact(q, qw.int8_q) * (sx.unsqueeze(-1) * qw.int8_s.unsqueeze(0))
-        act = safe_ratio(torch.linalg.vector_norm((xq - xf).reshape(B, -1), dim=1), x_n)
-        err = safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n)
-        out.append(torch.stack((act, err)))
+    if nvfp4_v is not None:
+        v, s = nvfp4_values(x2)
+        xq = v * s
+        yq = _mm_f32(v.to(nvfp4_v.dtype), nvfp4_v.t()) * (s * nvfp4_s)
+        out.append(_errors(xq, xf, x_n, yq, ref, ref_n, B))
+    if int8_q is not None:
+        q, sx = int8_codes(x2)
+        xq = q.float() * sx.unsqueeze(-1)
+        yq = _int_mm_exact(q, int8_q) * (sx.unsqueeze(-1) * int8_s.unsqueeze(0))
+        out.append(_errors(xq, xf, x_n, yq, ref, ref_n, B))
     return torch.stack(out)
+
+
+def _errors(xq, xf, x_n, yq, ref, ref_n, B) -> torch.Tensor:
+    act = safe_ratio(torch.linalg.vector_norm((xq - xf).reshape(B, -1), dim=1), x_n)
+    err = safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n)
+    return torch.stack((act, err))
+
+
+def linear_errors(x: torch.Tensor, y: torch.Tensor, qw: QuantizedWeight, impl=linear_errors_impl) -> torch.Tensor:
+    """``act_err`` and ``out_err`` of one linear call, per batch row, for every format of ``qw``.
+
+    Args:
+        x: the layer input ``[B, ..., K]`` (dim 0 = batch rows).
+        y: the layer output ``[B, ..., N]`` (bias included; it is removed here).
+        qw: the layer's quantized weight.
+        impl: :func:`linear_errors_impl` or a compiled version of it.
+
+    Returns:
+        float32 ``[len(qw.formats), 2, B]``: ``[:, 0]`` act_err, ``[:, 1]`` out_err, formats in ``qw.formats``
+        order.
+    """
+    return impl(x, y, qw.bias, qw.nvfp4_v, qw.nvfp4_s, qw.int8_q, qw.int8_s)

@@ -112,6 +112,7 @@ def _settings(config: ProfileConfig, devices: list[str], meta: dict) -> dict:
     s["layers"] = meta["layers"]
     s["cfg_mode"] = meta["cfg_mode"]
     s["compile_stats"] = meta["compile_stats"]
+    s["nvfp4_gemm"] = meta["nvfp4_gemm"]
     s["mode"] = meta["mode"]
     s["resolved"] = meta.get("resolved", {})
     return s
@@ -182,6 +183,7 @@ def _run_shard(
         "layers": {n: list(f) for n, f in zip(inst.layer_names, inst.layer_formats)},
         "cfg_mode": adapter.cfg_mode,
         "compile_stats": inst.compile_stats,
+        "nvfp4_gemm": inst.nvfp4_gemm,
         "mode": "transformer" if shape_mode else "pipeline",
     }
     if shape_mode:
