@@ -1,0 +1,653 @@
+"""The dashboard's data: plain functions from a :class:`~sixbit_tune.store.Store` to pandas DataFrames.
+
+No Streamlit here (the pages cache and render what these return; tests call them directly). Every aggregation over
+the fact tables (``block_steps``, ``layer_steps``) runs in DuckDB with ``GROUP BY``; Python only reshapes results
+whose size is bounded by (layers or blocks) × steps, or by the number of trials. Every value a user selects reaches
+DuckDB as a bound parameter, never inside the SQL text.
+
+Names follow DESIGN §2 (``gamma``, ``delta_change``, ``delta_cos``, ``out_err``, ``act_err``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sixbit_tune.store import Store
+
+#: Search objectives as the dashboard compares them: (column, direction). ``memory_bytes`` is the memory the search
+#: optimised (``quality.memory_bytes``: CUDA peak on a GPU, policy-controlled bytes on the CPU).
+OBJECTIVES: tuple[tuple[str, str], ...] = (("latency_ms", "min"), ("memory_bytes", "min"), ("psnr_db", "max"))
+
+#: Where a search may keep sample outputs of a trial (images or videos), relative to the store folder.
+SAMPLES_DIR = "samples"
+MEDIA_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".webm")
+
+
+# ------------------------------------------------------------------------------------------------ stores
+
+
+def store_labels(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """Short unique labels for store folders: the folder name, prefixed by parents only where names collide.
+
+    Raises:
+        ValueError: no paths, or the same folder twice.
+    """
+    roots = [Path(p).expanduser().absolute() for p in paths]
+    if not roots:
+        raise ValueError("give at least one --store PATH")
+    if len(set(roots)) != len(roots):
+        raise ValueError(f"the same store was given twice: {[str(r) for r in roots]}")
+    depth = 1
+    while True:
+        labels = ["/".join(r.parts[-depth:]) for r in roots]
+        if len(set(labels)) == len(labels) or depth >= max(len(r.parts) for r in roots):
+            return dict(zip(labels, roots))
+        depth += 1
+
+
+def open_stores(paths: Sequence[str | os.PathLike]) -> Store:
+    """All stores as one read-only view (``store`` column = :func:`store_labels` label)."""
+    return Store.open_many(store_labels(paths))
+
+
+def fingerprint(roots: Sequence[str | os.PathLike], tables: Sequence[str] | None = None) -> str:
+    """A cheap token that changes whenever a part file appears, disappears or changes in the given tables.
+
+    Built from the names, sizes and mtimes of the part files (one ``scandir`` per table folder, no file is read),
+    so cached query results can be keyed on it and new data written by a running profile or search shows up.
+    """
+    from sixbit_tune.store import TABLES
+
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        for table in tables or TABLES:
+            h.update(f"\0{root}/{table}".encode())
+            try:
+                entries = sorted(
+                    (e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                    for e in os.scandir(root / table)
+                    if e.name.endswith(".parquet")
+                )
+            except FileNotFoundError:
+                continue
+            for name, size, mtime in entries:
+                h.update(f"{name}:{size}:{mtime};".encode())
+    return h.hexdigest()[:24]
+
+
+def _json(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, str):
+        return json.loads(v)
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def runs_overview(store: Store) -> pd.DataFrame:
+    """One row per run: what was profiled (model, settings), on which GPU, with which versions, and how much data.
+
+    Columns: store, run_id, kind, status, model_spec, model_class, family, gpu, compute_capability, driver, steps,
+    prompts, height, width, frames, guidance, dtype, seed, torch, diffusers, sixbit_tune, host, block_rows,
+    layer_rows, created, updated, error.
+    """
+    return store.query(
+        """
+        WITH b AS (SELECT store, run_id, count(*) AS n FROM block_steps GROUP BY ALL),
+             l AS (SELECT store, run_id, count(*) AS n FROM layer_steps GROUP BY ALL)
+        SELECT r.store, r.run_id, r.kind, r.status, r.model_spec, r.model_class, r.family,
+               coalesce(r.gpu_name, 'CPU (no GPU)') AS gpu, r.gpu_compute_capability AS compute_capability,
+               r.gpu_driver AS driver,
+               TRY_CAST(r.settings->>'steps' AS INTEGER) AS steps,
+               json_array_length(r.settings->'prompts') AS prompts,
+               TRY_CAST(r.settings->>'height' AS INTEGER) AS height,
+               TRY_CAST(r.settings->>'width' AS INTEGER) AS width,
+               TRY_CAST(r.settings->>'frames' AS INTEGER) AS frames,
+               TRY_CAST(r.settings->>'guidance' AS DOUBLE) AS guidance,
+               r.settings->>'dtype' AS dtype, r.seed,
+               r.versions->>'torch' AS torch, r.versions->>'diffusers' AS diffusers,
+               r.versions->>'sixbit_tune' AS sixbit_tune, r.host,
+               coalesce(b.n, 0) AS block_rows, coalesce(l.n, 0) AS layer_rows,
+               r.created, r.updated, r.error
+        FROM runs AS r
+        LEFT JOIN b ON b.store = r.store AND b.run_id = r.run_id
+        LEFT JOIN l ON l.store = r.store AND l.run_id = r.run_id
+        ORDER BY r.created, r.run_id
+        """
+    )
+
+
+def run_settings(store: Store, run_id: str) -> dict:
+    """The full ``settings`` JSON of one run ({} when unknown)."""
+    df = store.query("SELECT settings FROM runs WHERE run_id = ?", [run_id])
+    return (_json(df["settings"].iloc[0]) or {}) if len(df) else {}
+
+
+def profile_runs(store: Store) -> pd.DataFrame:
+    """Runs with profile data (block statistics), newest first: store, run_id, model_spec, status, steps, blocks."""
+    return store.query(
+        """
+        SELECT r.store, r.run_id, r.model_spec, r.model_class, r.config_hash, r.status, r.created,
+               s.steps, s.blocks, s.prompts
+        FROM runs AS r
+        JOIN (SELECT run_id, max(step) + 1 AS steps, count(DISTINCT block_index) AS blocks,
+                     count(DISTINCT prompt_index) AS prompts
+              FROM block_steps GROUP BY run_id) AS s ON s.run_id = r.run_id
+        ORDER BY r.created DESC, r.run_id
+        """
+    )
+
+
+# ------------------------------------------------------------------------------------------------ sensitivity
+
+
+def layer_error_grid(store: Store, run_id: str, fmt: str, branch: str | None = None) -> pd.DataFrame:
+    """Mean ``out_err``/``act_err`` per (layer, step) of one run and format, over prompts (and branches unless
+    ``branch`` picks one). Columns: layer, block_index, step, out_err, act_err, n; ordered by block, layer, step."""
+    return store.query(
+        """
+        SELECT layer, min(block_index) AS block_index, step, avg(out_err) AS out_err, avg(act_err) AS act_err,
+               count(*) AS n
+        FROM layer_steps
+        WHERE run_id = $run AND format = $fmt AND ($branch IS NULL OR branch = $branch)
+        GROUP BY layer, step
+        ORDER BY block_index, layer, step
+        """,
+        {"run": run_id, "fmt": fmt, "branch": branch},
+    )
+
+
+def run_branches(store: Store, run_id: str) -> list[str]:
+    """Guidance branches recorded for a run."""
+    df = store.query("SELECT DISTINCT branch FROM block_steps WHERE run_id = ? ORDER BY branch", [run_id])
+    return [str(b) for b in df["branch"]]
+
+
+def format_summary(store: Store, run_id: str) -> pd.DataFrame:
+    """Per format: median, mean and max ``out_err`` over every recorded (layer, step, prompt, branch)."""
+    return store.query(
+        """
+        SELECT format, median(out_err) AS median_out_err, avg(out_err) AS mean_out_err, max(out_err) AS max_out_err,
+               count(*) AS n
+        FROM layer_steps WHERE run_id = ? GROUP BY format ORDER BY format
+        """,
+        [run_id],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+
+
+def fits(store: Store) -> pd.DataFrame:
+    """One row per fit, newest first: store, fit_id, layers, trusted, median_r2, run_ids, created."""
+    return store.query(
+        """
+        SELECT store, fit_id, count(*) AS layers, count(*) FILTER (WHERE trusted) AS trusted,
+               median(r2) AS median_r2, any_value(run_ids) AS run_ids, min(created) AS created
+        FROM predictors WHERE format = 'nvfp4'
+        GROUP BY store, fit_id
+        ORDER BY created DESC, fit_id
+        """
+    )
+
+
+def fit_layers(store: Store, fit_id: str) -> pd.DataFrame:
+    """The NVFP4 predictors of one fit: layer, alpha, beta, r2, n, trusted, run_ids (ordered by layer)."""
+    return store.query(
+        "SELECT layer, alpha, beta, r2, n, trusted, run_ids FROM predictors "
+        "WHERE fit_id = ? AND format = 'nvfp4' ORDER BY layer",
+        [fit_id],
+    )
+
+
+def predictor_pairs(store: Store, run_ids: Sequence[str], layer: str) -> pd.DataFrame:
+    """The (Γ_{t−1}, NVFP4 out_err_t) pairs of one layer over the fit's profile runs, exactly as the fit used them
+    (the query is :data:`sixbit_tune.predictor.PAIRS_SQL`, filtered to ``layer``)."""
+    from sixbit_tune.predictor import PAIRS_SQL
+
+    return store.query(f"SELECT * FROM ({PAIRS_SQL}) WHERE layer = ?", ["nvfp4", list(run_ids), layer])
+
+
+# ------------------------------------------------------------------------------------------------ temporal
+
+
+def block_delta_grid(store: Store, run_id: str, branch: str | None = None) -> pd.DataFrame:
+    """Mean ``gamma``, ``delta_cos``, ``delta_change`` per (block, step) of one run over prompts (and branches
+    unless ``branch`` picks one). Columns: block_index, block, step, gamma, delta_cos, delta_change, n."""
+    return store.query(
+        """
+        SELECT block_index, any_value(block) AS block, step, avg(gamma) AS gamma, avg(delta_cos) AS delta_cos,
+               avg(delta_change) AS delta_change, count(*) AS n
+        FROM block_steps
+        WHERE run_id = $run AND ($branch IS NULL OR branch = $branch)
+        GROUP BY block_index, step
+        ORDER BY block_index, step
+        """,
+        {"run": run_id, "branch": branch},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def studies(store: Store) -> pd.DataFrame:
+    """One row per (store, study): trials by state, first and last write."""
+    return store.query(
+        """
+        SELECT store, study, count(*) AS trials, count(*) FILTER (WHERE state = 'COMPLETE') AS complete,
+               count(*) FILTER (WHERE state = 'FAIL') AS failed, count(*) FILTER (WHERE state = 'RUNNING') AS running,
+               any_value(gpu) AS gpu, min(created) AS created, max(updated) AS updated
+        FROM trials GROUP BY store, study ORDER BY updated DESC, study
+        """
+    )
+
+
+def study_trials(store: Store, study: str, store_label: str | None = None) -> pd.DataFrame:
+    """Trials of one study with the objectives as columns, parameters expanded (``param_<name>``), the feasibility
+    flag the search recorded, and ``pareto`` (non-dominated among feasible COMPLETE trials, :data:`OBJECTIVES`).
+
+    Columns: store, study, number, state, latency_ms, memory_bytes, psnr_db, ssim, speedup, peak_memory_bytes,
+    weight_bytes, cache_bytes, nvfp4_share, skip_share, feasible, reference, fail_reason, gpu, nvfp4_path,
+    created, updated, param_*, pareto.
+    """
+    df = store.query(
+        """
+        SELECT store, study, number, state, latency_ms,
+               coalesce(TRY_CAST(quality->>'memory_bytes' AS BIGINT), peak_memory_bytes) AS memory_bytes,
+               psnr_db, ssim, speedup, peak_memory_bytes, weight_bytes, cache_bytes, nvfp4_share, skip_share,
+               TRY_CAST(quality->>'feasible' AS BOOLEAN) AS feasible, quality->>'reference' AS reference,
+               quality->>'memory_metric' AS memory_metric, fail_reason, gpu, nvfp4_path, kernel_path,
+               CAST(params AS VARCHAR) AS params, created, updated
+        FROM trials
+        WHERE study = $study AND ($label IS NULL OR store = $label)
+        ORDER BY number
+        """,
+        {"study": study, "label": store_label},
+    )
+    params = pd.DataFrame([_json(p) or {} for p in df["params"]], index=df.index)
+    df = pd.concat([df.drop(columns=["params"]), params.add_prefix("param_")], axis=1)
+    done = (df["state"] == "COMPLETE") & (df["feasible"].fillna(True).astype(bool))
+    df["pareto"] = False
+    if done.any():
+        df.loc[done, "pareto"] = pareto_mask(df.loc[done])
+    return df
+
+
+def pareto_mask(df: pd.DataFrame, objectives: Sequence[tuple[str, str]] = OBJECTIVES) -> np.ndarray:
+    """Non-dominated rows of ``df`` under ``objectives`` ((column, "min"|"max")); rows with a missing objective are
+    never on the front. A row is dominated when another is no worse in every objective and better in one."""
+    x = _loss_matrix(df, objectives)
+    ok = np.isfinite(x).all(axis=1)
+    mask = np.zeros(len(df), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = x[ok]
+        dominated = np.any(np.all(others <= x[i], axis=1) & np.any(others < x[i], axis=1))
+        mask[i] = not dominated
+    return mask
+
+
+def _loss_matrix(df: pd.DataFrame, objectives: Sequence[tuple[str, str]]) -> np.ndarray:
+    cols = []
+    for col, direction in objectives:
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        cols.append(v if direction == "min" else -v)
+    return np.stack(cols, axis=1) if cols else np.zeros((len(df), 0))
+
+
+def hypervolume_history(trials: pd.DataFrame, objectives: Sequence[tuple[str, str]] = OBJECTIVES) -> pd.DataFrame:
+    """Hypervolume of the feasible COMPLETE trials after each trial (by number), objectives normalised to [0, 1]
+    by their min and max over those trials, reference point 1.1 in every (minimised) objective.
+
+    Columns: number, hypervolume (0 until the first feasible trial). Empty when no trial completed.
+    """
+    from optuna._hypervolume import compute_hypervolume  # Optuna's WFG implementation
+
+    t = trials.sort_values("number")
+    done = (t["state"] == "COMPLETE").to_numpy() & t["feasible"].fillna(True).astype(bool).to_numpy()
+    loss = _loss_matrix(t, objectives)
+    done &= np.isfinite(loss).all(axis=1)
+    if not done.any():
+        return pd.DataFrame({"number": pd.Series(dtype="int64"), "hypervolume": pd.Series(dtype=float)})
+    lo, hi = loss[done].min(axis=0), loss[done].max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    norm = (loss - lo) / span
+    ref = np.full(loss.shape[1], 1.1)
+    hv, seen = [], []
+    for i in range(len(t)):
+        if done[i]:
+            seen.append(norm[i])
+        hv.append(float(compute_hypervolume(np.array(seen), ref)) if seen else 0.0)
+    return pd.DataFrame({"number": t["number"].to_numpy(), "hypervolume": hv})
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Parameter importances per objective, and where they came from (``source`` is shown on the page)."""
+
+    table: pd.DataFrame  # columns: objective, param, importance
+    source: str
+
+
+def optuna_storage_url(store_root: str | os.PathLike, storage: str | None = None) -> str | None:
+    """The Optuna storage of a store's searches: ``storage`` when given, else ``<store>/optuna.journal`` when that
+    file exists, else None (not reachable)."""
+    if storage:
+        return storage
+    journal = Path(store_root) / "optuna.journal"
+    return str(journal) if journal.is_file() else None
+
+
+def param_importance(
+    trials: pd.DataFrame, study: str, store_root: str | os.PathLike | None, storage: str | None = None
+) -> Importance:
+    """``optuna.importance.get_param_importances`` per objective on the study in its Optuna storage when it is
+    reachable; otherwise on an in-memory study rebuilt from the store's mirrored COMPLETE trials, whose parameter
+    distributions are inferred from the observed ranges (the ``source`` says which)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [c for c, _ in OBJECTIVES]
+    url = optuna_storage_url(store_root, storage) if store_root is not None else storage
+    loaded = None
+    why = "no Optuna storage given and no optuna.journal in the store"
+    if url is not None:
+        try:
+            from sixbit_tune.search.export import load_study
+
+            loaded = load_study(store_root, study, url)
+            source = f"optuna.importance on study {study!r} in its Optuna storage ({url})"
+        except Exception as e:  # an unreachable or foreign storage falls back to the store's trials
+            why = f"Optuna storage {url} not usable ({type(e).__name__}: {e})"
+    if loaded is None:
+        loaded = _study_from_trials(trials, names)
+        source = f"computed from the store's mirrored trials with optuna.importance ({why}; distributions inferred " \
+                 "from the observed parameter ranges)"
+    complete = [t for t in loaded.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.values]
+    rows = []
+    if len(complete) >= 2:
+        for i, (name, direction) in enumerate(OBJECTIVES):
+            sign = 1.0 if direction == "min" else -1.0  # the evaluators rank parameters for LOW target values
+            try:
+                imp = optuna.importance.get_param_importances(
+                    loaded, target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name
+                )
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:
+                source += f"; {name}: not computable ({e})"
+                continue
+            rows += [{"objective": name, "param": p, "importance": float(v)} for p, v in imp.items()]
+    table = pd.DataFrame(rows, columns=["objective", "param", "importance"])
+    return Importance(table, source)
+
+
+def _study_from_trials(trials: pd.DataFrame, names: Sequence[str]):
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    study = optuna.create_study(directions=["minimize" if d == "min" else "maximize" for _, d in OBJECTIVES])
+    done = trials[(trials["state"] == "COMPLETE")].dropna(subset=list(names))
+    pcols = [c for c in trials.columns if c.startswith("param_")]
+    dists = {}
+    for c in pcols:
+        v = pd.to_numeric(done[c], errors="coerce").dropna()
+        if v.empty:
+            continue
+        if (v == v.round()).all() and not any(isinstance(x, float) for x in done[c].dropna()):
+            dists[c[6:]] = IntDistribution(int(v.min()), int(v.max()))
+        else:
+            dists[c[6:]] = FloatDistribution(float(v.min()), float(v.max()))
+    for _, r in done.iterrows():
+        params = {p: (int(r[f"param_{p}"]) if isinstance(d, IntDistribution) else float(r[f"param_{p}"]))
+                  for p, d in dists.items() if pd.notna(r[f"param_{p}"])}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={p: dists[p] for p in params}, values=[float(r[n]) for n in names]
+        ))
+    return study
+
+
+# ------------------------------------------------------------------------------------------------ policy
+
+
+def trial_policy(store: Store, study: str, number: int, store_label: str | None = None) -> dict | None:
+    """The policy JSON (dict) a trial measured, or None when the trial stored none."""
+    df = store.query(
+        "SELECT CAST(policy AS VARCHAR) AS policy FROM trials WHERE study = $study AND number = $number "
+        "AND ($label IS NULL OR store = $label)",
+        {"study": study, "number": int(number), "label": store_label},
+    )
+    return _json(df["policy"].iloc[0]) if len(df) else None
+
+
+def matching_profile_runs(store: Store, config_hash: str | None) -> pd.DataFrame:
+    """Profile runs with block statistics of the model ``config_hash`` (all profile runs when None), newest first."""
+    runs = profile_runs(store)
+    if config_hash is not None:
+        runs = runs[runs["config_hash"] == config_hash]
+    return runs.reset_index(drop=True)
+
+
+def policy_maps(store: Store, policy: Mapping[str, Any], run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Replay a policy's DMPQ and TDC rules on one profile run's block statistics.
+
+    The rules are the runtime's (``sixbit_tune.runtime.controller``), applied per (prompt, guidance branch) to the
+    profiled Γ and Δ-change series: a block is skipped at step t when the TDC window allows it, it was skipped fewer
+    than ``max_skips`` times in a row, and its accumulated change plus its last per-step change stays within the
+    tolerance; a dynamic layer runs NVFP4 when α·Γ + β ≤ τ with Γ of its block's last full computation (first
+    step: ``first_step_format``). The profile computed every block at every step, so after a skip the replay uses
+    the mean profiled per-step change over the gap as the change rate; at inference, skipped blocks also change
+    later inputs. The maps are therefore the policy's decisions on the profiled trajectories, not a recording.
+
+    Returns:
+        ``(precision, skips)``: precision has columns layer, block_index, step, mode, nvfp4_share (share of the
+        (prompt, branch) rows that ran the layer in NVFP4 among those that computed the block; NaN where every row
+        skipped it or the layer stays in the model dtype), computed_share; skips has block_index, step, skip_share.
+    """
+    from sixbit_tune import policy as P
+
+    pol = P.Policy.from_dict(dict(policy))
+    series = store.query(
+        "SELECT prompt_index, branch, block_index, step, gamma, delta_change FROM block_steps WHERE run_id = ? "
+        "ORDER BY prompt_index, branch, block_index, step",
+        [run_id],
+    )
+    if series.empty:
+        raise ValueError(f"run {run_id!r} has no block statistics")
+    rows = series[["prompt_index", "branch"]].drop_duplicates().reset_index(drop=True)
+    blocks = np.sort(series["block_index"].unique())
+    steps = int(series["step"].max()) + 1
+    r_idx = pd.MultiIndex.from_frame(rows)
+    shape = (len(rows), len(blocks), steps)
+    gamma = np.full(shape, np.nan)
+    change = np.full(shape, np.nan)
+    ri = r_idx.get_indexer(pd.MultiIndex.from_frame(series[["prompt_index", "branch"]]))
+    bi = np.searchsorted(blocks, series["block_index"].to_numpy())
+    si = series["step"].to_numpy()
+    gamma[ri, bi, si] = series["gamma"].to_numpy(dtype=float)
+    change[ri, bi, si] = pd.to_numeric(series["delta_change"], errors="coerce").to_numpy(dtype=float)
+
+    tdc = pol.tdc
+    cacheable = np.ones(len(blocks), dtype=bool) if tdc.blocks is None else np.isin(blocks, list(tdc.blocks))
+    skip = np.zeros(shape, dtype=bool)
+    gamma_last = np.full(shape, np.nan)  # Γ of the last full computation before step t
+    acc = np.zeros(shape[:2])
+    consec = np.zeros(shape[:2], dtype=int)
+    rate = np.full(shape[:2], np.nan)
+    last = np.full(shape[:2], -1)  # step of the last full computation
+    g_prev = np.full(shape[:2], np.nan)
+    csum = np.cumsum(np.nan_to_num(change), axis=2)
+    for t in range(steps):
+        gamma_last[:, :, t] = g_prev
+        in_window = tdc.tolerance > 0 and tdc.warmup <= t < steps - tdc.cooldown
+        s = np.zeros(shape[:2], dtype=bool)
+        if in_window:
+            s = cacheable[None, :] & (last >= 0) & np.isfinite(rate) & (consec < tdc.max_skips) & (
+                acc + rate <= tdc.tolerance
+            )
+        skip[:, :, t] = s
+        acc = np.where(s, acc + np.nan_to_num(rate), 0.0)
+        consec = np.where(s, consec + 1, 0)
+        run = ~s
+        # full computation: the new change rate is the mean profiled per-step change since the last computation
+        if t > 0:
+            start = np.maximum(last + 1, 1)  # steps start..t lie between the two computations
+            before = np.take_along_axis(csum, (start - 1)[..., None], axis=2)[..., 0]
+            new_rate = (csum[:, :, t] - before) / (t - start + 1)
+            ok = (last >= 0) & np.isfinite(change[:, :, t])
+            rate = np.where(run & ok, new_rate, np.where(run, np.nan, rate))
+        last = np.where(run, t, last)
+        g_prev = np.where(run, gamma[:, :, t], g_prev)
+
+    computed = ~skip
+    skips = pd.DataFrame(
+        [
+            {"block_index": int(b), "step": t, "skip_share": float(skip[:, j, t].mean())}
+            for j, b in enumerate(blocks)
+            for t in range(steps)
+        ]
+    )
+    prec = []
+    tau = pol.dmpq.threshold
+    first = pol.dmpq.first_step_format
+    block_pos = {int(b): j for j, b in enumerate(blocks)}
+    for name, lp in pol.dmpq.layers.items():
+        j = block_pos.get(_block_of(name))
+        if j is None:
+            continue
+        comp = computed[:, j, :]
+        if lp.mode == "dynamic":
+            g = gamma_last[:, j, :]
+            nv = np.where(np.isnan(g), first == "nvfp4", lp.alpha * g + lp.beta <= tau)
+        else:
+            nv = np.full(comp.shape, lp.mode == "nvfp4")
+        n_comp = comp.sum(axis=0)
+        share = np.where(n_comp > 0, (nv & comp).sum(axis=0) / np.maximum(n_comp, 1), np.nan)
+        if lp.mode == "none":
+            share = np.full(steps, np.nan)
+        for t in range(steps):
+            prec.append({"layer": name, "block_index": int(blocks[j]), "step": t, "mode": lp.mode,
+                         "nvfp4_share": float(share[t]), "computed_share": float(n_comp[t] / comp.shape[0])})
+    precision = pd.DataFrame(prec, columns=["layer", "block_index", "step", "mode", "nvfp4_share", "computed_share"])
+    return precision, skips
+
+
+def _block_of(layer: str) -> int | None:
+    """Block index of a full linear name (``transformer_blocks.3.attn1.to_q`` -> 3)."""
+    for part in layer.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def policy_summary(policy: Mapping[str, Any]) -> pd.DataFrame:
+    """Per layer mode counts of a policy (mode, layers)."""
+    layers = (policy.get("dmpq") or {}).get("layers") or {}
+    modes = pd.Series([v.get("mode") for v in layers.values()], dtype="object")
+    return modes.value_counts().rename_axis("mode").reset_index(name="layers")
+
+
+def measured_vs_baseline(trial: Mapping[str, Any]) -> pd.DataFrame:
+    """A trial's measured figures beside the unquantized (bf16/model-dtype) baseline.
+
+    The baseline latency is ``speedup × latency_ms`` (the search stores the speedup against its measured baseline);
+    PSNR and SSIM of the baseline are against itself (identical output: PSNR capped at 100 dB, SSIM 1).
+    Columns: figure, baseline, policy, ratio.
+    """
+
+    def num(k):
+        v = trial.get(k)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    lat, sp = num("latency_ms"), num("speedup")
+    base_lat = lat * sp if lat is not None and sp is not None else None
+    rows = [
+        ("latency (ms)", base_lat, lat),
+        (f"memory ({trial.get('memory_metric') or 'bytes'})", None, num("memory_bytes")),
+        ("PSNR vs baseline (dB)", 100.0, num("psnr_db")),
+        ("SSIM vs baseline", 1.0, num("ssim")),
+        ("NVFP4 share of layer calls", 0.0, num("nvfp4_share")),
+        ("skipped share of block calls", 0.0, num("skip_share")),
+    ]
+    df = pd.DataFrame(rows, columns=["figure", "baseline", "policy"])
+    df["ratio"] = [p / b if (b and p is not None) else None for _, b, p in rows]
+    return df
+
+
+def sample_media(store_root: str | os.PathLike, study: str, number: int) -> list[Path]:
+    """Sample outputs a search kept for one trial: image/video files under ``<store>/samples/<study>/<number>/``
+    (names starting with ``reference`` or ``bf16`` are the unquantized output). Empty when none were stored."""
+    folder = Path(store_root) / SAMPLES_DIR / study / str(int(number))
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in MEDIA_SUFFIXES and p.is_file())
+
+
+# ------------------------------------------------------------------------------------------------ GPUs
+
+
+def gpu_comparison(store: Store) -> pd.DataFrame:
+    """Per store (one per GPU or machine): the GPU(s) it ran on and its chosen policy's figures.
+
+    The chosen policy is the latest exported one (``policies`` table) when the store has one, else the fastest
+    feasible COMPLETE trial. Columns: store, gpu, runs, trials, choice ("exported <name>" or "fastest feasible
+    trial"), study, number, latency_ms, speedup, memory_bytes, psnr_db, nvfp4_share, skip_share, tau, delta.
+    """
+    gpus = store.query(
+        "SELECT store, string_agg(DISTINCT coalesce(gpu_name, 'CPU (no GPU)'), ', ') AS gpu, count(*) AS runs "
+        "FROM runs GROUP BY store"
+    )
+    trials = store.query(
+        """
+        SELECT store, study, number, latency_ms, speedup,
+               coalesce(TRY_CAST(quality->>'memory_bytes' AS BIGINT), peak_memory_bytes) AS memory_bytes,
+               psnr_db, nvfp4_share, skip_share, TRY_CAST(params->>'tau' AS DOUBLE) AS tau,
+               TRY_CAST(params->>'delta' AS DOUBLE) AS delta, gpu,
+               coalesce(TRY_CAST(quality->>'feasible' AS BOOLEAN), true) AS feasible, state
+        FROM trials
+        """
+    )
+    exported = store.query("SELECT store, name, study, trial FROM policies ORDER BY updated")
+    out = []
+    labels = list(store.paths)
+    for label in labels:
+        g = gpus[gpus["store"] == label]
+        t = trials[trials["store"] == label]
+        row: dict[str, Any] = {
+            "store": label,
+            "gpu": g["gpu"].iloc[0] if len(g) else None,
+            "runs": int(g["runs"].iloc[0]) if len(g) else 0,
+            "trials": len(t),
+            "choice": None,
+        }
+        e = exported[exported["store"] == label]
+        pick = None
+        if len(e):
+            last = e.iloc[-1]
+            m = t[(t["study"] == last["study"]) & (t["number"] == last["trial"])]
+            if len(m):
+                pick, row["choice"] = m.iloc[0], f"exported {last['name']}"
+        if pick is None:
+            ok = t[(t["state"] == "COMPLETE") & t["feasible"]].sort_values("latency_ms")
+            if len(ok):
+                pick, row["choice"] = ok.iloc[0], "fastest feasible trial"
+        if pick is not None:
+            for k in ("study", "number", "latency_ms", "speedup", "memory_bytes", "psnr_db", "nvfp4_share",
+                      "skip_share", "tau", "delta"):
+                row[k] = pick[k]
+            if pick["gpu"] is not None and isinstance(pick["gpu"], str):
+                row["gpu"] = pick["gpu"]
+        out.append(row)
+    cols = ["store", "gpu", "runs", "trials", "choice", "study", "number", "latency_ms", "speedup", "memory_bytes",
+            "psnr_db", "nvfp4_share", "skip_share", "tau", "delta"]
+    return pd.DataFrame(out).reindex(columns=cols)

@@ -1,0 +1,438 @@
+"""The dashboard's pages: thin Streamlit renderers over :mod:`~sixbit_tune.dashboard.data` (queries) and
+:mod:`~sixbit_tune.dashboard.figures` (Plotly figures).
+
+Caching: the store view is a ``st.cache_resource`` (one in-memory DuckDB over the part files, shared by sessions;
+every query takes its own cursor); query results are ``st.cache_data`` keyed on the function, its arguments and
+:func:`~sixbit_tune.dashboard.data.fingerprint` of the stores' part files, so data written by a running profile or
+search shows up on the next rerun while unchanged data is never queried twice.
+
+Where a page's data does not exist yet, it says which command produces it (``st.info``) instead of failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+from sixbit_tune.dashboard import data, figures
+from sixbit_tune.dashboard.export import check_export_name, export_policy
+
+from sixbit_tune.store import Store
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``sixbit-tune dashboard`` passed to the app (after ``--`` on the ``streamlit run`` line)."""
+
+    stores: dict[str, Path]
+    policies_dir: Path
+    optuna_storage: str | None = None
+
+
+def parse_args(argv: Sequence[str]) -> Settings:
+    """Parse the app's own arguments: ``--store PATH`` (repeatable), ``--policies-dir``, ``--optuna-storage``.
+
+    Raises:
+        ValueError: no ``--store`` (or the same store twice).
+    """
+    p = argparse.ArgumentParser(prog="sixbit-tune dashboard app", add_help=False, exit_on_error=False)
+    p.add_argument("--store", action="append", default=[])
+    p.add_argument("--policies-dir", default="policies")
+    p.add_argument("--optuna-storage", default=None)
+    try:
+        ns, _unknown = p.parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+    if not ns.store:
+        raise ValueError("no store given: start the dashboard with `sixbit-tune dashboard --store PATH`")
+    return Settings(data.store_labels(ns.store), Path(ns.policies_dir).absolute(), ns.optuna_storage)
+
+
+def settings() -> Settings:
+    """The app's settings from ``sys.argv`` (shows an error and stops the page when they are unusable)."""
+    try:
+        return parse_args(sys.argv[1:])
+    except ValueError as e:
+        st.error(str(e))
+        st.stop()
+        raise
+
+
+@st.cache_resource(show_spinner=False)
+def _open(items: tuple[tuple[str, str], ...]):
+    return Store.open_many({label: path for label, path in items})
+
+
+def _items(cfg: Settings) -> tuple[tuple[str, str], ...]:
+    return tuple((label, str(path)) for label, path in cfg.stores.items())
+
+
+def store_view(cfg: Settings):
+    """The cached read-only view over every store; an unreadable store stops the page with the reason."""
+    try:
+        return _open(_items(cfg))
+    except (FileNotFoundError, ValueError) as e:
+        st.error(f"cannot open the store: {e}")
+    except Exception as e:  # StoreSchemaError and friends: the message says what to run
+        st.error(f"cannot open the store ({type(e).__name__}): {e}")
+    st.stop()
+    raise RuntimeError("unreachable")
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _cached(fn: str, items: tuple[tuple[str, str], ...], token: str, args: tuple, kwargs: tuple) -> Any:
+    return getattr(data, fn)(_open(items), *args, **dict(kwargs))
+
+
+def query(cfg: Settings, fn: str, *args: Any, **kwargs: Any) -> Any:
+    """``data.<fn>(store, *args, **kwargs)``, cached until the stores' part files change."""
+    token = data.fingerprint(list(cfg.stores.values()))
+    return _cached(fn, _items(cfg), token, tuple(args), tuple(sorted(kwargs.items())))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _importance(trials: pd.DataFrame, study: str, root: str, storage: str | None, token: str) -> data.Importance:
+    return data.param_importance(trials, study, root, storage)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+PROFILE_HINT = ("No profile data yet. Record some with `sixbit-tune profile --model SPEC --prompt TEXT --store "
+                "PATH` (e.g. `--model tiny:wan --steps 4` for a quick look).")
+FIT_HINT = "No fitted predictors yet. Fit them from a profile with `sixbit-tune fit --store PATH`."
+SEARCH_HINT = ("No search trials yet. Run a search with `sixbit-tune search --store PATH --model SPEC` "
+               "(after `profile` and `fit`).")
+
+
+def _pick_run(cfg: Settings, key: str) -> str | None:
+    runs = query(cfg, "profile_runs")
+    if runs.empty:
+        st.info(PROFILE_HINT)
+        return None
+    labels = {r.run_id: f"{r.run_id} · {r.model_spec} · {r.steps} steps · {r.store}" for r in runs.itertuples()}
+    return st.selectbox("profile run", list(labels), format_func=labels.get, key=key)
+
+
+def _pick_branch(cfg: Settings, run_id: str, key: str) -> str | None:
+    branches = query(cfg, "run_branches", run_id)
+    choice = st.selectbox("guidance branch", ["both (mean)", *branches], key=key)
+    return None if choice.startswith("both") else choice
+
+
+def _pick_study(cfg: Settings, key: str) -> tuple[str, str] | None:
+    studies = query(cfg, "studies")
+    if studies.empty:
+        st.info(SEARCH_HINT)
+        return None
+    options = [(r.store, r.study) for r in studies.itertuples()]
+    labels = {o: f"{o[1]} · {o[0]}" for o in options}
+    return st.selectbox("study", options, format_func=labels.get, key=key)
+
+
+def _fmt_bytes(v: Any) -> str:
+    if v is None or pd.isna(v):
+        return "-"
+    v = float(v)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:,.1f} {unit}" if unit != "B" else f"{v:,.0f} B"
+        v /= 1024
+    return str(v)
+
+
+def _plot(fig, key: str) -> None:
+    st.plotly_chart(fig, key=key)
+
+
+# ------------------------------------------------------------------------------------------------ pages
+
+
+def runs_page() -> None:
+    """What was profiled, with which model, settings, GPU and versions."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Runs")
+    df = query(cfg, "runs_overview")
+    if df.empty:
+        st.info(PROFILE_HINT)
+        return
+    c = st.columns(4)
+    c[0].metric("runs", len(df))
+    c[1].metric("profile runs", int((df["kind"] == "profile").sum()))
+    c[2].metric("models", df["model_spec"].nunique())
+    c[3].metric("GPUs", df["gpu"].nunique())
+    st.dataframe(df, hide_index=True, key="runs_table")
+    run = st.selectbox("run details", df["run_id"].tolist(), key="runs_detail")
+    st.json(query(cfg, "run_settings", run), expanded=False)
+
+
+def sensitivity_page() -> None:
+    """out_err per layer × step for NVFP4 and INT8 (the paper's Figure 1)."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Sensitivity: quantization error per layer and step")
+    run = _pick_run(cfg, "sens_run")
+    if run is None:
+        return
+    cols = st.columns(2)
+    with cols[0]:
+        branch = _pick_branch(cfg, run, "sens_branch")
+    with cols[1]:
+        log = st.checkbox("log colour scale", value=True, key="sens_log")
+    summary = query(cfg, "format_summary", run)
+    if summary.empty:
+        st.info("This run recorded no layer errors: profile with `--formats nvfp4,int8`.")
+        return
+    st.dataframe(summary, hide_index=True, key="sens_summary")
+    for fmt in ("nvfp4", "int8"):
+        grid = query(cfg, "layer_error_grid", run, fmt, branch)
+        if grid.empty:
+            st.info(f"No {fmt.upper()} errors in this run: profile with `--formats nvfp4,int8`.")
+            continue
+        _plot(figures.error_heatmap(grid, fmt, log=log), key=f"sens_{fmt}")
+
+
+def predictor_page() -> None:
+    """Γ_{t−1} against NVFP4 out_err with the fitted line, and the R² distribution (the paper's Figure 3)."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Predictor: NVFP4 error from the previous step's Γ")
+    fits = query(cfg, "fits")
+    if fits.empty:
+        st.info(FIT_HINT if not query(cfg, "profile_runs").empty else PROFILE_HINT + " Then: " + FIT_HINT)
+        return
+    labels = {r.fit_id: f"{r.fit_id} · {r.layers} layers, {r.trusted} trusted · {r.store}" for r in fits.itertuples()}
+    fit_id = st.selectbox("fit", list(labels), format_func=labels.get, key="pred_fit")
+    layers = query(cfg, "fit_layers", fit_id)
+    by_r2 = layers.sort_values("r2", ascending=False)["layer"].tolist()
+    layer = st.selectbox("layer (highest R² first)", by_r2, key="pred_layer")
+    row = layers[layers["layer"] == layer].iloc[0]
+    run_ids = tuple(str(r) for r in row["run_ids"])
+    pairs = query(cfg, "predictor_pairs", run_ids, layer)
+    c = st.columns(2)
+    with c[0]:
+        _plot(figures.predictor_scatter(pairs, layer, row["alpha"], row["beta"], row["r2"]), key="pred_scatter")
+    with c[1]:
+        _plot(figures.r2_histogram(layers), key="pred_r2")
+    st.caption(f"fit on profile runs {', '.join(run_ids)}; untrusted layers run the fit's static format in policies")
+    st.dataframe(layers.drop(columns=["run_ids"]), hide_index=True, key="pred_table")
+
+
+def temporal_page() -> None:
+    """delta_cos and delta_change per block × step (the paper's Figure 4)."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Temporal redundancy of the blocks' residual updates")
+    run = _pick_run(cfg, "temp_run")
+    if run is None:
+        return
+    branch = _pick_branch(cfg, run, "temp_branch")
+    grid = query(cfg, "block_delta_grid", run, branch)
+    c = st.columns(2)
+    with c[0]:
+        _plot(figures.block_heatmap(grid, "delta_cos", "delta_cos = cos(Δ_t, Δ_{t−1}), block × step"), "temp_cos")
+    with c[1]:
+        _plot(figures.block_heatmap(grid, "delta_change", "delta_change = ‖Δ_t − Δ_{t−1}‖₂/‖Δ_{t−1}‖₂, block × step"),
+              "temp_change")
+    with st.expander("Γ per block × step"):
+        _plot(figures.block_heatmap(grid, "gamma", "Γ = ‖Y−X‖₁/‖X‖₁, block × step"), "temp_gamma")
+
+
+def search_page() -> None:
+    """Pareto front, trials, parameter importance, hypervolume."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Search")
+    pick = _pick_study(cfg, "search_study")
+    if pick is None:
+        return
+    label, study = pick
+    trials = query(cfg, "study_trials", study, label)
+    done = trials[trials["state"] == "COMPLETE"]
+    c = st.columns(4)
+    c[0].metric("trials", len(trials))
+    c[1].metric("completed", len(done))
+    c[2].metric("feasible", int(done["feasible"].fillna(True).astype(bool).sum()))
+    c[3].metric("Pareto front", int(trials["pareto"].sum()))
+    if done.empty:
+        st.info("No trial of this study has completed yet; the page fills in as the search runs.")
+    _plot(figures.pareto_figure(trials), "search_pareto")
+    cols = st.columns(2)
+    with cols[0]:
+        _plot(figures.hypervolume_figure(data.hypervolume_history(trials)), "search_hv")
+    with cols[1]:
+        root = str(cfg.stores[label])
+        imp = _importance(trials, study, root, cfg.optuna_storage, data.fingerprint([root], ["trials"]))
+        _plot(figures.importance_figure(imp.table), "search_importance")
+        st.caption(f"Importance source: {imp.source}")
+    st.subheader("Trials")
+    st.dataframe(trials, hide_index=True, key="search_table")
+
+
+def _trial_label(r) -> str:
+    tag = "★ Pareto" if r.pareto else ("feasible" if (r.feasible is None or pd.isna(r.feasible) or r.feasible)
+                                       else "below floor")
+    ref = f" · {r.reference}" if isinstance(r.reference, str) else ""
+    return f"#{r.number} · {r.latency_ms:.1f} ms · {r.psnr_db:.2f} dB · {tag}{ref}"
+
+
+def policy_page() -> None:
+    """A trial's precision and skip maps, its figures against the baseline, sample frames, and export."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("Policy")
+    pick = _pick_study(cfg, "pol_study")
+    if pick is None:
+        return
+    label, study = pick
+    trials = query(cfg, "study_trials", study, label)
+    done = trials[trials["state"] == "COMPLETE"].sort_values(["pareto", "latency_ms"], ascending=[False, True])
+    if done.empty:
+        st.info("No trial of this study has completed yet: its policies appear here as the search runs.")
+        return
+    labels = {int(r.number): _trial_label(r) for r in done.itertuples()}
+    number = st.selectbox("trial", list(labels), format_func=labels.get, key="pol_trial")
+    trial = done[done["number"] == number].iloc[0]
+    policy = query(cfg, "trial_policy", study, number, label)
+    if policy is None:
+        st.info("This trial stored no policy (the search mirrors it into the store when the trial completes).")
+        return
+
+    st.subheader("Measured against the unquantized baseline")
+    c = st.columns(4)
+    sp = trial["speedup"]
+    c[0].metric("latency", f"{trial['latency_ms']:.1f} ms", None if pd.isna(sp) else f"{sp:.2f}× speedup")
+    c[1].metric("memory", _fmt_bytes(trial["memory_bytes"]), help=str(trial.get("memory_metric") or ""))
+    c[2].metric("PSNR vs baseline", f"{trial['psnr_db']:.2f} dB")
+    c[3].metric("NVFP4 / skipped", f"{_share(trial['nvfp4_share'])} / {_share(trial['skip_share'])}")
+    st.dataframe(data.measured_vs_baseline(trial.to_dict()), hide_index=True, key="pol_measured")
+
+    dmpq, tdc = policy.get("dmpq", {}), policy.get("tdc", {})
+    st.caption(
+        f"τ = {dmpq.get('threshold')}, first step {dmpq.get('first_step_format')}; TDC δ = {tdc.get('tolerance')}, "
+        f"warmup {tdc.get('warmup')}, cooldown {tdc.get('cooldown')}, max_skips {tdc.get('max_skips')}, cache "
+        f"{tdc.get('cache_dtype')}; target {policy.get('target')}"
+    )
+    st.dataframe(data.policy_summary(policy), hide_index=True, key="pol_modes")
+
+    st.subheader("Precision and skip maps")
+    runs = query(cfg, "matching_profile_runs", (policy.get("model") or {}).get("config_hash"))
+    if runs.empty:
+        st.info("No profile run of this model in the store to replay the policy on: " + PROFILE_HINT)
+    else:
+        run = st.selectbox("replayed on profile run", runs["run_id"].tolist(), key="pol_run")
+        try:
+            precision, skips = query(cfg, "policy_maps", policy, run)
+        except ValueError as e:
+            st.info(str(e))
+        else:
+            c = st.columns(2)
+            with c[0]:
+                _plot(figures.precision_map_figure(precision), "pol_precision")
+            with c[1]:
+                _plot(figures.skip_map_figure(skips), "pol_skips")
+            st.caption(
+                "The policy's DMPQ and TDC rules replayed on the profile run's Γ and Δ statistics, per prompt and "
+                "guidance branch (shares over them). At inference a skipped block also changes later inputs, so "
+                "the runtime's decisions can differ; the trial's measured NVFP4 and skip shares are above."
+            )
+
+    st.subheader("Frames: baseline beside the policy")
+    media = data.sample_media(cfg.stores[label], study, number)
+    if not media:
+        st.info(
+            f"The search stored no sample frames or videos for trial {number} (it keeps only the unquantized "
+            f"reference outputs, in {cfg.stores[label] / 'references'}, to compute PSNR/SSIM)."
+        )
+    else:
+        c = st.columns(2)
+        for path in media:
+            with c[0 if path.name.startswith(("reference", "bf16")) else 1]:
+                if path.suffix.lower() in (".mp4", ".webm"):
+                    st.video(str(path))
+                else:
+                    st.image(str(path), caption=path.name)
+
+    _export_section(cfg, label, study, number)
+
+
+def _share(v: Any) -> str:
+    return "-" if v is None or pd.isna(v) else f"{100 * float(v):.0f}%"
+
+
+def _export_section(cfg: Settings, label: str, study: str, number: int) -> None:
+    st.subheader("Export")
+    st.caption(f"Writes the trial's policy (validated, with provenance and measured figures) into {cfg.policies_dir} "
+               "with the same exporter as `sixbit-tune export`, and records it in the store.")
+    name = st.text_input("policy name", value=f"{study}-trial{number}", key="pol_export_name")
+    try:
+        file_name = check_export_name(name)
+    except ValueError as e:
+        st.error(str(e))
+        return
+    if st.button("Export policy", key="pol_export"):
+        try:
+            path, payload, ok = export_policy(cfg.stores[label], study, number, name, cfg.policies_dir,
+                                              cfg.optuna_storage)
+        except Exception as e:  # the exporter's message says what is wrong (study storage, trial state, schema)
+            st.error(f"export failed ({type(e).__name__}): {e}")
+            return
+        st.session_state["pol_exported"] = {"path": str(path), "payload": payload, "ok": ok, "file": file_name}
+    done = st.session_state.get("pol_exported")
+    if done and done["file"] == file_name:
+        st.success(f"wrote {done['path']}" + ("" if done["ok"] else " (below the study's quality floor)"))
+        st.download_button("Download policy JSON", data=done["payload"], file_name=file_name,
+                           mime="application/json", on_click="ignore", key="pol_download")
+        with st.expander("policy JSON"):
+            st.json(json.loads(done["payload"]), expanded=False)
+
+
+def gpus_page() -> None:
+    """Several stores (GPUs) side by side and their chosen policies."""
+    cfg = settings()
+    store_view(cfg)
+    st.title("GPUs")
+    if len(cfg.stores) < 2:
+        st.info("One store is open. Compare GPUs by passing one store per GPU: `sixbit-tune dashboard --store "
+                "runs/h200 --store runs/b200`.")
+    comp = query(cfg, "gpu_comparison")
+    if comp["latency_ms"].isna().all():
+        st.info(SEARCH_HINT)
+    _plot(figures.gpu_comparison_figure(comp), "gpus_figure")
+    st.dataframe(comp, hide_index=True, key="gpus_table")
+    st.caption("Chosen policy: the store's latest exported policy, else its fastest feasible trial.")
+
+
+PAGES = (
+    (runs_page, "Runs", "runs"),
+    (sensitivity_page, "Sensitivity", "sensitivity"),
+    (predictor_page, "Predictor", "predictor"),
+    (temporal_page, "Temporal redundancy", "temporal"),
+    (search_page, "Search", "search"),
+    (policy_page, "Policy", "policy"),
+    (gpus_page, "GPUs", "gpus"),
+)
+"""(page function, title, url path) of every page, in navigation order."""
+
+
+def main() -> None:
+    """The app: page config, navigation over :data:`PAGES`."""
+    st.set_page_config(page_title="sixbit-tune", layout="wide")
+    nav = st.navigation(
+        [st.Page(fn, title=title, url_path=path, default=i == 0) for i, (fn, title, path) in enumerate(PAGES)]
+    )
+    with st.sidebar:
+        cfg = settings()
+        st.caption("stores: " + ", ".join(f"{k} ({v})" for k, v in cfg.stores.items()))
+        if st.button("Refresh", key="refresh"):
+            st.cache_data.clear()
+    nav.run()
