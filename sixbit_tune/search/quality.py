@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,7 +236,7 @@ def _lpips(video: torch.Tensor, ref: torch.Tensor) -> float | None:
     if "metric" not in _LPIPS_STATE:
         ok, why = lpips_available()
         if not ok:
-            warnings.warn(why, stacklevel=3)
+            print(why, file=sys.stderr)
             _LPIPS_STATE["metric"] = None
         else:
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity

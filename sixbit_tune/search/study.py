@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -48,9 +49,12 @@ _FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "
 def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
     """An RDB storage for a URL (``scheme://...``), else a journal file storage at that path."""
     if "://" in url_or_path:
-        return optuna.storages.RDBStorage(
-            url_or_path, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, engine_kwargs={"pool_pre_ping": True}
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url_or_path, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                engine_kwargs={"pool_pre_ping": True},
+            )
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     path = Path(url_or_path)
@@ -59,9 +63,15 @@ def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(config: SearchConfig, worker: int = 0) -> optuna.samplers.TPESampler:
-    """Seeded multi-objective TPE (constraints come from ``trial.set_constraint``)."""
+    """Seeded multi-objective TPE (constraints come from ``trial.set_constraint``).
+
+    The enqueued corners are not random draws: the random startup phase comes after them, so the startup trials
+    are reproducible draws of the seed. (Later TPE draws depend on the measured objectives, wall-clock latency
+    among them, so two runs agree on them only as far as their measurements agree.)
+    """
+    corners = len(CORNERS) if config.reference_corners else 0
     return optuna.samplers.TPESampler(
-        seed=config.seed + worker, n_startup_trials=config.n_startup, multivariate=True, constant_liar=True
+        seed=config.seed + worker, n_startup_trials=corners + config.n_startup, multivariate=True, constant_liar=True
     )
 
 
@@ -99,7 +109,9 @@ def create_or_load(config: SearchConfig, ctx: SearchContext, worker: int = 0) ->
         space = derive_space(tau_q, delta_q, ctx.generation.steps)
         for k, v in study_attrs(config, ctx, space).items():
             study.set_user_attr(k, v)
-        study.set_metric_names(list(OBJECTIVES))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVES))
         if config.reference_corners:
             mid = 0.5 * (space.tau_low + space.tau_high)
             taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": mid}
@@ -288,6 +300,8 @@ def run_search(config: SearchConfig, pipe=None, store=None, log=print) -> optuna
     Returns:
         The study (reload it for the latest state when workers ran it).
     """
+    if config.progress:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, ctx, failed = prepare(config, pipe=pipe, store=store)
     if failed:
         log(f"marked {len(failed)} trial(s) of dead workers FAIL: {failed}")
