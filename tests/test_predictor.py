@@ -121,3 +121,17 @@ def test_r2_report_has_quantiles_and_histogram():
     text = r2_report(np.array([0.1, 0.5, 0.9, 0.95, 1.0]))
     assert "5 layers" in text and "q50=0.900" in text
     assert text.count("\n") == 10 and "[0.9, 1.0]     3 " in text
+
+
+def test_fit_command_records_the_fit_and_prints_the_r2_distribution(tmp_path, capsys):
+    from sixbit_tune.cli import main
+
+    store, run = _synthetic_store(tmp_path, per_branch_slopes=False)
+    assert main(["fit", "--store", str(store.path), "--min-r2", "0.9", "--max-rel-rmse", "0.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"from profile runs {run}" in out and "R² over 3 layers" in out and "-> pooled" in out
+    assert "not trusted: 1 (policies run these as static INT8)" in out and "noisy: R²=" in out
+    df = store.predictors(store.latest_fit_id())
+    assert sorted(df["layer"]) == ["l0", "l1", "noisy"]
+    assert dict(zip(df["layer"], df["trusted"])) == {"l0": True, "l1": True, "noisy": False}
+    assert main(["fit", "--store", str(tmp_path / "nowhere")]) != 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Write a trial's policy as JSON (validated, with provenance and measured figures)."
 
@@ -24,8 +25,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         path, policy, ok = export_trial(args.store, args.study, args.trial, args.out, args.storage,
                                         args.require_feasible)
-    except ValueError as e:
-        print(f"sixbit-tune export: error: {e}")
+    except (ValueError, FileNotFoundError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"sixbit-tune export: error: {e}", file=sys.stderr)
         return 2
     m = policy.measured
     print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sixbit_tune.predictor import FitSettings
 
@@ -53,9 +54,15 @@ def run(args: argparse.Namespace) -> int:
     settings = FitSettings(
         min_r2=args.min_r2, min_n=args.min_n, max_rel_rmse=args.max_rel_rmse, pooling=args.pooling, untrusted_mode=args.untrusted_mode
     )
-    with Store.open(args.store) as store:
-        result = fit_store(store, args.runs, settings)
-        fit_id = write_fit(store.writer(), result)
+    try:
+        with Store.open(args.store) as store:
+            result = fit_store(store, args.runs, settings)
+            fit_id = write_fit(store.writer(), result)
+    except (ValueError, FileNotFoundError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"sixbit-tune fit: error: {e}", file=sys.stderr)
+        return 2
     print(summarize(result, fit_id))
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sixbit_tune.search.config import SearchConfig
 
@@ -78,8 +79,14 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 def run(args: argparse.Namespace) -> int:
     from sixbit_tune.search.study import run_search, summarize
 
-    config = config_from_args(args)
-    study = run_search(config)
+    try:
+        config = config_from_args(args)
+        study = run_search(config)
+    except (ValueError, FileNotFoundError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"sixbit-tune search: error: {e}", file=sys.stderr)
+        return 2
     print(summarize(study))
     print(
         f"export a trial with: sixbit-tune export --store {config.store} --study {config.study_name} "

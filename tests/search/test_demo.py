@@ -1,0 +1,24 @@
+"""`sixbit-tune demo --quick` end to end, as CI runs it."""
+
+from __future__ import annotations
+
+import sys
+
+from search_helpers import run_cli
+
+
+def test_demo_quick_runs_offline_and_exports_a_loadable_policy(tmp_path):
+    from sixbit_tune.policy import load
+
+    res = run_cli([sys.executable, "-m", "sixbit_tune.cli", "demo", "--quick", "--out-dir", "tmp"], timeout=300,
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    for needle in ("fit fit-", "R² over", "study demo-", "PSNR vs unquantized", "NVFP4 layer-calls",
+                   "skipped blocks", "sixbit-tune dashboard --store tmp/store"):
+        assert needle in out, needle
+    policies = list((tmp_path / "policies").glob("demo-*.json"))
+    assert len(policies) == 1
+    policy = load(policies[0])
+    assert policy.provenance.study.startswith("demo-") and policy.measured.psnr_db is not None
+    assert (tmp_path / "tmp" / "store" / "meta.json").is_file()
