@@ -102,12 +102,18 @@ class RunStats:
         def pct(v: float | None) -> str:
             return "   -  " if v is None else f"{100 * v:5.1f}%"
 
+        def size(n: int) -> str:
+            for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+                if n >= scale:
+                    return f"{n / scale:.2f} {unit}"
+            return f"{n} B"
+
         lines = [
             f"NVFP4 layer-calls {pct(self.nvfp4_share)}   skipped blocks {pct(self.skip_share)}   "
             f"({sum(self.layer_calls.values())} layer-calls, {self.block_calls} block-calls)",
             "execution: " + (", ".join(f"{k}={v}" for k, v in sorted(self.execution.items())) or "model dtype only"),
-            "weights: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(self.weight_bytes.items()))
-            + f"   TDC cache peak {self.cache_bytes / 2**20:.2f} MiB",
+            "weights: " + (", ".join(f"{k} {size(v)}" for k, v in sorted(self.weight_bytes.items()) if v) or "-")
+            + f"   TDC cache peak {size(self.cache_bytes)}",
             f"{'context':<12} {'step':>4} {'NVFP4':>7} {'skipped':>8}",
         ]
         for s in self.steps:

@@ -1,0 +1,69 @@
+"""Blocks compile with ``torch.compile`` after a policy is applied (regional compilation, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rt_helpers import get_pipe, run_pipe
+from torch._dynamo.utils import counters
+
+from sixbit_tune.models.adapters import get_adapter
+from sixbit_tune.runtime import apply_policy, make_dynamic_policy
+
+
+def _policy(pipe):
+    names = list(get_adapter(pipe).all_linears())
+    return make_dynamic_policy(pipe, {n: (1.0, 0.0, None, None) for n in names[::2]}, 0.5, other_layers="int8",
+                               tdc_tolerance=1.0, warmup=1, cooldown=1, cache_dtype="float32")
+
+
+def _compile_blocks(pipe, backend):
+    for ref in get_adapter(pipe).blocks():
+        ref.module.compile(backend=backend)
+
+
+def _uncompile_blocks(pipe):
+    for ref in get_adapter(pipe).blocks():
+        ref.module.__dict__.pop("_compiled_call_impl", None)
+
+
+def test_compiled_blocks_give_the_eager_result_and_break_only_at_the_runtime_boundaries():
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = get_pipe("wan")
+    plain = run_pipe(pipe, "wan", steps=4)
+    try:
+        with apply_policy(pipe, _policy(pipe)) as h:
+            eager = run_pipe(pipe, "wan", steps=4)
+            eager_stats = h.stats()
+            _compile_blocks(pipe, "eager")
+            compiled = run_pipe(pipe, "wan", steps=4)
+            compiled_stats = h.stats()
+        assert counters["stats"]["unique_graphs"] > 0, "dynamo compiled nothing"
+        assert torch.equal(compiled, eager)
+        assert compiled_stats.steps == eager_stats.steps and compiled_stats.skipped_blocks > 0
+        reasons = list(counters["graph_break"])
+        allowed = ("Controller.block_begin", "Controller.block_end", "_dynamic_forward",
+                   "Tensor.item()")  # the last: formats' finiteness check on the CPU reference path
+        assert all(any(a in r for a in allowed) for r in reasons), reasons
+        # Removing the policy under a compiled block restores the plain model's output.
+        assert torch.equal(run_pipe(pipe, "wan", steps=4), plain)
+    finally:
+        _uncompile_blocks(pipe)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_blocks_match_eager():
+    torch._dynamo.reset()
+    pipe = get_pipe("cogvideox")
+    try:
+        with apply_policy(pipe, _policy(pipe)) as h:
+            eager = run_pipe(pipe, "cogvideox", steps=3)
+            eager_stats = h.stats()
+            _compile_blocks(pipe, "inductor")
+            compiled = run_pipe(pipe, "cogvideox", steps=3)
+            compiled_stats = h.stats()
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        assert compiled_stats.steps == eager_stats.steps
+    finally:
+        _uncompile_blocks(pipe)
