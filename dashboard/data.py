@@ -55,9 +55,13 @@ def store_labels(paths: Sequence[str | os.PathLike]) -> dict[str, Path]:
         depth += 1
 
 
-def open_stores(paths: Sequence[str | os.PathLike]) -> Store:
-    """All stores as one read-only view (``store`` column = :func:`store_labels` label)."""
-    return Store.open_many(store_labels(paths))
+def open_stores(paths: Sequence[str | os.PathLike]) -> dict[str, Store]:
+    """Each store opened read-only, by :func:`store_labels` label.
+
+    The stores are kept apart rather than read as one union (``Store.open_many``): the union merges entity rows
+    by key, so two GPUs' studies of the same (default) name would hide each other's trials.
+    """
+    return {label: Store.open(path, read_only=True) for label, path in store_labels(paths).items()}
 
 
 def fingerprint(roots: Sequence[str | os.PathLike], tables: Sequence[str] | None = None) -> str:
@@ -255,7 +259,7 @@ def studies(store: Store) -> pd.DataFrame:
     )
 
 
-def study_trials(store: Store, study: str, store_label: str | None = None) -> pd.DataFrame:
+def study_trials(store: Store, study: str) -> pd.DataFrame:
     """Trials of one study with the objectives as columns, parameters expanded (``param_<name>``), the feasibility
     flag the search recorded, and ``pareto`` (non-dominated among feasible COMPLETE trials, :data:`OBJECTIVES`).
 
@@ -272,10 +276,10 @@ def study_trials(store: Store, study: str, store_label: str | None = None) -> pd
                quality->>'memory_metric' AS memory_metric, fail_reason, gpu, nvfp4_path, kernel_path,
                CAST(params AS VARCHAR) AS params, created, updated
         FROM trials
-        WHERE study = $study AND ($label IS NULL OR store = $label)
+        WHERE study = $study
         ORDER BY number
         """,
-        {"study": study, "label": store_label},
+        {"study": study},
     )
     params = pd.DataFrame([_json(p) or {} for p in df["params"]], index=df.index)
     df = pd.concat([df.drop(columns=["params"]), params.add_prefix("param_")], axis=1)
@@ -382,7 +386,7 @@ def param_importance(
             sign = 1.0 if direction == "min" else -1.0  # the evaluators rank parameters for LOW target values
             try:
                 imp = optuna.importance.get_param_importances(
-                    loaded, target=lambda t, i=i, sign=sign: sign * t.values[i], target_name=name
+                    loaded, target=lambda t, i=i, sign=sign: sign * t.values[i]
                 )
             except (ValueError, RuntimeError, ZeroDivisionError) as e:
                 source += f"; {name}: not computable ({e})"
@@ -420,12 +424,11 @@ def _study_from_trials(trials: pd.DataFrame, names: Sequence[str]):
 # ------------------------------------------------------------------------------------------------ policy
 
 
-def trial_policy(store: Store, study: str, number: int, store_label: str | None = None) -> dict | None:
+def trial_policy(store: Store, study: str, number: int) -> dict | None:
     """The policy JSON (dict) a trial measured, or None when the trial stored none."""
     df = store.query(
-        "SELECT CAST(policy AS VARCHAR) AS policy FROM trials WHERE study = $study AND number = $number "
-        "AND ($label IS NULL OR store = $label)",
-        {"study": study, "number": int(number), "label": store_label},
+        "SELECT CAST(policy AS VARCHAR) AS policy FROM trials WHERE study = $study AND number = $number",
+        {"study": study, "number": int(number)},
     )
     return _json(df["policy"].iloc[0]) if len(df) else None
 
@@ -562,7 +565,7 @@ def measured_vs_baseline(trial: Mapping[str, Any]) -> pd.DataFrame:
 
     The baseline latency is ``speedup × latency_ms`` (the search stores the speedup against its measured baseline);
     PSNR and SSIM of the baseline are against itself (identical output: PSNR capped at 100 dB, SSIM 1).
-    Columns: figure, baseline, policy, ratio.
+    Columns: figure, baseline, policy, ratio (policy / baseline, for latency and memory only).
     """
 
     def num(k):
@@ -580,7 +583,7 @@ def measured_vs_baseline(trial: Mapping[str, Any]) -> pd.DataFrame:
         ("skipped share of block calls", 0.0, num("skip_share")),
     ]
     df = pd.DataFrame(rows, columns=["figure", "baseline", "policy"])
-    df["ratio"] = [p / b if (b and p is not None) else None for _, b, p in rows]
+    df["ratio"] = [p / b if (b and p is not None and i < 2) else None for i, (_, b, p) in enumerate(rows)]
     return df
 
 
@@ -596,58 +599,47 @@ def sample_media(store_root: str | os.PathLike, study: str, number: int) -> list
 # ------------------------------------------------------------------------------------------------ GPUs
 
 
-def gpu_comparison(store: Store) -> pd.DataFrame:
-    """Per store (one per GPU or machine): the GPU(s) it ran on and its chosen policy's figures.
+def gpu_comparison(stores: Mapping[str, Store]) -> pd.DataFrame:
+    """Per store (one per GPU or machine, by label): the GPU(s) it ran on and its chosen policy's figures.
 
     The chosen policy is the latest exported one (``policies`` table) when the store has one, else the fastest
     feasible COMPLETE trial. Columns: store, gpu, runs, trials, choice ("exported <name>" or "fastest feasible
     trial"), study, number, latency_ms, speedup, memory_bytes, psnr_db, nvfp4_share, skip_share, tau, delta.
     """
-    gpus = store.query(
-        "SELECT store, string_agg(DISTINCT coalesce(gpu_name, 'CPU (no GPU)'), ', ') AS gpu, count(*) AS runs "
-        "FROM runs GROUP BY store"
-    )
-    trials = store.query(
-        """
-        SELECT store, study, number, latency_ms, speedup,
-               coalesce(TRY_CAST(quality->>'memory_bytes' AS BIGINT), peak_memory_bytes) AS memory_bytes,
-               psnr_db, nvfp4_share, skip_share, TRY_CAST(params->>'tau' AS DOUBLE) AS tau,
-               TRY_CAST(params->>'delta' AS DOUBLE) AS delta, gpu,
-               coalesce(TRY_CAST(quality->>'feasible' AS BOOLEAN), true) AS feasible, state
-        FROM trials
-        """
-    )
-    exported = store.query("SELECT store, name, study, trial FROM policies ORDER BY updated")
+    cols = ["store", "gpu", "runs", "trials", "choice", "study", "number", "latency_ms", "speedup", "memory_bytes",
+            "psnr_db", "nvfp4_share", "skip_share", "tau", "delta"]
     out = []
-    labels = list(store.paths)
-    for label in labels:
-        g = gpus[gpus["store"] == label]
-        t = trials[trials["store"] == label]
-        row: dict[str, Any] = {
-            "store": label,
-            "gpu": g["gpu"].iloc[0] if len(g) else None,
-            "runs": int(g["runs"].iloc[0]) if len(g) else 0,
-            "trials": len(t),
-            "choice": None,
-        }
-        e = exported[exported["store"] == label]
+    for label, store in stores.items():
+        g = store.query(
+            "SELECT string_agg(DISTINCT coalesce(gpu_name, 'CPU (no GPU)'), ', ') AS gpu, count(*) AS runs FROM runs"
+        ).iloc[0]
+        t = store.query(
+            """
+            SELECT study, number, latency_ms, speedup,
+                   coalesce(TRY_CAST(quality->>'memory_bytes' AS BIGINT), peak_memory_bytes) AS memory_bytes,
+                   psnr_db, nvfp4_share, skip_share, TRY_CAST(params->>'tau' AS DOUBLE) AS tau,
+                   TRY_CAST(params->>'delta' AS DOUBLE) AS delta, gpu,
+                   coalesce(TRY_CAST(quality->>'feasible' AS BOOLEAN), true) AS feasible, state
+            FROM trials
+            """
+        )
+        exported = store.query("SELECT name, study, trial FROM policies ORDER BY updated")
+        row: dict[str, Any] = {"store": label, "gpu": g["gpu"], "runs": int(g["runs"]), "trials": len(t),
+                               "choice": None}
         pick = None
-        if len(e):
-            last = e.iloc[-1]
+        if len(exported):
+            last = exported.iloc[-1]
             m = t[(t["study"] == last["study"]) & (t["number"] == last["trial"])]
             if len(m):
                 pick, row["choice"] = m.iloc[0], f"exported {last['name']}"
         if pick is None:
-            ok = t[(t["state"] == "COMPLETE") & t["feasible"]].sort_values("latency_ms")
+            ok = t[(t["state"] == "COMPLETE") & t["feasible"].astype(bool)].sort_values("latency_ms")
             if len(ok):
                 pick, row["choice"] = ok.iloc[0], "fastest feasible trial"
         if pick is not None:
-            for k in ("study", "number", "latency_ms", "speedup", "memory_bytes", "psnr_db", "nvfp4_share",
-                      "skip_share", "tau", "delta"):
+            for k in cols[5:]:
                 row[k] = pick[k]
-            if pick["gpu"] is not None and isinstance(pick["gpu"], str):
+            if isinstance(pick["gpu"], str):
                 row["gpu"] = pick["gpu"]
         out.append(row)
-    cols = ["store", "gpu", "runs", "trials", "choice", "study", "number", "latency_ms", "speedup", "memory_bytes",
-            "psnr_db", "nvfp4_share", "skip_share", "tau", "delta"]
     return pd.DataFrame(out).reindex(columns=cols)

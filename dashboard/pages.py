@@ -68,35 +68,43 @@ def settings() -> Settings:
 
 
 @st.cache_resource(show_spinner=False)
-def _open(items: tuple[tuple[str, str], ...]):
-    return Store.open_many({label: path for label, path in items})
+def _open(path: str) -> Store:
+    return Store.open(path, read_only=True)
 
 
-def _items(cfg: Settings) -> tuple[tuple[str, str], ...]:
-    return tuple((label, str(path)) for label, path in cfg.stores.items())
+def current_store(cfg: Settings) -> str:
+    """The label of the store the pages show (a sidebar choice when several were given)."""
+    chosen = st.session_state.get("store_label")
+    return chosen if chosen in cfg.stores else next(iter(cfg.stores))
 
 
-def store_view(cfg: Settings):
-    """The cached read-only view over every store; an unreadable store stops the page with the reason."""
+def store_view(cfg: Settings, label: str | None = None) -> Store:
+    """The cached read-only view of one store; an unreadable store stops the page with the reason."""
+    label = label or current_store(cfg)
     try:
-        return _open(_items(cfg))
+        return _open(str(cfg.stores[label]))
     except (FileNotFoundError, ValueError) as e:
-        st.error(f"cannot open the store: {e}")
+        st.error(f"cannot open the store {label}: {e}")
     except Exception as e:  # StoreSchemaError and friends: the message says what to run
-        st.error(f"cannot open the store ({type(e).__name__}): {e}")
+        st.error(f"cannot open the store {label} ({type(e).__name__}): {e}")
     st.stop()
     raise RuntimeError("unreachable")
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def _cached(fn: str, items: tuple[tuple[str, str], ...], token: str, args: tuple, kwargs: tuple) -> Any:
-    return getattr(data, fn)(_open(items), *args, **dict(kwargs))
+def _cached(fn: str, path: str, token: str, args: tuple, kwargs: tuple) -> Any:
+    return getattr(data, fn)(_open(path), *args, **dict(kwargs))
 
 
 def query(cfg: Settings, fn: str, *args: Any, **kwargs: Any) -> Any:
-    """``data.<fn>(store, *args, **kwargs)``, cached until the stores' part files change."""
-    token = data.fingerprint(list(cfg.stores.values()))
-    return _cached(fn, _items(cfg), token, tuple(args), tuple(sorted(kwargs.items())))
+    """``data.<fn>(store, *args, **kwargs)`` on the current store, cached until its part files change."""
+    path = cfg.stores[current_store(cfg)]
+    return _cached(fn, str(path), data.fingerprint([path]), tuple(args), tuple(sorted(kwargs.items())))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _gpu_comparison(items: tuple[tuple[str, str], ...], token: str) -> pd.DataFrame:
+    return data.gpu_comparison({label: _open(path) for label, path in items})
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -118,7 +126,7 @@ def _pick_run(cfg: Settings, key: str) -> str | None:
     if runs.empty:
         st.info(PROFILE_HINT)
         return None
-    labels = {r.run_id: f"{r.run_id} · {r.model_spec} · {r.steps} steps · {r.store}" for r in runs.itertuples()}
+    labels = {r.run_id: f"{r.run_id} · {r.model_spec} · {r.steps} steps, {r.prompts} prompts" for r in runs.itertuples()}
     return st.selectbox("profile run", list(labels), format_func=labels.get, key=key)
 
 
@@ -128,14 +136,13 @@ def _pick_branch(cfg: Settings, run_id: str, key: str) -> str | None:
     return None if choice.startswith("both") else choice
 
 
-def _pick_study(cfg: Settings, key: str) -> tuple[str, str] | None:
+def _pick_study(cfg: Settings, key: str) -> str | None:
     studies = query(cfg, "studies")
     if studies.empty:
         st.info(SEARCH_HINT)
         return None
-    options = [(r.store, r.study) for r in studies.itertuples()]
-    labels = {o: f"{o[1]} · {o[0]}" for o in options}
-    return st.selectbox("study", options, format_func=labels.get, key=key)
+    labels = {r.study: f"{r.study} · {r.complete}/{r.trials} complete" for r in studies.itertuples()}
+    return st.selectbox("study", list(labels), format_func=labels.get, key=key)
 
 
 def _fmt_bytes(v: Any) -> str:
@@ -210,7 +217,7 @@ def predictor_page() -> None:
     if fits.empty:
         st.info(FIT_HINT if not query(cfg, "profile_runs").empty else PROFILE_HINT + " Then: " + FIT_HINT)
         return
-    labels = {r.fit_id: f"{r.fit_id} · {r.layers} layers, {r.trusted} trusted · {r.store}" for r in fits.itertuples()}
+    labels = {r.fit_id: f"{r.fit_id} · {r.layers} layers, {r.trusted} trusted" for r in fits.itertuples()}
     fit_id = st.selectbox("fit", list(labels), format_func=labels.get, key="pred_fit")
     layers = query(cfg, "fit_layers", fit_id)
     by_r2 = layers.sort_values("r2", ascending=False)["layer"].tolist()
@@ -252,11 +259,10 @@ def search_page() -> None:
     cfg = settings()
     store_view(cfg)
     st.title("Search")
-    pick = _pick_study(cfg, "search_study")
-    if pick is None:
+    study = _pick_study(cfg, "search_study")
+    if study is None:
         return
-    label, study = pick
-    trials = query(cfg, "study_trials", study, label)
+    trials = query(cfg, "study_trials", study)
     done = trials[trials["state"] == "COMPLETE"]
     c = st.columns(4)
     c[0].metric("trials", len(trials))
@@ -270,7 +276,7 @@ def search_page() -> None:
     with cols[0]:
         _plot(figures.hypervolume_figure(data.hypervolume_history(trials)), "search_hv")
     with cols[1]:
-        root = str(cfg.stores[label])
+        root = str(cfg.stores[current_store(cfg)])
         imp = _importance(trials, study, root, cfg.optuna_storage, data.fingerprint([root], ["trials"]))
         _plot(figures.importance_figure(imp.table), "search_importance")
         st.caption(f"Importance source: {imp.source}")
@@ -290,11 +296,11 @@ def policy_page() -> None:
     cfg = settings()
     store_view(cfg)
     st.title("Policy")
-    pick = _pick_study(cfg, "pol_study")
-    if pick is None:
+    study = _pick_study(cfg, "pol_study")
+    if study is None:
         return
-    label, study = pick
-    trials = query(cfg, "study_trials", study, label)
+    label = current_store(cfg)
+    trials = query(cfg, "study_trials", study)
     done = trials[trials["state"] == "COMPLETE"].sort_values(["pareto", "latency_ms"], ascending=[False, True])
     if done.empty:
         st.info("No trial of this study has completed yet: its policies appear here as the search runs.")
@@ -302,7 +308,7 @@ def policy_page() -> None:
     labels = {int(r.number): _trial_label(r) for r in done.itertuples()}
     number = st.selectbox("trial", list(labels), format_func=labels.get, key="pol_trial")
     trial = done[done["number"] == number].iloc[0]
-    policy = query(cfg, "trial_policy", study, number, label)
+    policy = query(cfg, "trial_policy", study, number)
     if policy is None:
         st.info("This trial stored no policy (the search mirrors it into the store when the trial completes).")
         return
@@ -399,12 +405,14 @@ def _export_section(cfg: Settings, label: str, study: str, number: int) -> None:
 def gpus_page() -> None:
     """Several stores (GPUs) side by side and their chosen policies."""
     cfg = settings()
-    store_view(cfg)
+    for label in cfg.stores:
+        store_view(cfg, label)
     st.title("GPUs")
     if len(cfg.stores) < 2:
         st.info("One store is open. Compare GPUs by passing one store per GPU: `sixbit-tune dashboard --store "
                 "runs/h200 --store runs/b200`.")
-    comp = query(cfg, "gpu_comparison")
+    items = tuple((label, str(path)) for label, path in cfg.stores.items())
+    comp = _gpu_comparison(items, data.fingerprint(list(cfg.stores.values())))
     if comp["latency_ms"].isna().all():
         st.info(SEARCH_HINT)
     _plot(figures.gpu_comparison_figure(comp), "gpus_figure")
@@ -432,6 +440,9 @@ def main() -> None:
     )
     with st.sidebar:
         cfg = settings()
+        if len(cfg.stores) > 1:
+            st.selectbox("store", list(cfg.stores), key="store_label",
+                         help="the store the pages show; the GPUs page compares them all")
         st.caption("stores: " + ", ".join(f"{k} ({v})" for k, v in cfg.stores.items()))
         if st.button("Refresh", key="refresh"):
             st.cache_data.clear()

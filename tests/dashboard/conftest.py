@@ -1,0 +1,92 @@
+"""Fixtures of the dashboard tests: ONE real store per session (profile, fit and search of tiny:wan), built through
+the project's own APIs, plus a second store (a copy, standing for a second GPU) for the side-by-side page."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from dashboard_helpers import MODEL, PROMPTS, STEPS, TRIALS
+
+
+@pytest.fixture(scope="session")
+def dash_store(tmp_path_factory) -> Path:
+    """Profile (2 prompts x 4 steps, CFG) -> fit -> 4-trial search (3 enqueued corners + 1 TPE trial) of tiny:wan."""
+    from sixbit_tune.predictor import fit_store, write_fit
+    from sixbit_tune.profiling.runner import ProfileConfig, profile
+    from sixbit_tune.search.config import SearchConfig
+    from sixbit_tune.search.study import run_search
+    from sixbit_tune.store import Store
+
+    path = tmp_path_factory.mktemp("dash") / "h200"
+    profile(ProfileConfig(model=MODEL, prompts=list(PROMPTS), store=str(path), steps=STEPS, device="cpu",
+                          progress=False))
+    with Store.open(path) as store:
+        write_fit(store.writer(), fit_store(store))
+    config = SearchConfig(store=str(path), model=MODEL, trials=TRIALS, prompts=(PROMPTS[0],), repeats=1,
+                          warmup_runs=0, quality_floor_db=25.0, device="cpu", progress=False, seed=0)
+    run_search(config, log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def second_store(dash_store, tmp_path_factory) -> Path:
+    """A second store (a copy of the first under another folder name), as results of another GPU would be."""
+    dest = tmp_path_factory.mktemp("dash2") / "b200"
+    shutil.copytree(dash_store, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def profile_only_store(tmp_path_factory) -> Path:
+    """A store with one profile run and nothing else (no fit, no search): 1 prompt x 2 steps."""
+    from sixbit_tune.profiling.runner import ProfileConfig, profile
+
+    path = tmp_path_factory.mktemp("profonly") / "store"
+    profile(ProfileConfig(model=MODEL, prompts=[PROMPTS[0]], store=str(path), steps=2, device="cpu", progress=False))
+    return path
+
+
+@pytest.fixture
+def store_copy(dash_store, tmp_path) -> Path:
+    dest = tmp_path / "copy"
+    shutil.copytree(dash_store, dest)
+    return dest
+
+
+@pytest.fixture
+def empty_store(tmp_path) -> Path:
+    from sixbit_tune.store import Store
+
+    path = tmp_path / "empty"
+    Store.create(path).close()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_streamlit_caches():
+    """cache_resource and cache_data outlive AppTest instances in one process (FACTS d): start each test clean."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def app_argv(monkeypatch):
+    """Set the app's command line (what `sixbit-tune dashboard` passes after `--`)."""
+
+    def set_argv(*stores: Path, policies_dir: Path | None = None, extra: tuple[str, ...] = ()) -> None:
+        argv = ["app.py"]
+        for s in stores:
+            argv += ["--store", str(s)]
+        if policies_dir is not None:
+            argv += ["--policies-dir", str(policies_dir)]
+        monkeypatch.setattr(sys, "argv", argv + list(extra))
+
+    return set_argv
