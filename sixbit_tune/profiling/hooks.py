@@ -37,9 +37,9 @@ from sixbit_tune.formats import FORMATS
 from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
 from sixbit_tune.profiling.quant import (
     QuantizedWeight,
-    linear_errors,
-    linear_errors_impl,
     nvfp4_gemm_path,
+    output_errors,
+    quantize_activation,
     quantize_weight,
 )
 from sixbit_tune.stats import block_stats, delta_change, stream_delta
@@ -104,6 +104,9 @@ class _Recorder:
         self.calls: list[_Call] = []
         self.current: _Call | None = None
         self.enabled = True
+        # (input tensor, its _version, formats key, quantize_activation result) of the last linear call:
+        # linears reading the same tensor (attention q/k/v) reuse the quantized activation and its act_err.
+        self.act_cache: tuple | None = None
 
 
 class _RootHook(ModelHook):
@@ -125,6 +128,7 @@ class _RootHook(ModelHook):
         if rec.current is not None:
             rec.calls.append(rec.current)
             rec.current = None
+        rec.act_cache = None
         return output
 
     def reset_state(self, module):
@@ -170,20 +174,42 @@ class _BlockHook(ModelHook):
 
 
 class _LinearHook(ModelHook):
-    def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, impl=linear_errors_impl):
+    def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, act_fn=quantize_activation,
+                 out_fn=output_errors):
         super().__init__()
         self.recorder = recorder
         self.layer_id = layer_id
         self.qw = qw
-        self.impl = impl
+        self.act_fn = act_fn
+        self.out_fn = out_fn
+        self.key = (None if qw.nvfp4_v is None else qw.nvfp4_v.dtype, qw.int8_q is not None)
 
     def new_forward(self, module, *args, **kwargs):
         out = self.fn_ref.original_forward(*args, **kwargs)
-        call = self.recorder.current
-        if call is not None:
+        rec = self.recorder
+        if rec.current is not None:
             x = args[0] if args else kwargs["input"]
-            call.layers.append((self.layer_id, linear_errors(x, out, self.qw, self.impl)))
+            cache = rec.act_cache
+            version = _version(x)
+            if cache is not None and cache[0] is x and cache[1] == version and cache[2] == self.key:
+                qa = cache[3]
+            else:
+                qa = self.act_fn(x, *self.key)
+                rec.act_cache = (x, version, self.key, qa)
+            act, xv, xs, xq, xqs = qa
+            qw = self.qw
+            err = self.out_fn(out, qw.bias, xv, xs, qw.nvfp4_v, qw.nvfp4_s, xq, xqs, qw.int8_q, qw.int8_s)
+            rec.current.layers.append((self.layer_id, torch.stack((act, err), dim=1)))
         return out
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference-mode tensors, which have none (for them the
+    activation cache relies on identity alone: nothing between a module's q/k/v projections writes their input)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 class _Compiled:
@@ -263,11 +289,11 @@ class Instrumentation:
         if compile_stats is None:
             compile_stats = device.type == "cuda"
         self.compile_stats = bool(compile_stats)
-        block_fn, layer_fn = block_record, linear_errors_impl
+        block_fn, act_fn, out_fn = block_record, quantize_activation, output_errors
         self._compiled: list[_Compiled] = []
         if self.compile_stats:
-            block_fn, layer_fn = _Compiled(block_record), _Compiled(linear_errors_impl)
-            self._compiled = [block_fn, layer_fn]
+            block_fn, act_fn, out_fn = _Compiled(block_record), _Compiled(quantize_activation), _Compiled(output_errors)
+            self._compiled = [block_fn, act_fn, out_fn]
         #: how the NVFP4 product of out_err runs (see sixbit_tune.profiling.quant)
         self.nvfp4_gemm = nvfp4_gemm_path(device)
         self._blocks = self.adapter.blocks()
@@ -302,7 +328,7 @@ class Instrumentation:
                     self.layer_names.append(f"{ref.name}.{rel}")
                     self.layer_formats.append(qw.formats)
                     self._layer_block.append(ref.index)
-                    hook = _LinearHook(self._recorder, layer_id, qw, layer_fn)
+                    hook = _LinearHook(self._recorder, layer_id, qw, act_fn, out_fn)
                     HookRegistry.check_if_exists_or_initialize(lin).register_hook(hook, HOOK_NAME)
                     self._modules.append(lin)
         except BaseException:
@@ -331,6 +357,7 @@ class Instrumentation:
         """Drop every unflushed record and every block's previous Δ (start of a new prompt)."""
         self._recorder.calls.clear()
         self._recorder.current = None
+        self._recorder.act_cache = None
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
 
     def remove(self) -> None:
@@ -344,6 +371,7 @@ class Instrumentation:
         self._modules.clear()
         self._recorder.calls.clear()
         self._recorder.current = None
+        self._recorder.act_cache = None
         HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
         self._removed = True
 
@@ -374,6 +402,7 @@ class Instrumentation:
             ValueError: a call's batch does not fit ``len(prompt_indices)`` and the family's CFG mode.
         """
         calls, self._recorder.calls = self._recorder.calls, []
+        self._recorder.act_cache = None
         out = StepRecords.empty()
         if not calls:
             return out

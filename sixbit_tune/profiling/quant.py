@@ -42,6 +42,8 @@ __all__ = [
     "linear_errors_impl",
     "nvfp4_gemm_path",
     "nvfp4_values",
+    "output_errors",
+    "quantize_activation",
     "quantize_weight",
 ]
 
@@ -158,46 +160,81 @@ def _int_mm_exact(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     return (qx.double() @ qw.double().t()).float()
 
 
-def linear_errors_impl(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    nvfp4_v: torch.Tensor | None,
-    nvfp4_s: torch.Tensor | None,
-    int8_q: torch.Tensor | None,
-    int8_s: torch.Tensor | None,
-) -> torch.Tensor:
-    """:func:`linear_errors` on plain tensors (what ``torch.compile`` traces: guards on shapes and dtypes only).
+def quantize_activation(
+    x: torch.Tensor, nvfp4_dtype: torch.dtype | None, with_int8: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Quantize one linear input (the whole tensor, as the runtime would) and measure ``act_err`` per row.
 
-    Formats present (weight tensors not None) are reported in ``FORMATS`` order.
+    Linears that read the same input tensor (attention q/k/v) share this result.
+
+    Args:
+        x: ``[B, ..., K]``.
+        nvfp4_dtype: dtype of the NVFP4 GEMM operand ``V_x`` (the weight's ``nvfp4_v.dtype``), or None for no NVFP4.
+        with_int8: also quantize to INT8.
+
+    Returns:
+        ``(act [F, B], V_x [M, K] | None, s_x 0-d | None, q_x int8 [M, K] | None, s_x [M] | None)`` with
+        ``M`` = tokens over all rows and formats in ``FORMATS`` order.
     """
     B = x.shape[0]
-    K = x.shape[-1]
-    x2 = x.detach().reshape(-1, K)
+    x2 = x.detach().reshape(-1, x.shape[-1])
     xf = x2.float()
+    x_n = torch.linalg.vector_norm(xf.reshape(B, -1), dim=1)
+    acts = []
+    v = s = q = sx = None
+    if nvfp4_dtype is not None:
+        v, s = nvfp4_values(x2)
+        acts.append(safe_ratio(torch.linalg.vector_norm((v * s - xf).reshape(B, -1), dim=1), x_n))
+        v = v.to(nvfp4_dtype)
+    if with_int8:
+        q, sx = int8_codes(x2)
+        acts.append(safe_ratio(torch.linalg.vector_norm((q.float() * sx.unsqueeze(-1) - xf).reshape(B, -1), dim=1), x_n))
+    return torch.stack(acts), v, s, q, sx
+
+
+def output_errors(
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    xv: torch.Tensor | None,
+    xs: torch.Tensor | None,
+    wv: torch.Tensor | None,
+    ws: torch.Tensor | None,
+    xq: torch.Tensor | None,
+    xqs: torch.Tensor | None,
+    wq: torch.Tensor | None,
+    wqs: torch.Tensor | None,
+) -> torch.Tensor:
+    """``out_err`` per row from the quantized operands: one extra GEMM per format, then a row reduction.
+
+    Args:
+        y: the layer output ``[B, ..., N]`` (bias included; removed here).
+        bias: float32 ``[N]`` or None.
+        xv, xs, wv, ws: NVFP4 ``V_x``, ``s_x``, ``V_w``, ``s_w`` (all None without NVFP4).
+        xq, xqs, wq, wqs: INT8 codes and scales of x and W (all None without INT8).
+
+    Returns:
+        ``[F, B]`` float32, formats in ``FORMATS`` order.
+    """
+    B = y.shape[0]
     ref = y.detach().reshape(-1, y.shape[-1]).float()
     if bias is not None:
         ref = ref - bias
     ref_n = torch.linalg.vector_norm(ref.reshape(B, -1), dim=1)
-    x_n = torch.linalg.vector_norm(xf.reshape(B, -1), dim=1)
-    out = []
-    if nvfp4_v is not None:
-        v, s = nvfp4_values(x2)
-        xq = v * s
-        yq = _mm_f32(v.to(nvfp4_v.dtype), nvfp4_v.t()) * (s * nvfp4_s)
-        out.append(_errors(xq, xf, x_n, yq, ref, ref_n, B))
-    if int8_q is not None:
-        q, sx = int8_codes(x2)
-        xq = q.float() * sx.unsqueeze(-1)
-        yq = _int_mm_exact(q, int8_q) * (sx.unsqueeze(-1) * int8_s.unsqueeze(0))
-        out.append(_errors(xq, xf, x_n, yq, ref, ref_n, B))
-    return torch.stack(out)
+    errs = []
+    if xv is not None:
+        yq = _mm_f32(xv, wv.t()) * (xs * ws)
+        errs.append(safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n))
+    if xq is not None:
+        yq = _int_mm_exact(xq, wq) * (xqs.unsqueeze(-1) * wqs.unsqueeze(0))
+        errs.append(safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n))
+    return torch.stack(errs)
 
 
-def _errors(xq, xf, x_n, yq, ref, ref_n, B) -> torch.Tensor:
-    act = safe_ratio(torch.linalg.vector_norm((xq - xf).reshape(B, -1), dim=1), x_n)
-    err = safe_ratio(torch.linalg.vector_norm((yq - ref).reshape(B, -1), dim=1), ref_n)
-    return torch.stack((act, err))
+def linear_errors_impl(x, y, bias, nvfp4_v, nvfp4_s, int8_q, int8_s) -> torch.Tensor:
+    """:func:`linear_errors` on plain tensors: :func:`quantize_activation` then :func:`output_errors`."""
+    act, xv, xs, xq, xqs = quantize_activation(x, None if nvfp4_v is None else nvfp4_v.dtype, int8_q is not None)
+    out = output_errors(y, bias, xv, xs, nvfp4_v, nvfp4_s, xq, xqs, int8_q, int8_s)
+    return torch.stack((act, out), dim=1)
 
 
 def linear_errors(x: torch.Tensor, y: torch.Tensor, qw: QuantizedWeight, impl=linear_errors_impl) -> torch.Tensor:

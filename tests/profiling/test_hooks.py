@@ -106,9 +106,10 @@ def test_statistics_equal_direct_computation(family):
     model = tiny_transformer(family)
     adapter = get_adapter(model)
     block = adapter.blocks()[1]
-    lin_rel, lin = list(adapter.linears(block).items())[-1]
+    linears = adapter.linears(block)  # every linear of the block: q/k/v share one quantized input
     inst = instrument(model)
-    cap_b, cap_l = _Capture(block.module), _Capture(lin)
+    cap_b = _Capture(block.module)
+    caps = {rel: _Capture(lin) for rel, lin in linears.items()}
     context = "cond_uncond" if adapter.cfg_mode == "batched" else "cond"
     batch = 2 if context == "cond_uncond" else 1
     steps = []
@@ -117,7 +118,8 @@ def test_statistics_equal_direct_computation(family):
         steps.append(inst.flush(step, [0]))
     inst.remove()
     cap_b.remove()
-    cap_l.remove()
+    for c in caps.values():
+        c.remove()
     prev = [None] * batch
     for step, recs in enumerate(steps):
         args, kwargs = cap_b.inputs[step]
@@ -137,20 +139,21 @@ def test_statistics_equal_direct_computation(family):
                 assert recs.blocks["delta_change"][i] == pytest.approx(change, rel=1e-4)
                 assert recs.blocks["delta_cos"][i] == pytest.approx(cos, rel=1e-5)
             prev[r] = d
-        # the linear: x from its captured input, reference product x·Wᵀ in float64
-        (x,), _ = cap_l.inputs[step]
-        ref = x.double() @ lin.weight.double().t()
-        name = f"{block.name}.{lin_rel}"
-        for fmt in formats.FORMATS:
-            yq = formats.quantized_linear_reference(x, lin.weight, None, fmt).double()
-            xq = formats.fake_quant(x, fmt).double()
-            for r in range(batch):
-                i = [k for k in range(len(recs.layers["step"]))
-                     if recs.layers["layer"][k] == name and recs.layers["format"][k] == fmt][r]
-                out = ((yq[r] - ref[r]).norm() / ref[r].norm()).item()
-                act = ((xq[r] - x[r].double()).norm() / x[r].double().norm()).item()
-                assert recs.layers["out_err"][i] == pytest.approx(out, rel=1e-4), (fmt, r)
-                assert recs.layers["act_err"][i] == pytest.approx(act, rel=1e-5), (fmt, r)
+        # each linear: x from its captured input, reference product x·Wᵀ in float64
+        for rel, lin in linears.items():
+            (x,), _ = caps[rel].inputs[step]
+            ref = x.double() @ lin.weight.double().t()
+            name = f"{block.name}.{rel}"
+            for fmt in formats.FORMATS:
+                yq = formats.quantized_linear_reference(x, lin.weight, None, fmt).double()
+                xq = formats.fake_quant(x, fmt).double()
+                for r in range(batch):
+                    i = [k for k in range(len(recs.layers["step"]))
+                         if recs.layers["layer"][k] == name and recs.layers["format"][k] == fmt][r]
+                    out = ((yq[r] - ref[r]).norm() / ref[r].norm()).item()
+                    act = ((xq[r] - x[r].double()).norm() / x[r].double().norm()).item()
+                    assert recs.layers["out_err"][i] == pytest.approx(out, rel=1e-4), (name, fmt, r)
+                    assert recs.layers["act_err"][i] == pytest.approx(act, rel=1e-5), (name, fmt, r)
 
 
 def test_batched_cfg_rows_labelled_uncond_then_cond():

@@ -1,0 +1,35 @@
+"""The fused (torch.compile) statistic functions against the eager ones, on a CUDA device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sixbit_tune.models.tiny import tiny_transformer, tiny_transformer_inputs
+from sixbit_tune.profiling.hooks import instrument
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_compiled_statistics_equal_eager_on_cuda(family):
+    results = {}
+    context = "cond_uncond" if family == "cogvideox" else "cond"
+    batch = 2 if family == "cogvideox" else 1
+    for compiled in (False, True):
+        model = tiny_transformer(family, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        with instrument(model, compile_stats=compiled) as inst:
+            for step in range(3):
+                kwargs = tiny_transformer_inputs(family, batch=batch, seed=step, device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad(), model.cache_context(context):
+                    model(**kwargs)
+                outs.append(inst.flush(step, [0]))
+            assert inst.compile_failures == []
+        results[compiled] = outs
+    for a, b in zip(results[False], results[True]):
+        for key in ("gamma", "delta_change", "delta_cos", "delta_norm"):
+            assert [v is None for v in b.blocks[key]] == [v is None for v in a.blocks[key]]
+            assert [v for v in b.blocks[key] if v is not None] == pytest.approx(
+                [v for v in a.blocks[key] if v is not None], rel=1e-4)
+        for key in ("act_err", "out_err"):
+            assert b.layers[key] == pytest.approx(a.layers[key], rel=1e-4)
