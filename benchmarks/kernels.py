@@ -53,8 +53,13 @@ KEY_SHAPES = {("cogvideox-2b", "attn qkv/out"), ("cogvideox-5b", "ff up"), ("wan
 DEVICE = "cuda"
 
 
-def cuda_time_ms(fn, min_reps=5, max_reps=50, target_ms=300.0, warmup=3):
-    """Median of per-call CUDA-event times after ``warmup`` calls (the first of which may autotune)."""
+def cuda_time_ms(fn, target_ms=250.0, warmup=2):
+    """Median per-call time (ms) from CUDA events.
+
+    After ``warmup`` calls (the first may autotune), each timed sample is ``n`` back-to-back calls between two
+    events (``n`` so that a sample lasts >= ~1 ms), so the host's launch overhead is hidden by the queue as in
+    a real model; samples until ~``target_ms``.
+    """
     if DEVICE == "cpu":  # --smoke: the script's logic on CPU under the Triton interpreter, times meaningless
         t = time.perf_counter()
         fn()
@@ -67,93 +72,104 @@ def cuda_time_ms(fn, min_reps=5, max_reps=50, target_ms=300.0, warmup=3):
     fn()
     e.record()
     torch.cuda.synchronize()
-    reps = int(max(min_reps, min(max_reps, target_ms / max(s.elapsed_time(e), 1e-3))))
-    times = []
+    one = max(s.elapsed_time(e), 1e-3)
+    n = int(min(50, max(1, round(1.0 / one))))
+    reps = int(max(5, min(40, target_ms / (one * n))))
+    events = []
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(n):
+            fn()
         e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
+        events.append((s, e))
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) / n for s, e in events]
     return statistics.median(times), times
 
 
-def check_shape(x, w, b, qw8, qw4, rows):
-    """Correctness of every kernel on this shape; returns a dict of facts (raises nothing, records failures)."""
-    from sixbit_tune.kernels.gemm_int8 import int8_gemm
-    from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_gemm_deq, nvfp4_gemm_packed
+def check_shape(x, w, b, rows):
+    """Correctness on this shape against the CPU reference (sampled rows; the activation's global NVFP4 scale
+    from the exact GPU amax). Returns (facts, int8 weight, nvfp4 weight) with the weights quantized by the kernels.
+    """
+    from sixbit_tune.kernels import quantize_weight
+    from sixbit_tune.kernels.gemm_int8 import TMA_VARIANTS, int8_gemm
+    from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_linear_emulated
     from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
 
     out = {}
-    # Quantizers: whole tensors, bit for bit.
+    xr = x[rows].cpu()
+    # Weights through the kernels; their sampled rows against the CPU reference.
+    qw8 = quantize_weight(w, "int8", preference="triton")
+    qw4 = quantize_weight(w, "nvfp4", preference="triton")
+    wr = w[rows % w.shape[0]].cpu()
+    rq, rs = int8.quantize(wr)
+    out["int8_weight_bit_exact"] = bool(torch.equal(qw8[0][rows % w.shape[0]].cpu(), rq)
+                                        and torch.equal(qw8[1][rows % w.shape[0]].cpu(), rs))
+    gw = nvfp4.global_scale_of(w.abs().amax().float().reshape(1).cpu())
+    r4w = nvfp4.quantize(wr, global_scale=gw)
+    out["nvfp4_weight_bit_exact"] = bool(
+        torch.equal(qw4.global_scale.cpu(), gw)
+        and torch.equal(qw4.data[rows % w.shape[0]].cpu(), r4w.data)
+        and torch.equal(qw4.block_scales[rows % w.shape[0]].view(torch.uint8).cpu(), r4w.block_scales.view(torch.uint8)))
+    # Activation quantizers.
     q, s = quantize_int8_rows(x)
-    rq, rs = int8.quantize(x)
-    out["int8_quant_bit_exact"] = bool(torch.equal(q, rq) and torch.equal(s, rs))
-    del rq, rs
+    rq, rs = int8.quantize(xr)
+    out["int8_quant_bit_exact"] = bool(torch.equal(q[rows].cpu(), rq) and torch.equal(s[rows].cpu(), rs))
+    gx = nvfp4.global_scale_of(x.abs().amax().float().reshape(1).cpu())
+    r4 = nvfp4.quantize(xr, global_scale=gx)
     data, scales, gs, _, _ = quantize_nvfp4(x)
-    ref4 = nvfp4.quantize(x)
     out["nvfp4_quant_bit_exact"] = bool(
-        torch.equal(data, ref4.data)
-        and torch.equal(scales.view(torch.uint8), ref4.block_scales.view(torch.uint8))
-        and torch.equal(gs, ref4.global_scale)
-    )
-    _, _, gs2, deq, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
+        torch.equal(gs.cpu(), gx) and torch.equal(data[rows].cpu(), r4.data)
+        and torch.equal(scales[rows].view(torch.uint8).cpu(), r4.block_scales.view(torch.uint8)))
     M, K = x.shape
-    codes = nvfp4.decode_e2m1(nvfp4.unpack_codes(ref4.data[rows])).reshape(len(rows), K // 16, 16)
-    expect = (codes * ref4.block_scales[rows].float()[..., None]).reshape(len(rows), K)
-    out["nvfp4_quant_deq_matches"] = bool(torch.equal(gs2, gs) and torch.equal(deq[rows].float(), expect))
-    # Weights, too (they go through the same kernels).
-    wq8, ws8 = quantize_int8_rows(w)
-    out["int8_weight_bit_exact"] = bool(torch.equal(wq8, qw8[0]) and torch.equal(ws8, qw8[1]))
-
-    # GEMMs on sampled rows, against the reference arithmetic on those rows.
-    xr = x[rows]
-    rq_rows = int8.quantize(xr)
-    acc = rq_rows[0].double() @ qw8[0].double().T
-    ref8 = acc.float() * (rq_rows[1][:, None] * qw8[1][None, :]) + b.float()
-    for variant in ("tma", "pointer"):
-        y = int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant=variant)[rows].float()
-        err = (y - ref8).abs()
-        out[f"int8_gemm_{variant}_max_err_over_2^-8_ref"] = float((err / (2.0**-8 * ref8.abs().clamp_min(1e-30))).max())
-        out[f"int8_gemm_{variant}_exact_share"] = float((y == ref8.to(torch.bfloat16).float()).float().mean())
-    xa_rows = nvfp4.quantize(xr, global_scale=ref4.global_scale)
-    ref4y = xa_rows.dequantize() @ qw4.dequantize().T + b.float()
-    mag = xa_rows.dequantize().abs() @ qw4.dequantize().abs().T
-    bound = x.shape[1] * 2.0**-23 * mag + 2.0**-8 * ref4y.abs()
-    for name, fn in nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4).items():
-        y = fn()[rows].float()
-        out[f"nvfp4_{name}_within_bound"] = bool(((y - ref4y).abs() <= bound).all())
-        out[f"nvfp4_{name}_rel_l2"] = float((y - ref4y).norm() / ref4y.norm())
-    return out
-
-
-def nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4, variants="all"):
-    def deq(swap):
-        def f():
-            _, _, gs, d, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
-            return nvfp4_gemm_deq(d, gs, qw4.data, qw4.block_scales, qw4.global_scale, b, torch.bfloat16, swap=swap)
-
-        return f
-
-    def packed(swap):
-        def f():
-            data, scales, gs, _, _ = quantize_nvfp4(x)
-            return nvfp4_gemm_packed(data, scales, gs, qw4.data, qw4.block_scales, qw4.global_scale, b,
-                                     torch.bfloat16, swap=swap)
-
-        return f
-
-    v = {"deq-swap": deq(True), "deq": deq(False)}
-    if variants == "all":
-        v.update({"packed": packed(False), "packed-swap": packed(True)})
-    return v
+    codes = nvfp4.decode_e2m1(nvfp4.unpack_codes(r4.data)).reshape(len(rows), K // 16, 16)
+    expect = (codes * r4.block_scales.float()[..., None]).reshape(len(rows), K)
+    _, _, _, deq, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
+    ok = torch.equal(deq[rows].float().cpu(), expect)
+    if K % 128 == 0:
+        _, _, _, dsp, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False, deq_dtype=torch.float16,
+                                         deq_split=True)
+        k = torch.arange(K)
+        perm = (k // 128) * 128 + (k % 2) * 64 + (k % 128) // 2
+        ok = ok and torch.equal(dsp[rows].float().cpu()[:, perm], expect)
+    out["nvfp4_quant_deq_bit_exact"] = bool(ok)
+    # GEMMs on the sampled rows.
+    bc = b.float().cpu()
+    acc = rq.double() @ qw8[0].cpu().double().T
+    ref8 = acc.float() * (rs[:, None] * qw8[1].cpu()[None, :]) + bc
+    for variant in [*TMA_VARIANTS, "pointer"]:
+        try:
+            y = int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant=variant)[rows].float().cpu()
+            err = (y - ref8).abs()
+            out[f"int8_{variant}_within_1ulp"] = bool((err <= 2.0**-7 * ref8.abs() + 2.0**-22 * bc.abs()).all())
+            out[f"int8_{variant}_exact_share"] = float((y == ref8.to(torch.bfloat16).float()).float().mean())
+        except Exception as exc:
+            out[f"int8_{variant}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    wdq = qw4.dequantize().cpu()
+    ref4y = r4.dequantize() @ wdq.T + bc
+    bound = K * 2.0**-23 * (r4.dequantize().abs() @ wdq.abs().T) + 2.0**-8 * ref4y.abs()
+    for form in NVFP4_FORMS:
+        try:
+            y = nvfp4_linear_emulated(x, qw4, b, torch.bfloat16, form=form)[0][rows].float().cpu()
+            out[f"nvfp4_{form}_within_bound"] = bool(((y - ref4y).abs() <= bound).all())
+            out[f"nvfp4_{form}_rel_l2"] = float((y - ref4y).norm() / ref4y.norm())
+        except Exception as exc:
+            out[f"nvfp4_{form}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out, qw8, qw4
 
 
-def bench_shape(model, layer, M, K, N, variants):
-    from sixbit_tune.kernels import quantize_weight
-    from sixbit_tune.kernels.gemm_int8 import _int8_gemm_kernel, _int8_gemm_tma_kernel, int8_gemm
-    from sixbit_tune.kernels.gemm_nvfp4 import _nvfp4_gemm_kernel, nvfp4_gemm_deq, nvfp4_gemm_packed
+NVFP4_FORMS = ["split-deq", "split-deq-swap", "split-packed", "split-packed-swap", "deq"]
+
+
+def bench_shape(model, layer, M, K, N, full):
+    from sixbit_tune.kernels.gemm_int8 import (
+        DEFAULT_TMA_VARIANT,
+        TMA_VARIANTS,
+        _int8_gemm_tma_kernel,
+        int8_gemm,
+    )
+    from sixbit_tune.kernels.gemm_nvfp4 import DEFAULT_FORM, _nvfp4_split_kernel, nvfp4_linear_emulated
     from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
 
     g = torch.Generator(device=DEVICE).manual_seed(M + 7 * K + 13 * N)
@@ -161,31 +177,38 @@ def bench_shape(model, layer, M, K, N, variants):
     x[:, :: max(1, K // 17)] *= 8.0  # a few outlier channels, as DiT activations have
     w = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
     b = torch.randn(N, device=DEVICE, dtype=torch.bfloat16, generator=g) * 0.1
-    qw8 = quantize_weight(w, "int8", preference="reference")
-    qw4 = quantize_weight(w, "nvfp4", preference="reference")
     rows = torch.cat([torch.tensor([0, M - 1]), torch.randint(0, M, (62,), generator=torch.Generator().manual_seed(M))])
     rows = rows.to(DEVICE)
     rec = {"model": model, "layer": layer, "M": M, "K": K, "N": N}
     t0 = time.time()
     try:
-        rec["check"] = check_shape(x, w, b, qw8, qw4, rows)
+        rec["check"], qw8, qw4 = check_shape(x, w, b, rows)
     except Exception as exc:  # record and still time what runs
         rec["check"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        from sixbit_tune.kernels import quantize_weight
+
+        qw8 = quantize_weight(w, "int8", preference="reference")
+        qw4 = quantize_weight(w, "nvfp4", preference="reference")
     rec["check_s"] = round(time.time() - t0, 2)
 
     flops = 2.0 * M * N * K
     res = {}
 
-    def timeit(name, fn):
+    def timeit(name, fn, nbytes=None, kernel=None):
         try:
             ms, _ = cuda_time_ms(fn)
-            res[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+            res[name] = {"ms": ms}
+            if nbytes is None:
+                res[name]["tflops"] = flops / ms / 1e9
+            else:
+                res[name]["gbps"] = nbytes / ms / 1e6
+            if kernel is not None and getattr(kernel, "best_config", None) is not None:
+                res[name]["config"] = str(kernel.best_config)
         except Exception as exc:  # record, keep going
             res[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
     timeit("cublas_bf16", lambda: F.linear(x, w, b))
-    # FP8 row-wise (operands quantized beforehand; GEMM + scales + bias in cuBLASLt).
-    try:
+    try:  # FP8 row-wise (operands quantized beforehand; GEMM + scales + bias in cuBLASLt)
         xs = x.float().abs().amax(dim=1, keepdim=True) / 448.0
         ws = w.float().abs().amax(dim=1, keepdim=True) / 448.0
         x8 = (x.float() / xs).to(torch.float8_e4m3fn)
@@ -198,40 +221,55 @@ def bench_shape(model, layer, M, K, N, variants):
     q, s = quantize_int8_rows(x)
     wq_t = qw8[0].t()
     timeit("torch_int_mm", lambda: torch._int_mm(q, wq_t))
-    timeit("int8_gemm_tma", lambda: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant="tma"))
-    if variants == "all":
-        timeit("int8_gemm_pointer", lambda: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant="pointer"))
+    for variant in [*TMA_VARIANTS, "pointer"] if full else [DEFAULT_TMA_VARIANT]:
+        timeit(f"int8_gemm_{variant}", lambda v=variant: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16,
+                                                                    variant=v),
+               kernel=_int8_gemm_tma_kernel if variant != "pointer" else None)
 
     def int8_full():
         qq, ss = quantize_int8_rows(x)
         return int8_gemm(qq, qw8[0], ss, qw8[1], b, torch.bfloat16)
 
     timeit("int8_quant+gemm", int8_full)
-    for name, fn in nvfp4_variants(x, qw4, b, nvfp4_gemm_deq, nvfp4_gemm_packed, quantize_nvfp4, variants).items():
-        timeit(f"nvfp4_{name}", fn)
-    # Quantizers alone.
-    qbytes = {
-        "quant_int8": (lambda: quantize_int8_rows(x), M * K * 2 + M * K + 4 * M),
-        "quant_nvfp4": (lambda: quantize_nvfp4(x), M * K * 2 + M * K // 2 + M * K // 16),
-        "quant_nvfp4_deq": (lambda: quantize_nvfp4(x, write_dequant=True, write_packed=False), M * K * 4),
-    }
-    for name, (fn, nbytes) in qbytes.items():
-        try:
-            ms, _ = cuda_time_ms(fn)
-            res[name] = {"ms": ms, "gbps": nbytes / ms / 1e6}
-        except Exception as exc:
-            res[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for form in NVFP4_FORMS if full else [DEFAULT_FORM]:
+        timeit(f"nvfp4_{form}", lambda f=form: nvfp4_linear_emulated(x, qw4, b, torch.bfloat16, form=f),
+               kernel=_nvfp4_split_kernel if form.startswith("split") else None)
+    # Quantizers alone; effective bytes: input read once, outputs written once.
+    timeit("quant_int8", lambda: quantize_int8_rows(x), nbytes=M * K * 2 + M * K + 4 * M)
+    timeit("quant_nvfp4", lambda: quantize_nvfp4(x), nbytes=M * K * 2 + M * K // 2 + M * K // 16)
+    if K % 128 == 0:
+        timeit("quant_nvfp4_split_f16", lambda: quantize_nvfp4(x, write_dequant=True, write_packed=False,
+                                                               deq_dtype=torch.float16, deq_split=True),
+               nbytes=M * K * 4)
+    if full:  # launch-parameter sweeps of the quantizers
+        for elems in (2048, 4096, 8192, 16384):
+            for nw in (4, 8):
+                timeit(f"sweep_quant_int8_e{elems}_w{nw}", lambda e=elems, n=nw: quantize_int8_rows(x, e, n),
+                       nbytes=M * K * 3 + 4 * M)
+        for bk in (128, 256, 512):
+            for elems in (4096, 8192):
+                for nw in (4, 8):
+                    prm = {"block_k": bk, "elems": elems, "num_warps": nw}
+                    timeit(f"sweep_quant_nvfp4_bk{bk}_e{elems}_w{nw}", lambda p=prm: quantize_nvfp4(x, params=p),
+                           nbytes=M * K * 2 + M * K // 2 + M * K // 16)
+        for ab in (2048, 4096, 8192):
+            for waves in (2, 8):
+                prm = {"amax_block": ab, "amax_waves": waves}
+                from sixbit_tune.kernels.quant import _amax_bits
+
+                timeit(f"sweep_amax_b{ab}_v{waves}", lambda p=prm: _amax_bits(x, {**_qp(), **p}), nbytes=M * K * 2)
     base = res["cublas_bf16"].get("ms")
     for v in res.values():
         if "ms" in v and "tflops" in v and base:
             v["speedup_vs_bf16"] = base / v["ms"]
     rec["timings"] = res
-    configs = {}
-    for name, kern in (("int8_tma", _int8_gemm_tma_kernel), ("int8_pointer", _int8_gemm_kernel),
-                       ("nvfp4", _nvfp4_gemm_kernel)):
-        configs[name] = {str(k): str(c) for k, c in getattr(kern, "cache", {}).items()}
-    rec["autotune"] = configs
     return rec
+
+
+def _qp():
+    from sixbit_tune.kernels.quant import NVFP4_QUANT_PARAMS
+
+    return NVFP4_QUANT_PARAMS
 
 
 def copy_bandwidth():
@@ -270,9 +308,10 @@ def to_markdown(report):
         nv = {k: v for k, v in t.items() if k.startswith("nvfp4_") and "ms" in v}
         best = min(nv, key=lambda k: nv[k]["ms"]) if nv else None
         nvs = f"{nv[best]['speedup_vs_bf16']:.2f} ({best[6:]})" if best else "err"
-        int8_best = max((k for k in ("int8_gemm_tma", "int8_gemm_pointer") if "ms" in t.get(k, {})),
+        int8_best = max((k for k in t if k.startswith("int8_gemm_") and "ms" in t[k]),
                         key=lambda k: t[k]["speedup_vs_bf16"], default=None)
-        ok = all(v for k, v in r["check"].items() if isinstance(v, bool))
+        ok = all(v for k, v in r["check"].items() if isinstance(v, bool)) and not any(
+            k.endswith("error") for k in r["check"])
         bf = t["cublas_bf16"]
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {bf['ms']:.3f} ({bf['tflops']:.0f}) "
@@ -288,8 +327,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--shapes", choices=["all", "key"], default="all")
-    ap.add_argument("--variants", choices=["all", "main"], default="all",
-                    help="all: also time the slower alternative kernel forms")
+    ap.add_argument("--variants", choices=["all", "main"], default="main",
+                    help="all: also time the alternative kernel forms and the quantizer launch sweeps everywhere")
     ap.add_argument("--all-variants-on-key", action="store_true",
                     help="time all kernel forms on the key shapes and the main ones elsewhere")
     ap.add_argument("--smoke", action="store_true",
@@ -301,7 +340,7 @@ def main(argv=None):
     shapes = SHAPES
     if args.smoke:
         DEVICE = "cpu"
-        shapes = [("smoke", "attn qkv/out", 67, 64, 48), ("smoke", "ffn up", 33, 96, 80)]
+        shapes = [("smoke", "attn qkv/out", 67, 128, 48), ("smoke", "ffn up", 33, 96, 80)]
         KEY_SHAPES.add(("smoke", "attn qkv/out"))
 
     out = Path(args.out)
@@ -321,22 +360,20 @@ def main(argv=None):
         key = (model, layer) in KEY_SHAPES
         if args.shapes == "key" and not key:
             continue
-        variants = args.variants
-        if args.all_variants_on_key:
-            variants = "all" if key else "main"
+        full = args.variants == "all" or (args.all_variants_on_key and key)
         t0 = time.time()
-        rec = bench_shape(model, layer, M, K, N, variants)
+        rec = bench_shape(model, layer, M, K, N, full)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         rec["wall_s"] = round(time.time() - t0, 1)
         report["shapes"].append(rec)
         (out / "kernels.json").write_text(json.dumps(report, indent=1))
         t = rec["timings"]
-        print(f"{model:13s} {layer:13s} M={M} K={K} N={N} ({rec['wall_s']} s) checks="
-              f"{all(v for v in rec['check'].values() if isinstance(v, bool))}", flush=True)
+        bad = [k for k, v in rec["check"].items() if v is False or k.endswith("error")]
+        print(f"{model:13s} {layer:13s} M={M} K={K} N={N} ({rec['wall_s']} s) check failures: {bad}", flush=True)
         for name, v in t.items():
-            print(f"    {name:24s} " + " ".join(f"{k}={val:.3f}" if isinstance(val, float) else f"{k}={val}"
-                                             for k, val in v.items()), flush=True)
+            print(f"    {name:34s} " + " ".join(f"{k}={val:.3f}" if isinstance(val, float) else f"{k}={val}"
+                                             for k, val in v.items() if k != "config"), flush=True)
     (out / "kernels.md").write_text(to_markdown(report))
     print(to_markdown(report))
 

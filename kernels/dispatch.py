@@ -366,12 +366,9 @@ def quantized_linear(
         xa = _nvfp4_rows(x2, x2, "triton-nvfp4-emulated", check_finite, "activation")
         y = nvfp4_gemm_native(xa, qweight, bias, out_dtype)
     else:
-        from .gemm_nvfp4 import nvfp4_gemm_deq
-        from .quant import quantize_nvfp4
+        from .gemm_nvfp4 import nvfp4_linear_emulated
 
-        _, _, gs, deq, amax = quantize_nvfp4(x2, write_dequant=True, write_packed=False)
+        y, amax = nvfp4_linear_emulated(x2, qweight, bias, out_dtype)
         if check_finite and not bool(torch.isfinite(amax)):
             raise _nonfinite("activation", x2)
-        y = nvfp4_gemm_deq(deq, gs, qweight.data.contiguous(), qweight.block_scales.contiguous(),
-                           qweight.global_scale, bias, out_dtype)
     return y.reshape(*lead, N)

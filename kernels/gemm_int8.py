@@ -44,18 +44,24 @@ def _m_bucket(M: int) -> int:
 
 
 @triton.jit
-def store_rounded(ptrs, out, mask, OUT_DTYPE: tl.constexpr):
-    """Store float32 ``out`` in the pointer's dtype, rounding to nearest even.
+def round_to(out, OUT_DTYPE: tl.constexpr):
+    """float32 ``out`` rounded to nearest even in ``OUT_DTYPE``.
 
     bf16 is rounded with integer arithmetic on the float32 bits: Triton's CPU interpreter (3.9) truncates
-    float32 -> bf16 casts, so the cast itself would be wrong there; on the GPU both agree.
+    float32 -> bf16 casts, so the cast itself would be wrong there; on the GPU both agree (finite values).
     """
     if OUT_DTYPE == tl.bfloat16:
         u = out.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-        tl.store(ptrs, u.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        return u.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        tl.store(ptrs, out.to(OUT_DTYPE), mask=mask)
+        return out.to(OUT_DTYPE)
+
+
+@triton.jit
+def store_rounded(ptrs, out, mask, OUT_DTYPE: tl.constexpr):
+    """Store float32 ``out`` in ``OUT_DTYPE``, rounded to nearest even (see :func:`round_to`)."""
+    tl.store(ptrs, round_to(out, OUT_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -70,20 +76,27 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr,
-              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scaled(acc, pid_m, pid_n, M, N, sa_ptr, sb_ptr, bias_ptr,
+            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = rm < M
-    mn = rn < N
-    sa = tl.load(sa_ptr + rm, mask=mm, other=0.0)
-    sb = tl.load(sb_ptr + rn, mask=mn, other=0.0)
+    sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+    sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
     out = acc.to(tl.float32) * (sa[:, None] * sb[None, :])
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
         out = out + bias[None, :]
+    return out
+
+
+@triton.jit
+def _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    out = _scaled(acc, pid_m, pid_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-    store_rounded(c_ptrs, out, mm[:, None] & mn[None, :], c_ptr.dtype.element_ty)
+    store_rounded(c_ptrs, out, (rm < M)[:, None] & (rn < N)[None, :], c_ptr.dtype.element_ty)
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"], do_bench=autotune_bench)
@@ -114,28 +127,61 @@ def _int8_gemm_kernel(
     _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"], do_bench=autotune_bench)
+@triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "EPI_TMA", "EPI_SUBTILE", "FLATTEN"],
+    do_bench=autotune_bench,
+)
 @triton.jit
 def _int8_gemm_tma_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_TMA: tl.constexpr, EPI_SUBTILE: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
+    OUT_DTYPE: tl.constexpr = c_ptr.dtype.element_ty
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-    for tile_id in tl.range(start, num_tiles, NUM_SMS):
+    if EPI_TMA:
+        if EPI_SUBTILE:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N // 2])
+        else:
+            c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                               block_shape=[BLOCK_M, BLOCK_N])
+    for tile_id in tl.range(start, num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
             b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+        if EPI_TMA:
+            out = _scaled(acc, pid_m, pid_n, M, N, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
+            if EPI_SUBTILE:
+                o = tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                o0, o1 = tl.split(o)
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(o0, OUT_DTYPE))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], round_to(o1, OUT_DTYPE))
+            else:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], round_to(out, OUT_DTYPE))
+        else:
+            _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS,
+                      BLOCK_M, BLOCK_N)
+
+
+#: TMA-kernel variants: (EPI_TMA, EPI_SUBTILE, FLATTEN).
+TMA_VARIANTS = {
+    "tma": (False, False, False),
+    "tma-store": (True, False, False),
+    "tma-store-sub": (True, True, False),
+    "tma-flat": (True, True, True),
+}
+DEFAULT_TMA_VARIANT = "tma"
 
 
 def int8_gemm(
@@ -154,8 +200,9 @@ def int8_gemm(
         b: int8 ``[N, K]`` (per-output-channel weight codes), last dim contiguous.
         sa: float32 ``[M]``; sb: float32 ``[N]``; bias: ``[N]`` (any float dtype) or None.
         out_dtype: bfloat16, float16 or float32.
-        variant: "tma" (persistent, tensor descriptors; needs contiguous operands and ``K % 16 == 0``),
-            "pointer", or "auto" (tma where it applies).
+        variant: one of :data:`TMA_VARIANTS` (persistent grid, operand tiles through tensor descriptors; needs
+            contiguous operands, ``K % 16 == 0``, and for the ``-store`` forms an output row of a multiple of 16
+            bytes), "pointer", or "auto" (the default TMA form where it applies, else pointer).
     """
     M, K = a.shape
     N = b.shape[0]
@@ -168,9 +215,12 @@ def int8_gemm(
     bias_arg = bias if has_bias else sb
     tma_ok = a.is_contiguous() and b.is_contiguous() and K % 16 == 0
     if variant == "auto":
-        variant = "tma" if tma_ok else "pointer"
-    if variant == "tma":
+        variant = DEFAULT_TMA_VARIANT if tma_ok else "pointer"
+        if TMA_VARIANTS.get(variant, (False,))[0] and (N * c.element_size()) % 16 != 0:
+            variant = "tma"
+    if variant in TMA_VARIANTS:
         assert tma_ok, "the TMA INT8 GEMM needs contiguous operands and K % 16 == 0"
+        epi_tma, epi_sub, flatten = TMA_VARIANTS[variant]
         ensure_tma_allocator()
         sms = num_sms(a.device)
 
@@ -178,9 +228,11 @@ def int8_gemm(
             return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
         _int8_gemm_tma_kernel[grid](
-            a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms
+            a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms,
+            EPI_TMA=epi_tma, EPI_SUBTILE=epi_sub, FLATTEN=flatten,
         )
     else:
+        assert variant == "pointer", f"unknown INT8 GEMM variant {variant!r}"
         assert a.stride(1) == 1 and b.stride(1) == 1
 
         def grid(meta):

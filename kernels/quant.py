@@ -20,11 +20,40 @@ import triton.language as tl
 
 from ._triton_support import interpreting
 
+try:  # libdevice's rint is round-half-even on the GPU; the CPU interpreter lacks it
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    libdevice = None
+
+
+@triton.jit
+def _rne(v, USE_RINT: tl.constexpr):
+    """Round float32 to the nearest integer, ties to even (exact for |v| < 2**22, which is all we need)."""
+    if USE_RINT:
+        return libdevice.rint(v)
+    else:
+        return (v + 12582912.0) - 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _int8_codes(x, scale, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr):
+    """clamp(rne(x / scale), -127, 127) per row with IEEE division; 0 for rows whose scale is 0.
+
+    (Multiplying by the reciprocal and redoing only tiles near a rounding boundary was tried: with bf16
+    inputs nearly every 4k-element tile has such an element, so it saved nothing.)
+    """
+    zero = scale == 0.0
+    denom = tl.where(zero, 1.0, scale)
+    v = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], [ROWS, BLOCK_K]))
+    v = _rne(v, USE_RINT)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return tl.where(zero[:, None], 0.0, v).to(tl.int8)
+
 
 @triton.jit
 def _int8_rows_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-    BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr, ROWS: tl.constexpr, USE_RINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -36,20 +65,15 @@ def _int8_rows_kernel(
     # amax as an integer max over the bits of |x|: exact, and NaN (bits above +Inf) propagates.
     amax = tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1).to(tl.float32, bitcast=True)
     scale = tl.math.div_rn(amax, tl.full([ROWS], 127.0, tl.float32))
-    zero = scale == 0.0
-    denom = tl.where(zero, 1.0, scale)
-    v = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], [ROWS, BLOCK_K]))
-    v = (v + 12582912.0) - 12582912.0
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    v = tl.where(zero[:, None], 0.0, v)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], v.to(tl.int8), mask=mask)
+    q = _int8_codes(x, scale, ROWS, BLOCK_K, USE_RINT)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows, scale, mask=rmask)
 
 
 @triton.jit
 def _int8_rows_loop_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
 ):
     # Two passes over one long row (K > 16384): amax, then codes (the second read is served by L2).
     row = tl.program_id(0).to(tl.int64)
@@ -67,15 +91,22 @@ def _int8_rows_loop_kernel(
         m = (k0 + cols) < K
         x = tl.load(x_ptr + row * stride_xm + k0 + cols, mask=m, other=0.0).to(tl.float32)
         v = tl.math.div_rn(x, tl.full([BLOCK_K], 1.0, tl.float32) * denom)
-        v = (v + 12582912.0) - 12582912.0
+        v = _rne(v, USE_RINT)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         v = tl.where(zero, 0.0, v)
         tl.store(q_ptr + row * stride_qm + k0 + cols, v.to(tl.int8), mask=m)
     tl.store(s_ptr + row, scale)
 
 
-def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: Launch parameters of the per-row INT8 quantizer for K <= 16384 (elements per program, warps per program).
+INT8_QUANT_PARAMS = {"elems": 4096, "num_warps": 4}
+
+
+def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None):
     """Per-row INT8 of a 2-D float tensor ``x [M, K]`` (last dim contiguous).
+
+    ``elems`` (elements per program: rows = elems // next_pow2(K)) and ``num_warps`` override
+    :data:`INT8_QUANT_PARAMS` (benchmarking); every setting gives the same bits.
 
     Returns:
         ``(q int8 [M, K], scales float32 [M])``, bit-identical to ``sixbit_tune.formats.int8.quantize(x)``.
@@ -86,17 +117,25 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     if M == 0:
         return q, s
+    p = INT8_QUANT_PARAMS
+    elems = p["elems"] if elems is None else elems
+    use_rint = not interpreting()
     if K <= 16384:
         block_k = max(16, triton.next_power_of_2(K))
-        rows = max(1, min(16, 4096 // block_k))
-        nw = 4 if block_k * rows <= 4096 else 8
+        rows = max(1, min(64, elems // block_k))
+        nw = p["num_warps"] if num_warps is None else num_warps
+        if block_k * rows >= 16384:
+            nw = max(nw, 8)
         if interpreting():
             nw = 1
         _int8_rows_kernel[(triton.cdiv(M, rows),)](
-            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=block_k, ROWS=rows, num_warps=nw
+            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=block_k, ROWS=rows, USE_RINT=use_rint,
+            num_warps=nw,
         )
     else:
-        _int8_rows_loop_kernel[(M,)](x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=4096, num_warps=8)
+        _int8_rows_loop_kernel[(M,)](
+            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=4096, USE_RINT=use_rint, num_warps=8
+        )
     return q, s
 
 
@@ -119,6 +158,7 @@ def _nvfp4_block_kernel(
     x_ptr, amax_ptr, data_ptr, scale_ptr, deq_ptr, gs_ptr,
     M, K, stride_xm,
     BLOCK_K: tl.constexpr, ROWS: tl.constexpr, WRITE_DEQ: tl.constexpr, WRITE_PACKED: tl.constexpr,
+    DEQ_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -172,48 +212,65 @@ def _nvfp4_block_kernel(
         val = tl.where(mag >= 4, tl.where(mag >= 6, tl.where(mag == 7, 6.0, 4.0), tl.where(mag == 5, 3.0, 2.0)),
                        tl.where(mag >= 2, tl.where(mag == 3, 1.5, 1.0), tl.where(mag == 1, 0.5, 0.0)))
         val = tl.where(sign != 0, -val, val) * b[:, :, None]
-        val = tl.reshape(val, [ROWS, BLOCK_K])
-        tl.store(deq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], val.to(tl.bfloat16), mask=mask)
+        val = tl.reshape(val, [ROWS, BLOCK_K]).to(deq_ptr.dtype.element_ty)
+        if DEQ_SPLIT:  # within each 128-element chunk: the 64 even elements, then the 64 odd ones
+            dcols = (cols // 128) * 128 + (cols % 2) * 64 + (cols % 128) // 2
+        else:
+            dcols = cols
+        tl.store(deq_ptr + rows[:, None].to(tl.int64) * K + dcols[None, :], val, mask=mask)
 
 
-def _amax_bits(x: torch.Tensor) -> torch.Tensor:
+#: Launch parameters of the NVFP4 quantizer: amax pass (elements per load, programs per SM, warps) and block
+#: pass (K tile, elements per program, warps).
+NVFP4_QUANT_PARAMS = {"amax_block": 4096, "amax_waves": 4, "amax_warps": 8, "block_k": 256, "elems": 4096,
+                      "num_warps": 4}
+
+
+def _amax_bits(x: torch.Tensor, p=None) -> torch.Tensor:
     """amax(|x|) of a contiguous tensor as the int32 bits of a float32, shape [1], computed on device."""
+    p = NVFP4_QUANT_PARAMS if p is None else p
     n = x.numel()
     out = torch.zeros((1,), dtype=torch.int32, device=x.device)
     if n:
-        block = 16384 if interpreting() else 4096
-        iters = 1 if interpreting() else max(1, min(64, triton.cdiv(n, block * 132 * 4)))
+        block = 16384 if interpreting() else p["amax_block"]
+        iters = 1 if interpreting() else max(1, min(64, triton.cdiv(n, block * 132 * p["amax_waves"])))
         _amax_bits_kernel[(triton.cdiv(n, block * iters),)](
-            x, out, n, BLOCK=block, ITERS=iters, num_warps=1 if interpreting() else 8
+            x, out, n, BLOCK=block, ITERS=iters, num_warps=1 if interpreting() else p["amax_warps"]
         )
     return out
 
 
-def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: bool = True):
+def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: bool = True, params=None,
+                   deq_dtype: torch.dtype = torch.bfloat16, deq_split: bool = False):
     """NVFP4 quantization of a 2-D float tensor ``x [M, K]`` (contiguous, ``K % 16 == 0``) over its last dim.
 
     Returns:
         ``(data uint8 [M, K//2], block_scales float8_e4m3fn [M, K//16], global_scale float32 0-d, deq, amax)``
-        where ``deq`` is None, or with ``write_dequant`` the bf16 ``[M, K]`` tensor of ``E2M1[code] * b`` (the
-        value without the global scale), and ``amax`` the float32 0-d amax(|x|) (NaN/Inf when x is not finite:
+        where ``deq`` is None, or with ``write_dequant`` the ``[M, K]`` tensor of ``E2M1[code] * b`` (the
+        value without the global scale; exact in ``deq_dtype`` bf16 or fp16; with ``deq_split`` its columns are
+        in "split128" order: within each 128-element chunk, the 64 even elements, then the 64 odd ones), and ``amax`` the float32 0-d amax(|x|) (NaN/Inf when x is not finite:
         the caller checks it). Without ``write_packed`` the codes and block scales are not stored (empty tensors are
         returned in their place). The first three are bit-identical to ``sixbit_tune.formats.nvfp4.quantize(x)``.
     """
     assert x.dim() == 2 and x.is_contiguous() and x.shape[1] % 16 == 0
     M, K = x.shape
     dev = x.device
-    amax_bits = _amax_bits(x)
+    p = NVFP4_QUANT_PARAMS if params is None else {**NVFP4_QUANT_PARAMS, **params}
+    amax_bits = _amax_bits(x, p)
     data = torch.empty((M, K // 2) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
     scales = torch.empty((M, K // 16) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
     gs = torch.ones((1,), dtype=torch.float32, device=dev)
-    deq = torch.empty((M, K), dtype=torch.bfloat16, device=dev) if write_dequant else data
+    if deq_split and K % 128:
+        raise ValueError(f"the split128 layout needs K % 128 == 0, got K={K}")
+    deq = torch.empty((M, K), dtype=deq_dtype, device=dev) if write_dequant else data
     if M:
-        block_k = min(1024 if interpreting() else 256, triton.next_power_of_2(K))
-        rows = 32 if interpreting() else max(1, 4096 // block_k)
+        block_k = min(1024 if interpreting() else p["block_k"], triton.next_power_of_2(K))
+        rows = 32 if interpreting() else max(1, p["elems"] // block_k)
         grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k))
         _nvfp4_block_kernel[grid](
             x, amax_bits, data, scales, deq, gs, M, K, x.stride(0),
-            BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, num_warps=1 if interpreting() else 4,
+            BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, DEQ_SPLIT=deq_split,
+            num_warps=1 if interpreting() else p["num_warps"],
         )
     amax = amax_bits.view(torch.float32).reshape(())
     return data, scales.view(torch.float8_e4m3fn), gs.reshape(()), (deq if write_dequant else None), amax

@@ -16,7 +16,7 @@ import torch
 
 from sixbit_tune.formats import int8, nvfp4, quantized_linear_reference
 
-GEMM_SHAPES = [(1, 32, 64), (7, 48, 48), (33, 40, 160), (100, 64, 96), (157, 24, 128)]
+GEMM_SHAPES = [(1, 32, 64), (7, 48, 48), (33, 40, 256), (100, 64, 96), (157, 24, 128)]
 OUT_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -29,7 +29,7 @@ def _inputs(M, N, K, with_bias=True):
 
 
 @pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
-@pytest.mark.parametrize("variant", ["pointer", "tma"])
+@pytest.mark.parametrize("variant", ["pointer", "tma", "tma-store", "tma-store-sub", "tma-flat"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_gemm_matches_reference(interp, M, N, K, variant, out_dtype):
     from sixbit_tune.kernels.gemm_int8 import int8_gemm
@@ -61,22 +61,18 @@ def _nvfp4_bound(x, w, ref, out_dtype):
 
 
 @pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
-@pytest.mark.parametrize("form", ["packed", "packed-swap", "deq", "deq-swap"])
+@pytest.mark.parametrize(
+    "form", ["split-deq", "split-deq-swap", "split-packed", "split-packed-swap", "deq", "deq-swap", "packed",
+             "packed-swap"]
+)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_nvfp4_gemm_matches_reference(interp, M, N, K, form, out_dtype):
-    from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_gemm_deq, nvfp4_gemm_packed
-    from sixbit_tune.kernels.quant import quantize_nvfp4
+    from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_linear_emulated
 
     x, w, b = _inputs(M, N, K)
     wq = nvfp4.quantize(w)
-    swap = form.endswith("swap")
-    if form.startswith("packed"):
-        a = nvfp4.quantize(x)
-        y = nvfp4_gemm_packed(a.data, a.block_scales, a.global_scale, wq.data, wq.block_scales,
-                              wq.global_scale, b, out_dtype, swap=swap)
-    else:
-        _, _, gs, deq, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
-        y = nvfp4_gemm_deq(deq, gs, wq.data, wq.block_scales, wq.global_scale, b, out_dtype, swap=swap)
+    y, amax = nvfp4_linear_emulated(x, wq, b, out_dtype, form=form)
+    assert float(amax) == float(x.abs().max())
     ref = quantized_linear_reference(x, w, b, "nvfp4")
     assert y.dtype == out_dtype and y.shape == (M, N)
     err = (y.float() - ref).abs()
