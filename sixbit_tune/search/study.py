@@ -197,6 +197,7 @@ class Objective:
         params = self.space.suggest(trial)
         if trial.number >= self.total:
             trial.set_user_attr("surplus", True)
+            self.writer.write_trial(self.study_name, trial.number, state="PRUNED", params=params)
             raise optuna.TrialPruned(f"trial {trial.number} is beyond the study's {self.total} trials")
         corner = trial.user_attrs.get("reference")
         w = self.writer
@@ -348,6 +349,8 @@ def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=Non
         if q == 0:
             continue
         env = dict(os.environ)
+        if not n_gpus and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of oversubscribing them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.workers))
         if n_gpus:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(k) for k in range(n_gpus)]

@@ -17,12 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", type=int, default=0, help="worker index (sampler seed offset)")
     args = p.parse_args(argv)
 
-    import torch
-
     from sixbit_tune.search.config import SearchConfig
     from sixbit_tune.search.study import run_worker
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     config = SearchConfig.from_json(args.config)
     run_worker(config, quota=args.quota, worker=args.worker)
     return 0
