@@ -220,7 +220,13 @@ class PolicyHandle:
                 else:
                     static[lp.mode] += 1
             infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks))
-        execution = {f: backend.path(f, device) for f in sorted(used_formats)}
+        formats = sorted(used_formats)
+        transformer = self.transformer
+
+        def execution() -> dict[str, str]:  # the path for the device the model is on now
+            here = _model_device(transformer)
+            return {f: backend.path(f, here) for f in formats}
+
         self.controller = Controller(
             policy, adapter, infos, execution, weight_bytes, pipeline=self.pipeline, num_inference_steps=num_steps
         )

@@ -31,7 +31,7 @@ Exact rules (DESIGN §2), for block ``l`` at denoising step ``t`` of one cache c
   in the run's statistics). A run ends, and all state is dropped, when diffusers resets stateful hooks at the end
   of a pipeline call, when a transformer call raises, or when a new run is detected at the start of a call: the
   pipeline's scheduler holds a new ``timesteps`` tensor (every pipeline call sets one), the context's
-  ``step_index`` went back, or the timestep went up. So a call that failed anywhere cannot leak state into the
+  ``step_index`` went back, or (bare transformer, no ``step_index``) the timestep went up. So a call that failed anywhere cannot leak state into the
   next one (with a bare transformer, an exception *outside* the transformer in its very first step followed by a
   run starting at the same timestep is the one case not detected: call ``handle.reset()`` there).
 """
@@ -41,6 +41,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +110,7 @@ class _CallRecord:
 class Controller:
     """Owns the per-context state and makes every DMPQ/TDC decision. One per applied policy."""
 
-    def __init__(self, policy, adapter, blocks: list[BlockInfo], execution: dict[str, str],
+    def __init__(self, policy, adapter, blocks: list[BlockInfo], execution: Callable[[], dict[str, str]],
                  weight_bytes: dict[str, int], pipeline: Any = None, num_inference_steps: int | None = None):
         self.policy = policy
         self.adapter = adapter
@@ -154,7 +155,7 @@ class Controller:
             skipped += r.skipped_blocks
         return RunStats(
             steps=list(self._records), layer_calls=totals, block_calls=blocks, skipped_blocks=skipped,
-            execution=dict(self.execution), weight_bytes=dict(self.weight_bytes), cache_bytes=self._peak_cache,
+            execution=self.execution(), weight_bytes=dict(self.weight_bytes), cache_bytes=self._peak_cache,
             num_inference_steps=self._run_steps, notes=list(self._notes), completed=completed,
         )
 
@@ -221,8 +222,10 @@ class Controller:
         timestep = _arg(args, kwargs, "timestep", self._timestep_pos)
         self._context_name = ctx.name
         t_value = self._sync(state, timestep)
-        # New run: the timestep went up (denoising timesteps never increase within a run).
-        if t_value is not None and state.last_timestep is not None and t_value > state.last_timestep:
+        # New run (bare transformer without step_index): the timestep went up (denoising timesteps never increase
+        # within a run). With a pipeline, its scheduler's timesteps tensor tells new runs apart instead.
+        if self.pipeline is None and ctx.step_index is None and t_value is not None \
+                and state.last_timestep is not None and t_value > state.last_timestep:
             self.end_run(completed=False)
             state = self._state(ctx.name)
         state.last_timestep = t_value
@@ -266,8 +269,18 @@ class Controller:
             parts.append(("t", -1, timestep.detach().reshape(-1)[:1]))
         if not parts:
             return float(timestep) if isinstance(timestep, int | float) else None
-        device = parts[0][2].device
-        flat = torch.cat([p[2].to(device=device, dtype=torch.float32).reshape(-1) for p in parts]).tolist()
+        # One transfer per device: the model's device (the one host sync of the step) and, when the pipeline
+        # passes a CPU timestep, the CPU (no device sync).
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, _, tensor in parts:
+            by_device.setdefault(tensor.device, []).append(tensor.detach().reshape(-1).to(torch.float32))
+        fetched = {d: torch.cat(ts).tolist() for d, ts in by_device.items()}
+        offsets = dict.fromkeys(fetched, 0)
+        flat = []
+        for _, _, tensor in parts:
+            d = tensor.device
+            flat.extend(fetched[d][offsets[d] : offsets[d] + tensor.numel()])
+            offsets[d] += tensor.numel()
         pos = 0
         t_value = None if t_tensor else (float(timestep) if isinstance(timestep, int | float) else None)
         for kind, i, tensor in parts:

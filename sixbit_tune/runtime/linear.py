@@ -115,8 +115,9 @@ class MixedPrecisionLinear(nn.Module):
         return self._backend.linear(x, self.qweights[fmt], self.bias, fmt, x.dtype)
 
     def _apply(self, fn, recurse=True):
-        # Keep the quantized encodings with the module through .to(), .cuda(), .half() (integer and fp8 tensors
-        # ignore dtype casts: only moves apply to them).
+        # .to(), .cuda(), .half() etc. reach the quantized encodings (moves only: integer, fp8 and float32-scale
+        # tensors keep their dtypes) and the held original weight (moved and cast like the rest of the model, so
+        # restore() gives back a layer consistent with the model; a weight parked on the CPU stays there).
         super()._apply(fn, recurse)
 
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -124,16 +125,20 @@ class MixedPrecisionLinear(nn.Module):
             return out if out.dtype == t.dtype else t.to(out.device)
 
         self.qweights = {f: _map_tensors(q, move) for f, q in self.qweights.items()}
+        weight = self.original.weight
+        with torch.no_grad():
+            new = fn(weight.data)
+            if self._weight_home is not None:
+                self._weight_home = new.device
+                new = new.to("cpu")
+            weight.data = new
         return self
 
     def restore(self) -> nn.Linear:
-        """Bring the original weight back to the device it came from (or the device this layer lives on now)."""
+        """The original ``nn.Linear``, its weight back on the device it was parked away from."""
         original = self.original
-        target = self._weight_home
-        if target is not None:
-            if self.bias is not None:
-                target = self.bias.device
-            original.weight.data = original.weight.data.to(target)
+        if self._weight_home is not None:
+            original.weight.data = original.weight.data.to(self._weight_home)
             self._weight_home = None
         return original
 

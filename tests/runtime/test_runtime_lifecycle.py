@@ -29,8 +29,8 @@ def _mixed_policy(pipe, tol=1.0, **tdc):
     """Dynamic on half the layers, INT8/NVFP4/none on the others, TDC on: exercises every code path."""
     names = list(get_adapter(pipe).all_linears())
     predictors = {n: (1.0 + 0.1 * i, 0.0, 0.9, 20) for i, n in enumerate(names) if i % 2 == 0}
-    policy = make_dynamic_policy(pipe, predictors, 0.5, tdc_tolerance=tol, warmup=1, cooldown=1, max_skips=2,
-                                 **tdc)
+    tdc = {"warmup": 1, "cooldown": 1, "max_skips": 2, **tdc}
+    policy = make_dynamic_policy(pipe, predictors, 0.5, tdc_tolerance=tol, **tdc)
     layers = dict(policy.dmpq.layers)
     static = [n for n in names if n not in predictors]
     for n, mode in zip(static, ["int8", "nvfp4", "none"] * len(static)):
@@ -183,6 +183,35 @@ def test_consecutive_calls_do_not_share_state(family):
     assert sa.steps == sb.steps
 
 
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_guidance_branches_keep_separate_state(family):
+    """Separate CFG: one state per cache context; batched CFG: one state whose Γ and accumulators are per row."""
+    pipe = get_pipe(family)
+    seen = {}
+    with apply_policy(pipe, _mixed_policy(pipe, warmup=0, cooldown=0)) as h:
+
+        def look(p, i, t, kw):
+            if i == 1:
+                for name, st in h.controller.states.items():
+                    seen[name] = (st.step, st.rows, [g for g in st.gamma if g is not None],
+                                  [c for c in st.cache if c is not None])
+            return kw
+
+        run_pipe(pipe, family, steps=3, callback_on_step_end=look)
+    if family == "wan":
+        assert set(seen) == {"cond", "uncond"}
+        (sc, rc, gc, cc), (su, ru, gu, cu) = seen["cond"], seen["uncond"]
+        assert sc == su == 2 and rc == ru == 1
+        assert gc and gc != gu  # Γ measured per branch
+        assert cc and all(not torch.equal(a[0], b[0]) for a, b in zip(cc, cu))  # one Δ cache per branch
+    else:
+        assert set(seen) == {"cond_uncond"}
+        step, rows, gammas, caches = seen["cond_uncond"]
+        assert step == 2 and rows == 2
+        assert all(len(g) == 2 and g[0] != g[1] for g in gammas)  # uncond and cond rows kept apart
+        assert all(c[0].shape[0] == 2 for c in caches)
+
+
 class _Boom(RuntimeError):
     pass
 
@@ -258,3 +287,43 @@ def test_runtime_import_stays_light():
 
 def test_call_kwargs_helper_requests_latents():
     assert call_kwargs("wan")["output_type"] == "latent"
+
+
+def test_moving_the_model_under_a_policy_keeps_encodings_and_restores_consistently():
+    model, inputs = transformer_and_inputs("wan")
+    policy = _mixed_policy(model)
+    handle = apply_policy(model, policy)
+    q = next(m for m in model.modules() if isinstance(m, MixedPrecisionLinear) and m.mode == "dynamic")
+    dtypes = {f: [t.dtype for t in ((qw.data, qw.block_scales, qw.global_scale) if f == "nvfp4" else qw)]
+              for f, qw in q.qweights.items()}
+    model.to(torch.bfloat16)
+    assert {f: [t.dtype for t in ((qw.data, qw.block_scales, qw.global_scale) if f == "nvfp4" else qw)]
+            for f, qw in q.qweights.items()} == dtypes
+    with torch.no_grad():
+        out = model(**{k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                       for k, v in inputs.items()})[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    handle.remove()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.gpu
+def test_on_cuda_original_weights_are_parked_on_the_cpu_and_come_back():
+    model, inputs = transformer_and_inputs("wan")
+    model.to("cuda")
+    lin = get_adapter(model).all_linears()["blocks.0.attn1.to_q"]
+    weight = lin.weight
+    before = weight.detach().clone()
+    with torch.no_grad():
+        plain = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
+    handle = apply_policy(model, make_static_policy(model, "int8"))
+    assert weight.device.type == "cpu"
+    with torch.no_grad():
+        out = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
+    assert torch.isfinite(out).all()
+    assert handle.stats().execution["int8"].startswith("triton")
+    handle.remove()
+    assert lin.weight is weight and weight.device.type == "cuda" and torch.equal(weight, before)
+    with torch.no_grad():
+        again = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
+    assert torch.equal(again, plain)
