@@ -20,10 +20,13 @@ Exact rules (DESIGN §2), for block ``l`` at denoising step ``t`` of one cache c
   families carry ``[uncond rows; cond rows]``). A batched call decides jointly and conservatively: a layer runs
   NVFP4 only if *every* row's prediction is ``≤ τ``; a block is skipped only if *every* row's accumulated change
   is ``≤ δ``. Γ, Δ and the change are per row (``sixbit_tune.stats``), so nothing is averaged across branches.
-* **Host synchronisation.** Γ and the change are computed on the device whenever a block runs. At the start of
-  each transformer call, all values measured during the previous call of the same context (and the call's
-  timestep, when it is a tensor) are fetched with one ``torch.cat(...).tolist()``: one sync per denoising step
-  and context. Decisions for every block and layer of the step are then made on the host.
+* **Host synchronisation.** Γ, the change of Δ and a finiteness flag of the output are computed on the device.
+  At the start of a transformer call, every value still on the device (from the previous calls of *all*
+  contexts; for a bare transformer without step index also the call's timestep) is fetched with one
+  ``torch.cat(...).tolist()``. That is one sync per denoising step: with separate CFG the second branch's call
+  finds nothing left to fetch. Decisions for every block and layer of the call are then made on the host. NaN
+  in a measured Γ or a non-finite output raises :class:`~sixbit_tune.errors.NonFiniteError` there (one step
+  late, without extra syncs); the last step's flag is checked when the run ends (a warning).
 * **Steps and runs.** ``t`` is the number of calls the context has seen in the current run (or the context's
   ``step_index`` when the pipeline supplies it, as Wan does). ``N`` comes from the context's
   ``num_inference_steps`` (Wan), else from a number the handle was told, else from ``len(scheduler.timesteps)``
@@ -123,7 +126,6 @@ class Controller:
         self.states: dict[str, ContextState] = {}
         self.active: ContextState | None = None
         self._call: _CallRecord | None = None
-        self._context_name = DEFAULT_CONTEXT
         self._seen_timesteps: Any = None
         self._scheduler_steps: int | None = None
         tdc = policy.tdc
@@ -219,13 +221,13 @@ class Controller:
         if ctx.step_index is not None and ctx.step_index < state.step:
             self.end_run(completed=False)
             state = self._state(ctx.name)
-        timestep = _arg(args, kwargs, "timestep", self._timestep_pos)
-        self._context_name = ctx.name
-        t_value = self._sync(state, timestep)
         # New run (bare transformer without step_index): the timestep went up (denoising timesteps never increase
-        # within a run). With a pipeline, its scheduler's timesteps tensor tells new runs apart instead.
-        if self.pipeline is None and ctx.step_index is None and t_value is not None \
-                and state.last_timestep is not None and t_value > state.last_timestep:
+        # within a run). With a pipeline, its scheduler's timesteps tensor tells new runs apart instead, and the
+        # timestep is not read at all.
+        by_timestep = self.pipeline is None and ctx.step_index is None
+        timestep = _arg(args, kwargs, "timestep", self._timestep_pos) if by_timestep else None
+        t_value = self._sync(state, timestep)
+        if by_timestep and t_value is not None and state.last_timestep is not None and t_value > state.last_timestep:
             self.end_run(completed=False)
             state = self._state(ctx.name)
         state.last_timestep = t_value
@@ -255,60 +257,58 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------------ sync
     def _sync(self, state: ContextState, timestep: Any) -> float | None:
-        """Fetch every pending device value of this context (and the timestep) with one host transfer."""
-        parts: list[tuple[str, int, torch.Tensor]] = []
-        for i in range(len(self.blocks)):
-            if state.gamma_dev[i] is not None:
-                parts.append(("g", i, state.gamma_dev[i]))
-            if state.change_dev[i] is not None:
-                parts.append(("c", i, state.change_dev[i]))
-        if state.finite_dev is not None:
-            parts.append(("f", -1, state.finite_dev.reshape(1)))
-        t_tensor = isinstance(timestep, torch.Tensor)
-        if t_tensor:
-            parts.append(("t", -1, timestep.detach().reshape(-1)[:1]))
-        if not parts:
-            return float(timestep) if isinstance(timestep, int | float) else None
+        """If ``state`` (the calling context) has values on the device, fetch them and those of *every* other
+        context (and the timestep, if given) in one host transfer.
+
+        Values of another context (Wan's "uncond" measured at step t−1, fetched at "cond" of step t) go to that
+        context's state; at "uncond" of step t nothing of its own is pending, so it does not sync: a separate-CFG
+        step costs one sync, not one per branch.
+        """
+        parts: list[tuple[str, ContextState, str, int, torch.Tensor]] = []
+        for name, st in self.states.items():
+            for i in range(len(self.blocks)):
+                if st.gamma_dev[i] is not None:
+                    parts.append(("g", st, name, i, st.gamma_dev[i]))
+                if st.change_dev[i] is not None:
+                    parts.append(("c", st, name, i, st.change_dev[i]))
+            if st.finite_dev is not None:
+                parts.append(("f", st, name, -1, st.finite_dev.reshape(1)))
+        t_value = float(timestep) if isinstance(timestep, int | float) else None
+        if isinstance(timestep, torch.Tensor):
+            parts.append(("t", state, "", -1, timestep.detach().reshape(-1)[:1]))
+        if not any(p[1] is state for p in parts):
+            return t_value
         # One transfer per device: the model's device (the one host sync of the step) and, when the pipeline
         # passes a CPU timestep, the CPU (no device sync).
         by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, _, tensor in parts:
+        for *_, tensor in parts:
             by_device.setdefault(tensor.device, []).append(tensor.detach().reshape(-1).to(torch.float32))
         fetched = {d: torch.cat(ts).tolist() for d, ts in by_device.items()}
         offsets = dict.fromkeys(fetched, 0)
-        flat = []
-        for _, _, tensor in parts:
-            d = tensor.device
-            flat.extend(fetched[d][offsets[d] : offsets[d] + tensor.numel()])
-            offsets[d] += tensor.numel()
-        pos = 0
-        t_value = None if t_tensor else (float(timestep) if isinstance(timestep, int | float) else None)
-        for kind, i, tensor in parts:
-            n = tensor.numel() if kind not in "tf" else 1
-            vals = flat[pos : pos + n]
-            pos += n
+        for kind, st, name, i, tensor in parts:
+            d, n = tensor.device, tensor.numel()
+            vals = fetched[d][offsets[d] : offsets[d] + n]
+            offsets[d] += n
             if kind == "g":
-                state.gamma[i] = vals
-                state.gamma_dev[i] = None
+                st.gamma[i] = vals
+                st.gamma_dev[i] = None
+                if any(math.isnan(v) for v in vals):
+                    raise NonFiniteError(
+                        f"block {self.blocks[i].ref.name} produced NaN at step {st.step - 1} (context {name!r}) "
+                        "with the policy applied"
+                    )
             elif kind == "c":
-                gap = max(1, state.change_gap[i])
-                state.rate[i] = [v / gap for v in vals]
-                state.change_dev[i] = None
+                st.rate[i] = [v / max(1, st.change_gap[i]) for v in vals]
+                st.change_dev[i] = None
             elif kind == "f":
-                state.finite_dev = None
+                st.finite_dev = None
                 if vals[0] != 1.0:
                     raise NonFiniteError(
-                        f"the transformer's output at step {state.step - 1} (context {self._context_name!r}) contains "
-                        "NaN or Inf with the policy applied"
+                        f"the transformer's output at step {st.step - 1} (context {name!r}) contains NaN or Inf "
+                        "with the policy applied"
                     )
             else:
                 t_value = vals[0]
-        for i, g in enumerate(state.gamma):
-            if g is not None and any(math.isnan(v) for v in g):
-                raise NonFiniteError(
-                    f"block {self.blocks[i].ref.name} produced NaN at step {state.step - 1} "
-                    f"(context {self._context_name!r}) with the policy applied"
-                )
         return t_value
 
     # ------------------------------------------------------------------------------------------------ decisions

@@ -327,3 +327,36 @@ def test_on_cuda_original_weights_are_parked_on_the_cpu_and_come_back():
     with torch.no_grad():
         again = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
     assert torch.equal(again, plain)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts tensor-to-host reads (tolist/item/bool/float/int) made by sixbit_tune.runtime code itself."""
+
+    NAMES = ("tolist", "item", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and "sixbit_tune/runtime/" in frame.f_code.co_filename:
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_one_host_read_per_denoising_step(family):
+    """The runtime reads device values once per step (none at the first; separate CFG: not once per branch),
+    plus once when the run ends (the last step's finiteness flag)."""
+    pipe = get_pipe(family)
+    steps = 5
+    with apply_policy(pipe, _mixed_policy(pipe)) as h:
+        reads = _HostReads()
+        with reads:
+            run_pipe(pipe, family, steps=steps)
+        assert h.stats().skipped_blocks > 0 and 0 < h.stats().nvfp4_share < 1
+    assert reads.count == (steps - 1) + 1
