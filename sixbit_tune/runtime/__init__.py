@@ -14,12 +14,22 @@ Usage::
 Rules of DMPQ and the Temporal Delta Cache, per-branch state, host synchronisation and run boundaries:
 :mod:`sixbit_tune.runtime.controller`. The quantized layer: :mod:`sixbit_tune.runtime.linear`.
 
-``torch.compile`` (checked on CPU, tiny models; :mod:`sixbit_tune.runtime.hooks`): compile *blocks* after applying
-a policy (``block.compile()`` / ``torch.compile(block)``; regional compilation). A block graph-breaks at the
-runtime's host bookkeeping before and after it (skip decision, Γ/Δ measurement) and around each *dynamic* layer
-(its format changes from step to step; tracing it would recompile for every format combination). The block's
-attention, norms, MLP and its *static* quantized layers compile. The transformer-level step hook is
-compiler-disabled: compiling the whole transformer compiles nothing outside the blocks.
+``torch.compile`` (checked on CPU with tiny models, ``tests/runtime/test_runtime_compile.py``): compile *blocks*
+after applying a policy (``block.compile()`` / ``torch.compile(block)``; regional compilation). What compiles and
+what breaks the graph:
+
+* compiles: the block's attention, norms, MLP and elementwise code, and its *static* quantized layers
+  (``"int8"``/``"nvfp4"`` modes); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5 with
+  inductor; the TDC/DMPQ decisions are the same;
+* graph breaks (``torch.compiler.disable``): the runtime's bookkeeping before the block (skip decision, formats,
+  input clone) and after it (Γ/Δ measurement, cache update), and each *dynamic* layer (its format changes from
+  step to step; tracing it would recompile for every combination of formats);
+* graph breaks outside the runtime: on the CPU/reference path, every activation quantizer checks finiteness with
+  ``bool(tensor)`` (``sixbit_tune.formats``), which breaks the graph at each quantized layer. The CUDA kernel
+  path is called with ``check_finite=False`` (the runtime checks once per step instead); whether the Triton
+  kernels trace without breaks is the kernels' business and is not checked here;
+* the transformer-level step hook is compiler-disabled: compiling the whole transformer compiles nothing
+  outside the blocks (compile the blocks instead); compiled blocks inside it do run compiled.
 """
 
 from sixbit_tune.runtime.apply import (

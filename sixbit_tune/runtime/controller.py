@@ -162,8 +162,13 @@ class Controller:
         )
 
     def end_run(self, completed: bool) -> None:
-        """Close the current run: keep its statistics, drop every context's state and cache."""
-        flags = [s.finite_dev for s in self.states.values() if s.finite_dev is not None]
+        """Close the current run: keep its statistics, drop every context's state and cache.
+
+        ``completed`` is True when diffusers reset the hooks at the end of a pipeline call (then the last step's
+        finiteness flag is checked, one sync per run); False after an exception, a detected new run or
+        ``PolicyHandle.reset()``.
+        """
+        flags = [s.finite_dev for s in self.states.values() if s.finite_dev is not None] if completed else []
         if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one sync per run
             note = "the transformer output of the last step contains NaN or Inf"
             self._add_note(note)
