@@ -12,7 +12,7 @@ import torch
 from rt_helpers import FAMILIES, call_kwargs, fake_quant_model, get_pipe, run_pipe, transformer_and_inputs
 
 from sixbit_tune import policy as P
-from sixbit_tune.errors import PolicyError
+from sixbit_tune.errors import NonFiniteError, PolicyError
 from sixbit_tune.formats import weight_bytes
 from sixbit_tune.models.adapters import get_adapter
 from sixbit_tune.runtime import (
@@ -360,3 +360,36 @@ def test_one_host_read_per_denoising_step(family):
             run_pipe(pipe, family, steps=steps)
         assert h.stats().skipped_blocks > 0 and 0 < h.stats().nvfp4_share < 1
     assert reads.count == (steps - 1) + 1
+
+
+def test_a_failed_apply_leaves_the_model_untouched():
+    model, inputs = transformer_and_inputs("ltx")
+    adapter = get_adapter(model)
+    names = list(adapter.all_linears())
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        adapter.all_linears()[names[-1]].weight[0, 0] = float("nan")  # the last layer fails to quantize
+    modules = [(n, id(m)) for n, m in model.named_modules()]
+    with pytest.raises(NonFiniteError):
+        apply_policy(model, make_static_policy(model, "int8"))
+    assert [(n, id(m)) for n, m in model.named_modules()] == modules
+    assert getattr(model, "_sixbit_tune_policy_handle", None) is None
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        adapter.all_linears()[names[-1]].weight[0, 0] = 0.0
+        again = model(**inputs)[0]
+    assert torch.isfinite(again).all() and again.shape == plain.shape
+
+
+def test_non_finite_output_is_reported_at_the_next_step_without_extra_syncs():
+    model, inputs = transformer_and_inputs("wan")
+    policy = make_static_policy(model, "none", 1.0, warmup=0, cooldown=0)
+    bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    bad["hidden_states"][0, 0, 0, 0, 0] = float("nan")
+    with torch.no_grad(), apply_policy(model, policy) as h:
+        model(**bad)
+        with pytest.raises(NonFiniteError, match=r"output at step 0 \(context 'inference'\) contains NaN"):
+            model(**inputs)
+        assert h.controller.states == {}
+        out = model(**inputs)[0]  # a new run after the error
+    assert torch.isfinite(out).all()
