@@ -49,7 +49,7 @@ def error_heatmap(grid: pd.DataFrame, fmt: str, log: bool = True) -> go.Figure:
         colorbar={"title": "log10 out_err" if log else "out_err"},
         hovertemplate="layer %{y}<br>step %{x}<br>out_err %{customdata:.4g}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="linear layer",
+    fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="linear layer",
                       yaxis={"autorange": "reversed"}, height=max(360, 14 * len(order) + 140))
     return fig
 
@@ -111,7 +111,7 @@ def block_heatmap(grid: pd.DataFrame, value: str, title: str | None = None) -> g
         zmid=0.0 if value == "delta_cos" else None,
         hovertemplate="block %{y}<br>step %{x}<br>" + value + " %{z:.4g}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="block",
+    fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="block",
                       yaxis={"autorange": "reversed", "dtick": 1})
     return fig
 
@@ -189,7 +189,7 @@ def precision_map_figure(precision: pd.DataFrame) -> go.Figure:
                                               "ticktext": ["INT8", "mixed", "NVFP4"]},
         hovertemplate="layer %{y}<br>step %{x}<br>NVFP4 share %{z:.2f}<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="linear layer",
+    fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="linear layer",
                       yaxis={"autorange": "reversed"}, height=max(360, 14 * len(order) + 140))
     return fig
 
@@ -205,7 +205,7 @@ def skip_map_figure(skips: pd.DataFrame) -> go.Figure:
         colorscale="Greys", colorbar={"title": "skip share"},
         hovertemplate="block %{y}<br>step %{x}<br>skipped in %{z:.0%} of rows<extra></extra>",
     ))
-    fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="block",
+    fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="block",
                       yaxis={"autorange": "reversed", "dtick": 1})
     return fig
 
@@ -222,5 +222,6 @@ def gpu_comparison_figure(comparison: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Bar(x=x, y=rows["psnr_db"], name="PSNR"), row=1, col=2)
     fig.add_trace(go.Bar(x=x, y=rows["nvfp4_share"], name="NVFP4 share"), row=1, col=3)
     fig.add_trace(go.Bar(x=x, y=rows["skip_share"], name="skip share"), row=1, col=3)
+    fig.update_yaxes(range=[0, 1], row=1, col=3)
     fig.update_layout(title=title, barmode="group", legend={"orientation": "h", "y": -0.25})
     return fig
