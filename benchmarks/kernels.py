@@ -126,19 +126,17 @@ def check_shape(x, w, b, rows):
     codes = nvfp4.decode_e2m1(nvfp4.unpack_codes(r4.data)).reshape(len(rows), K // 16, 16)
     expect = (codes * r4.block_scales.float()[..., None]).reshape(len(rows), K)
     _, _, _, deq, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False)
-    ok = torch.equal(deq[rows].float().cpu(), expect)
-    if K % 128 == 0:
-        _, _, _, dsp, _ = quantize_nvfp4(x, write_dequant=True, write_packed=False, deq_dtype=torch.float16,
-                                         deq_split=True)
-        k = torch.arange(K)
-        perm = (k // 128) * 128 + (k % 2) * 64 + (k % 128) // 2
-        ok = ok and torch.equal(dsp[rows].float().cpu()[:, perm], expect)
-    out["nvfp4_quant_deq_bit_exact"] = bool(ok)
+    out["nvfp4_quant_deq_bit_exact"] = bool(torch.equal(deq[rows].float().cpu(), expect))
+    d2, s2, _, _, _ = quantize_nvfp4(x, params={"pair_loads": False})
+    out["nvfp4_quant_split_form_same_bits"] = bool(torch.equal(d2, data) and torch.equal(s2.view(torch.uint8),
+                                                                                          scales.view(torch.uint8)))
+    q2, s2 = quantize_int8_rows(x, loop_k=0)
+    out["int8_quant_loop_form_same_bits"] = bool(torch.equal(q2, q) and torch.equal(s2, s))
     # GEMMs on the sampled rows.
     bc = b.float().cpu()
     acc = rq.double() @ qw8[0].cpu().double().T
     ref8 = acc.float() * (rs[:, None] * qw8[1].cpu()[None, :]) + bc
-    for variant in [*TMA_VARIANTS, "pointer"]:
+    for variant in ["tma-auto", *TMA_VARIANTS, "pointer"]:
         try:
             y = int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant=variant)[rows].float().cpu()
             err = (y - ref8).abs()
@@ -159,17 +157,18 @@ def check_shape(x, w, b, rows):
     return out, qw8, qw4
 
 
-NVFP4_FORMS = ["split-deq", "split-deq-swap", "split-packed", "split-packed-swap", "deq"]
+NVFP4_FORMS = ["deq", "deq-swap", "packed", "packed-swap"]
 
 
 def bench_shape(model, layer, M, K, N, full):
     from sixbit_tune.kernels.gemm_int8 import (
         DEFAULT_TMA_VARIANT,
         TMA_VARIANTS,
+        _int8_gemm_tma_fixed,
         _int8_gemm_tma_kernel,
         int8_gemm,
     )
-    from sixbit_tune.kernels.gemm_nvfp4 import DEFAULT_FORM, _nvfp4_split_kernel, nvfp4_linear_emulated
+    from sixbit_tune.kernels.gemm_nvfp4 import DEFAULT_FORM, _nvfp4_gemm_kernel, nvfp4_linear_emulated
     from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
 
     g = torch.Generator(device=DEVICE).manual_seed(M + 7 * K + 13 * N)
@@ -221,10 +220,10 @@ def bench_shape(model, layer, M, K, N, full):
     q, s = quantize_int8_rows(x)
     wq_t = qw8[0].t()
     timeit("torch_int_mm", lambda: torch._int_mm(q, wq_t))
-    for variant in [*TMA_VARIANTS, "pointer"] if full else [DEFAULT_TMA_VARIANT]:
+    for variant in [DEFAULT_TMA_VARIANT, *TMA_VARIANTS, "pointer"] if full else [DEFAULT_TMA_VARIANT]:
         timeit(f"int8_gemm_{variant}", lambda v=variant: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16,
                                                                     variant=v),
-               kernel=_int8_gemm_tma_kernel if variant != "pointer" else None)
+               kernel={"pointer": None, "tma-auto": _int8_gemm_tma_kernel}.get(variant, _int8_gemm_tma_fixed))
 
     def int8_full():
         qq, ss = quantize_int8_rows(x)
@@ -233,43 +232,24 @@ def bench_shape(model, layer, M, K, N, full):
     timeit("int8_quant+gemm", int8_full)
     for form in NVFP4_FORMS if full else [DEFAULT_FORM]:
         timeit(f"nvfp4_{form}", lambda f=form: nvfp4_linear_emulated(x, qw4, b, torch.bfloat16, form=f),
-               kernel=_nvfp4_split_kernel if form.startswith("split") else None)
+               kernel=_nvfp4_gemm_kernel)
     # Quantizers alone; effective bytes: input read once, outputs written once.
     timeit("quant_int8", lambda: quantize_int8_rows(x), nbytes=M * K * 2 + M * K + 4 * M)
     timeit("quant_nvfp4", lambda: quantize_nvfp4(x), nbytes=M * K * 2 + M * K // 2 + M * K // 16)
-    if K % 128 == 0:
-        timeit("quant_nvfp4_split_f16", lambda: quantize_nvfp4(x, write_dequant=True, write_packed=False,
-                                                               deq_dtype=torch.float16, deq_split=True),
-               nbytes=M * K * 4)
-    if full:  # launch-parameter sweeps of the quantizers
-        for elems in (2048, 4096, 8192, 16384):
-            for nw in (4, 8):
-                timeit(f"sweep_quant_int8_e{elems}_w{nw}", lambda e=elems, n=nw: quantize_int8_rows(x, e, n),
-                       nbytes=M * K * 3 + 4 * M)
-        for bk in (128, 256, 512):
-            for elems in (4096, 8192):
-                for nw in (4, 8):
-                    prm = {"block_k": bk, "elems": elems, "num_warps": nw}
-                    timeit(f"sweep_quant_nvfp4_bk{bk}_e{elems}_w{nw}", lambda p=prm: quantize_nvfp4(x, params=p),
-                           nbytes=M * K * 2 + M * K // 2 + M * K // 16)
-        for ab in (2048, 4096, 8192):
-            for waves in (2, 8):
-                prm = {"amax_block": ab, "amax_waves": waves}
-                from sixbit_tune.kernels.quant import _amax_bits
-
-                timeit(f"sweep_amax_b{ab}_v{waves}", lambda p=prm: _amax_bits(x, {**_qp(), **p}), nbytes=M * K * 2)
+    timeit("quant_nvfp4_deq_bf16", lambda: quantize_nvfp4(x, write_dequant=True, write_packed=False),
+           nbytes=M * K * 4)
+    # The alternative launch forms (same bits): INT8 two-pass rows everywhere / whole rows up to 16k;
+    # NVFP4 one load + split instead of even/odd loads.
+    timeit("alt_quant_int8_loop", lambda: quantize_int8_rows(x, loop_k=0), nbytes=M * K * 3 + 4 * M)
+    timeit("alt_quant_int8_whole_rows", lambda: quantize_int8_rows(x, loop_k=16384), nbytes=M * K * 3 + 4 * M)
+    timeit("alt_quant_nvfp4_split_loads", lambda: quantize_nvfp4(x, params={"pair_loads": False}),
+           nbytes=M * K * 2 + M * K // 2 + M * K // 16)
     base = res["cublas_bf16"].get("ms")
     for v in res.values():
         if "ms" in v and "tflops" in v and base:
             v["speedup_vs_bf16"] = base / v["ms"]
     rec["timings"] = res
     return rec
-
-
-def _qp():
-    from sixbit_tune.kernels.quant import NVFP4_QUANT_PARAMS
-
-    return NVFP4_QUANT_PARAMS
 
 
 def copy_bandwidth():

@@ -19,18 +19,40 @@ import triton.language as tl
 
 from ._triton_support import ensure_tma_allocator, interpreting, num_sms
 
+_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 256, 128, 8, 3),
+    (128, 256, 128, 8, 4),
+    (256, 128, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+]
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+    for m, n, k, w, st in [*_TILES, (128, 128, 128, 4, 4)]
 ]
 _INTERP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
 
 
 def _configs():
     return _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+
+
+def _tma_configs():
+    """The TMA kernel's autotuning space: tiles x epilogue/loop forms (EPI_TMA, EPI_SUBTILE, FLATTEN).
+
+    Measured on the H200 (benchmarks/results/kernels-h200.*): the TMA-store epilogue with two half-width
+    subtiles was best on the large feed-forward shapes, the flattened persistent loop on K = N = 1,920.
+    """
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "EPI_TMA": e,
+                               "EPI_SUBTILE": sub, "FLATTEN": fl}, num_warps=1)
+                for e, sub, fl in [(False, False, False)]]
+    forms = [(False, False, False), (True, True, False), (True, True, True)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "EPI_TMA": e, "EPI_SUBTILE": sub,
+                       "FLATTEN": fl}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in _TILES
+        for e, sub, fl in forms
+    ]
 
 
 def autotune_bench(kernel_call, quantiles):
@@ -127,12 +149,8 @@ def _int8_gemm_kernel(
     _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, sa_ptr, sb_ptr, bias_ptr, HAS_BIAS, BLOCK_M, BLOCK_N)
 
 
-@triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "EPI_TMA", "EPI_SUBTILE", "FLATTEN"],
-    do_bench=autotune_bench,
-)
 @triton.jit
-def _int8_gemm_tma_kernel(
+def _int8_gemm_tma_body(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, EPI_TMA: tl.constexpr, EPI_SUBTILE: tl.constexpr,
@@ -174,14 +192,22 @@ def _int8_gemm_tma_kernel(
                       BLOCK_M, BLOCK_N)
 
 
-#: TMA-kernel variants: (EPI_TMA, EPI_SUBTILE, FLATTEN).
+#: The TMA kernel autotuned over tiles and epilogue/loop forms (the default), and fixed forms for tests and
+#: benchmarks: (EPI_TMA, EPI_SUBTILE, FLATTEN).
+_int8_gemm_tma_kernel = triton.autotune(
+    configs=_tma_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"], do_bench=autotune_bench
+)(_int8_gemm_tma_body)
+_int8_gemm_tma_fixed = triton.autotune(
+    configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "EPI_TMA", "EPI_SUBTILE", "FLATTEN"],
+    do_bench=autotune_bench,
+)(_int8_gemm_tma_body)
 TMA_VARIANTS = {
     "tma": (False, False, False),
     "tma-store": (True, False, False),
     "tma-store-sub": (True, True, False),
     "tma-flat": (True, True, True),
 }
-DEFAULT_TMA_VARIANT = "tma"
+DEFAULT_TMA_VARIANT = "tma-auto"
 
 
 def int8_gemm(
@@ -200,9 +226,10 @@ def int8_gemm(
         b: int8 ``[N, K]`` (per-output-channel weight codes), last dim contiguous.
         sa: float32 ``[M]``; sb: float32 ``[N]``; bias: ``[N]`` (any float dtype) or None.
         out_dtype: bfloat16, float16 or float32.
-        variant: one of :data:`TMA_VARIANTS` (persistent grid, operand tiles through tensor descriptors; needs
-            contiguous operands, ``K % 16 == 0``, and for the ``-store`` forms an output row of a multiple of 16
-            bytes), "pointer", or "auto" (the default TMA form where it applies, else pointer).
+        variant: "tma-auto" (persistent grid, operand tiles through tensor descriptors, autotuned over tiles and
+            epilogue forms; needs contiguous operands, ``K % 16 == 0`` and output rows of a multiple of 16 bytes),
+            one of :data:`TMA_VARIANTS` (fixed forms), "pointer", or "auto" (tma-auto where it applies, else
+            "tma" or "pointer").
     """
     M, K = a.shape
     N = b.shape[0]
@@ -216,21 +243,26 @@ def int8_gemm(
     tma_ok = a.is_contiguous() and b.is_contiguous() and K % 16 == 0
     if variant == "auto":
         variant = DEFAULT_TMA_VARIANT if tma_ok else "pointer"
-        if TMA_VARIANTS.get(variant, (False,))[0] and (N * c.element_size()) % 16 != 0:
-            variant = "tma"
-    if variant in TMA_VARIANTS:
+        if (N * c.element_size()) % 16 != 0 and variant != "pointer":
+            variant = "tma"  # a TMA store needs 16-byte output rows
+    if variant == "tma-auto" or variant in TMA_VARIANTS:
         assert tma_ok, "the TMA INT8 GEMM needs contiguous operands and K % 16 == 0"
-        epi_tma, epi_sub, flatten = TMA_VARIANTS[variant]
         ensure_tma_allocator()
         sms = num_sms(a.device)
 
         def grid(meta):
             return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-        _int8_gemm_tma_kernel[grid](
-            a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms,
-            EPI_TMA=epi_tma, EPI_SUBTILE=epi_sub, FLATTEN=flatten,
-        )
+        if variant == "tma-auto":
+            _int8_gemm_tma_kernel[grid](
+                a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms
+            )
+        else:
+            epi_tma, epi_sub, flatten = TMA_VARIANTS[variant]
+            _int8_gemm_tma_fixed[grid](
+                a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms,
+                EPI_TMA=epi_tma, EPI_SUBTILE=epi_sub, FLATTEN=flatten,
+            )
     else:
         assert variant == "pointer", f"unknown INT8 GEMM variant {variant!r}"
         assert a.stride(1) == 1 and b.stride(1) == 1

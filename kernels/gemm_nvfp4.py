@@ -166,153 +166,11 @@ def nvfp4_gemm_deq(a_deq, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=Tr
                    M, N, K, out_dtype, False, swap)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Split-nibble form: no interleaving of nibbles in registers. The reduction over K may be taken in any order
-# as long as both operands use the same one, so each K step of 128 elements is done as two dots of 64: the
-# low nibbles (elements 2j) and the high nibbles (elements 2j+1) of the same 64 bytes. A packed operand is
-# split the same way; a pre-expanded activation is written by the quantizer in that order ("split128": within
-# each 128-element chunk, the 64 even elements, then the 64 odd ones). Operands are fp16 (E2M1 * E4M3 values are
-# exact in fp16 too, the tensor-core rate is bf16's), so the E2M1 decode is two integer shifts into an fp16
-# subnormal (value * 2**-14, exact) and two exact fp16 multiplications.
-
-SPLIT_CHUNK = 128
-
-_SPLIT_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-]
-_SPLIT_INTERP_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=1)]
-
-
-@triton.jit
-def _e4m3_to_f16(sbyte):
-    sb = sbyte.to(tl.uint32)
-    se = (sb >> 3) & 15
-    sm = sb & 7
-    snorm = (((se + 120) << 23) | (sm << 20)).to(tl.float32, bitcast=True)
-    scale = tl.where(se == 0, sm.to(tl.float32) * 0.001953125, snorm)
-    scale = tl.where((sb & 0x80) != 0, -scale, scale)
-    return scale.to(tl.float16)
-
-
-@triton.jit
-def _e2m1_f16(code, scale16, R: tl.constexpr, H: tl.constexpr):
-    """[R, H] codes (low 4 bits) times their block scales [R, H // 8] (one per 8 codes here), in fp16, exact."""
-    c = code.to(tl.uint16)
-    bits = ((c & 7) << 9) | ((c & 8) << 12)
-    v = bits.to(tl.float16, bitcast=True) * 16384.0
-    v = tl.reshape(v, [R, H // 8, 8]) * scale16[:, :, None]
-    return tl.reshape(v, [R, H])
-
-
-def _nvfp4_split_body(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, ga_ptr, gb_ptr, c_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
-    A_PACKED: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    H: tl.constexpr = 64  # bytes per K step = half of SPLIT_CHUNK elements
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    jb = tl.arange(0, H)
-    js = tl.arange(0, H // 8)
-    KB = K // 2
-    KS = K // 16
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(0, tl.cdiv(KB, H)):
-        kb = kt * H + jb
-        ks = kt * (H // 8) + js
-        wbyte = tl.load(b_ptr + rn[:, None].to(tl.int64) * KB + kb[None, :], mask=kb[None, :] < KB, other=0)
-        wsc = _e4m3_to_f16(tl.load(b_scale_ptr + rn[:, None].to(tl.int64) * KS + ks[None, :],
-                                   mask=ks[None, :] < KS, other=0))
-        w_lo = _e2m1_f16(wbyte & 15, wsc, BLOCK_N, H)
-        w_hi = _e2m1_f16(wbyte >> 4, wsc, BLOCK_N, H)
-        if A_PACKED:
-            abyte = tl.load(a_ptr + rm[:, None].to(tl.int64) * KB + kb[None, :], mask=kb[None, :] < KB, other=0)
-            asc = _e4m3_to_f16(tl.load(a_scale_ptr + rm[:, None].to(tl.int64) * KS + ks[None, :],
-                                       mask=ks[None, :] < KS, other=0))
-            a_lo = _e2m1_f16(abyte & 15, asc, BLOCK_M, H)
-            a_hi = _e2m1_f16(abyte >> 4, asc, BLOCK_M, H)
-        else:
-            a_row = a_ptr + rm[:, None].to(tl.int64) * K + kt * (2 * H) + jb[None, :]
-            a_lo = tl.load(a_row)
-            a_hi = tl.load(a_row + H)
-        if SWAP:
-            acc = tl.dot(w_lo, tl.trans(a_lo), acc)
-            acc = tl.dot(w_hi, tl.trans(a_hi), acc)
-        else:
-            acc = tl.dot(a_lo, tl.trans(w_lo), acc)
-            acc = tl.dot(a_hi, tl.trans(w_hi), acc)
-    if SWAP:
-        acc = tl.trans(acc)
-    out = acc * (tl.load(ga_ptr) * tl.load(gb_ptr))
-    om = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    on = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mm = om < M
-    mn = on < N
-    if HAS_BIAS:
-        out = out + tl.load(bias_ptr + on, mask=mn, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + om[:, None].to(tl.int64) * stride_cm + on[None, :]
-    store_rounded(c_ptrs, out, mm[:, None] & mn[None, :], c_ptr.dtype.element_ty)
-
-
-_nvfp4_split_kernel = triton.autotune(
-    configs=_SPLIT_INTERP_CONFIGS if interpreting() else _SPLIT_GPU_CONFIGS,
-    key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS"], do_bench=autotune_bench,
-)(triton.jit(_nvfp4_split_body))
-
-
-def _launch_split(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, swap):
-    c = torch.empty((M, N), dtype=out_dtype, device=b.device)
-    if M == 0 or N == 0:
-        return c
-    has_bias = bias is not None
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _nvfp4_split_kernel[grid](
-        a, a_scale, b, b_scale, ga, gb, c, bias if has_bias else ga, M, N, K,
-        min(triton.next_power_of_2(max(M, 1)), 1 << 17), c.stride(0),
-        A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias,
-    )
-    return c
-
-
-def nvfp4_gemm_split_packed(a_data, a_scales, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=False):
-    """Split-nibble GEMM with both operands packed NVFP4 (any ``K % 16 == 0``)."""
-    M = a_data.shape[0]
-    N, K = b_data.shape[0], b_data.shape[1] * 2
-    return _launch_split(a_data, a_scales.view(torch.uint8), b_data, b_scales.view(torch.uint8), a_gs, b_gs,
-                         bias, M, N, K, out_dtype, True, swap)
-
-
-def nvfp4_gemm_split_deq(a_split, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=False):
-    """Split-nibble GEMM with the activation pre-expanded to fp16 ``E2M1 * b`` in "split128" order
-    (``K % 128 == 0``; see :func:`sixbit_tune.kernels.quant.quantize_nvfp4`) and the weight packed."""
-    M, K = a_split.shape
-    assert K % SPLIT_CHUNK == 0 and a_split.dtype == torch.float16 and a_split.is_contiguous()
-    N = b_data.shape[0]
-    return _launch_split(a_split, a_split, b_data, b_scales.view(torch.uint8), a_gs, b_gs, bias,
-                         M, N, K, out_dtype, False, swap)
-
-
-#: Form the dispatch uses: "split-deq" (activation pre-expanded by its quantizer, K % 128 == 0, else
-#: "split-packed"), "split-packed", and their "-swap" versions (weight tile as the first MMA operand).
-DEFAULT_FORM = "split-deq"
+#: Form the dispatch uses: "deq" (the activation quantizer writes bf16 ``E2M1 * b``, the kernel dequantizes
+#: only the weight), "packed" (both operands dequantized in the kernel), and their "-swap" versions (weight
+#: tile as the first MMA operand). H200, 2026-11-24: "deq" was the fastest; a split-nibble fp16 variant (two
+#: dots per K step, no nibble interleave) was slower (0.16-0.46x cuBLAS bf16) and was removed.
+DEFAULT_FORM = "deq"
 
 
 def nvfp4_linear_emulated(x2: torch.Tensor, w, bias, out_dtype: torch.dtype, form: str | None = None):
@@ -323,15 +181,7 @@ def nvfp4_linear_emulated(x2: torch.Tensor, w, bias, out_dtype: torch.dtype, for
     form = DEFAULT_FORM if form is None else form
     swap = form.endswith("-swap")
     base = form[: -len("-swap")] if swap else form
-    K = x2.shape[1]
     wd, ws = w.data.contiguous(), w.block_scales.contiguous()
-    if base == "split-deq" and K % SPLIT_CHUNK == 0:
-        _, _, gs, deq, amax = quantize_nvfp4(x2, write_dequant=True, write_packed=False,
-                                             deq_dtype=torch.float16, deq_split=True)
-        return nvfp4_gemm_split_deq(deq, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap), amax
-    if base in ("split-deq", "split-packed"):
-        data, scales, gs, _, amax = quantize_nvfp4(x2)
-        return nvfp4_gemm_split_packed(data, scales, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap), amax
     if base == "deq":
         _, _, gs, deq, amax = quantize_nvfp4(x2, write_dequant=True, write_packed=False)
         return nvfp4_gemm_deq(deq, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap), amax

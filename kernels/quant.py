@@ -4,7 +4,8 @@
   ``clamp(rne(x / scale), -127, 127)`` in one kernel (IEEE division through ``div_rn``; round half to even through
   the float32 ``+ 1.5 * 2**23`` trick, exact for ``|v| < 2**22``).
 * :func:`quantize_nvfp4`: per-tensor amax (one atomic-max kernel over the float32 bit patterns, no host sync),
-  then one kernel for block scales and packed codes. The E4M3 rounding of the block scales is done with integer
+  then one kernel for block scales and packed codes (even and odd elements loaded apart, so that the two nibbles
+  of a byte meet in one thread). The E4M3 rounding of the block scales is done with integer
   arithmetic on the float32 bits (the values are always normal, in [2**-6, 448]), not with Triton's fp8 cast,
   which the CPU interpreter gets wrong (FACTS f). The block kernel can also write the dequantized-without-global-
   scale values ``E2M1[code] * b`` as bf16 (exact: at most 6 significant bits) for the emulated NVFP4 GEMM.
@@ -98,15 +99,18 @@ def _int8_rows_loop_kernel(
     tl.store(s_ptr + row, scale)
 
 
-#: Launch parameters of the per-row INT8 quantizer for K <= 16384 (elements per program, warps per program).
-INT8_QUANT_PARAMS = {"elems": 4096, "num_warps": 4}
+#: Launch parameters of the per-row INT8 quantizer. Rows with K <= loop_k are held whole in registers,
+#: ``elems // next_pow2(K)`` rows (at least one) per program; longer rows are read twice in chunks of
+#: ``loop_block`` (the second read hits L2). H200, 2026-11-24: one row of <= 2048 per program with 4 warps
+#: reached 2.27 TB/s at K = 1,920; whole rows of 8-16k elements only 0.75-1.25 TB/s.
+INT8_QUANT_PARAMS = {"elems": 2048, "num_warps": 4, "loop_k": 4096, "loop_block": 2048, "loop_warps": 4}
 
 
-def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None):
+def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None, loop_k=None):
     """Per-row INT8 of a 2-D float tensor ``x [M, K]`` (last dim contiguous).
 
-    ``elems`` (elements per program: rows = elems // next_pow2(K)) and ``num_warps`` override
-    :data:`INT8_QUANT_PARAMS` (benchmarking); every setting gives the same bits.
+    ``elems``, ``num_warps`` and ``loop_k`` override :data:`INT8_QUANT_PARAMS` (benchmarking); every setting
+    gives the same bits.
 
     Returns:
         ``(q int8 [M, K], scales float32 [M])``, bit-identical to ``sixbit_tune.formats.int8.quantize(x)``.
@@ -120,7 +124,8 @@ def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None):
     p = INT8_QUANT_PARAMS
     elems = p["elems"] if elems is None else elems
     use_rint = not interpreting()
-    if K <= 16384:
+    loop_k = p["loop_k"] if loop_k is None else loop_k
+    if K <= min(loop_k, 16384):
         block_k = max(16, triton.next_power_of_2(K))
         rows = max(1, min(64, elems // block_k))
         nw = p["num_warps"] if num_warps is None else num_warps
@@ -134,7 +139,8 @@ def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None):
         )
     else:
         _int8_rows_loop_kernel[(M,)](
-            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=4096, USE_RINT=use_rint, num_warps=8
+            x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=p["loop_block"], USE_RINT=use_rint,
+            num_warps=1 if interpreting() else p["loop_warps"],
         )
     return q, s
 
@@ -154,15 +160,34 @@ def _amax_bits_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexp
 
 
 @triton.jit
+def _e2m1_mag(v):
+    """E2M1 magnitude code (0..7) of float32 values in [-6, 6]: midpoint comparisons, ties to even mantissa."""
+    a = tl.abs(v)
+    return (
+        (a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
+        + (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8)
+    )
+
+
+@triton.jit
+def _e2m1_value(mag, sign, b):
+    """Signed E2M1 value of a magnitude code, times the block scale ``b`` (exact: <= 6 significant bits)."""
+    val = tl.where(mag >= 4, tl.where(mag >= 6, tl.where(mag == 7, 6.0, 4.0), tl.where(mag == 5, 3.0, 2.0)),
+                   tl.where(mag >= 2, tl.where(mag == 3, 1.5, 1.0), tl.where(mag == 1, 0.5, 0.0)))
+    return tl.where(sign != 0, -val, val) * b
+
+
+@triton.jit
 def _nvfp4_block_kernel(
     x_ptr, amax_ptr, data_ptr, scale_ptr, deq_ptr, gs_ptr,
     M, K, stride_xm,
     BLOCK_K: tl.constexpr, ROWS: tl.constexpr, WRITE_DEQ: tl.constexpr, WRITE_PACKED: tl.constexpr,
-    DEQ_SPLIT: tl.constexpr,
+    PAIR_LOADS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     NB: tl.constexpr = BLOCK_K // 16
+    H: tl.constexpr = BLOCK_K // 2
     # Global scale from the amax bits, with formats.nvfp4's degenerate-scale rule.
     amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
     s = tl.math.div_rn(amax, 2688.0)
@@ -175,12 +200,22 @@ def _nvfp4_block_kernel(
         tl.store(gs_ptr, s)
 
     rows = pid_m * ROWS + tl.arange(0, ROWS)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < M
-    mask = rmask[:, None] & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    xb = tl.reshape(x.to(tl.float32), [ROWS, NB, 16])
-    amax_b = tl.max(tl.abs(xb), axis=2)
+    pcols = pid_k * H + tl.arange(0, H)  # byte j holds elements 2j (low nibble) and 2j + 1 (high nibble)
+    pmask = rmask[:, None] & (pcols[None, :] < K // 2)
+    row_ptr = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    if PAIR_LOADS:
+        # Even and odd elements as two strided loads (same cache lines): the nibbles pair up without any
+        # exchange between threads.
+        xe = tl.load(row_ptr + 2 * pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
+        xo = tl.load(row_ptr + 2 * pcols[None, :] + 1, mask=pmask, other=0.0).to(tl.float32)
+    else:
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(row_ptr + cols[None, :], mask=rmask[:, None] & (cols[None, :] < K), other=0.0)
+        xe, xo = tl.split(tl.reshape(x.to(tl.float32), [ROWS, H, 2]))
+    xe = tl.reshape(xe, [ROWS, NB, 8])
+    xo = tl.reshape(xo, [ROWS, NB, 8])
+    amax_b = tl.maximum(tl.max(tl.abs(xe), axis=2), tl.max(tl.abs(xo), axis=2))
     b = tl.math.div_rn(tl.math.div_rn(amax_b, 6.0), tl.broadcast_to(s, [ROWS, NB]))
     b = tl.minimum(tl.maximum(b, 0.015625), 448.0)
     # Round to E4M3 (3 mantissa bits, nearest even); always a normal number here.
@@ -189,41 +224,31 @@ def _nvfp4_block_kernel(
     b = u.to(tl.float32, bitcast=True)
     sbyte = ((((u >> 23) - 120) << 3) | ((u >> 20) & 7)).to(tl.uint8)
     r = tl.math.div_rn(tl.broadcast_to(inv_s, [ROWS, NB]), b)
-    v = xb * r[:, :, None]
-    v = tl.minimum(tl.maximum(v, -6.0), 6.0)
-    a = tl.abs(v)
-    mag = (
-        (a > 0.25).to(tl.uint8) + (a >= 0.75).to(tl.uint8) + (a > 1.25).to(tl.uint8)
-        + (a >= 1.75).to(tl.uint8) + (a > 2.5).to(tl.uint8) + (a >= 3.5).to(tl.uint8) + (a > 5.0).to(tl.uint8)
-    )
-    sign = ((v.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
+    ve = tl.minimum(tl.maximum(xe * r[:, :, None], -6.0), 6.0)
+    vo = tl.minimum(tl.maximum(xo * r[:, :, None], -6.0), 6.0)
+    mag_e = _e2m1_mag(ve)
+    mag_o = _e2m1_mag(vo)
+    sign_e = ((ve.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
+    sign_o = ((vo.to(tl.uint32, bitcast=True) >> 31) << 3).to(tl.uint8)
     if WRITE_PACKED:
-        code = tl.reshape(mag | sign, [ROWS, BLOCK_K // 2, 2])
-        lo, hi = tl.split(code)
-        packed = lo | (hi << 4)
-        pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-        pmask = rmask[:, None] & (pcols[None, :] < K // 2)
+        packed = tl.reshape((mag_e | sign_e) | ((mag_o | sign_o) << 4), [ROWS, H])
         tl.store(data_ptr + rows[:, None].to(tl.int64) * (K // 2) + pcols[None, :], packed, mask=pmask)
         scols = pid_k * NB + tl.arange(0, NB)
         smask = rmask[:, None] & (scols[None, :] < K // 16)
         tl.store(scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + scols[None, :], sbyte, mask=smask)
     if WRITE_DEQ:
-        # E2M1 value from the magnitude code, times the block scale: exact in bf16.
-        val = tl.where(mag >= 4, tl.where(mag >= 6, tl.where(mag == 7, 6.0, 4.0), tl.where(mag == 5, 3.0, 2.0)),
-                       tl.where(mag >= 2, tl.where(mag == 3, 1.5, 1.0), tl.where(mag == 1, 0.5, 0.0)))
-        val = tl.where(sign != 0, -val, val) * b[:, :, None]
-        val = tl.reshape(val, [ROWS, BLOCK_K]).to(deq_ptr.dtype.element_ty)
-        if DEQ_SPLIT:  # within each 128-element chunk: the 64 even elements, then the 64 odd ones
-            dcols = (cols // 128) * 128 + (cols % 2) * 64 + (cols % 128) // 2
-        else:
-            dcols = cols
-        tl.store(deq_ptr + rows[:, None].to(tl.int64) * K + dcols[None, :], val, mask=mask)
+        OUT: tl.constexpr = deq_ptr.dtype.element_ty
+        val_e = tl.reshape(_e2m1_value(mag_e, sign_e, b[:, :, None]), [ROWS, H]).to(OUT)
+        val_o = tl.reshape(_e2m1_value(mag_o, sign_o, b[:, :, None]), [ROWS, H]).to(OUT)
+        d_ptr = deq_ptr + rows[:, None].to(tl.int64) * K + 2 * pcols[None, :]
+        tl.store(d_ptr, val_e, mask=pmask)
+        tl.store(d_ptr + 1, val_o, mask=pmask)
 
 
 #: Launch parameters of the NVFP4 quantizer: amax pass (elements per load, programs per SM, warps) and block
 #: pass (K tile, elements per program, warps).
 NVFP4_QUANT_PARAMS = {"amax_block": 4096, "amax_waves": 4, "amax_warps": 8, "block_k": 256, "elems": 4096,
-                      "num_warps": 4}
+                      "num_warps": 4, "pair_loads": True}
 
 
 def _amax_bits(x: torch.Tensor, p=None) -> torch.Tensor:
@@ -241,14 +266,13 @@ def _amax_bits(x: torch.Tensor, p=None) -> torch.Tensor:
 
 
 def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: bool = True, params=None,
-                   deq_dtype: torch.dtype = torch.bfloat16, deq_split: bool = False):
+                   deq_dtype: torch.dtype = torch.bfloat16):
     """NVFP4 quantization of a 2-D float tensor ``x [M, K]`` (contiguous, ``K % 16 == 0``) over its last dim.
 
     Returns:
         ``(data uint8 [M, K//2], block_scales float8_e4m3fn [M, K//16], global_scale float32 0-d, deq, amax)``
         where ``deq`` is None, or with ``write_dequant`` the ``[M, K]`` tensor of ``E2M1[code] * b`` (the
-        value without the global scale; exact in ``deq_dtype`` bf16 or fp16; with ``deq_split`` its columns are
-        in "split128" order: within each 128-element chunk, the 64 even elements, then the 64 odd ones), and ``amax`` the float32 0-d amax(|x|) (NaN/Inf when x is not finite:
+        value without the global scale; exact in ``deq_dtype``, bf16 or fp16), and ``amax`` the float32 0-d amax(|x|) (NaN/Inf when x is not finite:
         the caller checks it). Without ``write_packed`` the codes and block scales are not stored (empty tensors are
         returned in their place). The first three are bit-identical to ``sixbit_tune.formats.nvfp4.quantize(x)``.
     """
@@ -260,8 +284,6 @@ def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: b
     data = torch.empty((M, K // 2) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
     scales = torch.empty((M, K // 16) if write_packed else (0, 0), dtype=torch.uint8, device=dev)
     gs = torch.ones((1,), dtype=torch.float32, device=dev)
-    if deq_split and K % 128:
-        raise ValueError(f"the split128 layout needs K % 128 == 0, got K={K}")
     deq = torch.empty((M, K), dtype=deq_dtype, device=dev) if write_dequant else data
     if M:
         block_k = min(1024 if interpreting() else p["block_k"], triton.next_power_of_2(K))
@@ -269,7 +291,7 @@ def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: b
         grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k))
         _nvfp4_block_kernel[grid](
             x, amax_bits, data, scales, deq, gs, M, K, x.stride(0),
-            BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, DEQ_SPLIT=deq_split,
+            BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, PAIR_LOADS=p["pair_loads"],
             num_warps=1 if interpreting() else p["num_warps"],
         )
     amax = amax_bits.view(torch.float32).reshape(())

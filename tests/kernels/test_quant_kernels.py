@@ -32,11 +32,13 @@ def test_int8_rows_bit_exact(interp, shape, dtype):
     assert torch.equal(q, rq)
 
 
-def test_int8_rows_long_row_loop_kernel(interp):
+@pytest.mark.parametrize("shape,loop_k", [((3, 16400), None), ((9, 96), 64), ((5, 4100), None)])
+def test_int8_rows_long_row_loop_kernel(interp, shape, loop_k):
     from sixbit_tune.kernels.quant import quantize_int8_rows
 
-    x = _rand((3, 16400), torch.bfloat16)
-    q, s = quantize_int8_rows(x)
+    x = _rand(shape, torch.bfloat16)
+    x[1] = 0.0
+    q, s = quantize_int8_rows(x, loop_k=loop_k)
     rq, rs = int8.quantize(x)
     assert torch.equal(s, rs) and torch.equal(q, rq)
 
@@ -60,8 +62,9 @@ def _nvfp4_inputs(shape, dtype):
 def test_nvfp4_bit_exact(interp, shape, dtype):
     from sixbit_tune.kernels.quant import quantize_nvfp4
 
-    for x in _nvfp4_inputs(shape, dtype):
-        data, scales, gs, deq, amax = quantize_nvfp4(x, write_dequant=True)
+    for i, x in enumerate(_nvfp4_inputs(shape, dtype)):
+        # Alternate the two load forms (even/odd strided loads; one load then split), same bits expected.
+        data, scales, gs, deq, amax = quantize_nvfp4(x, write_dequant=True, params={"pair_loads": i % 2 == 0})
         ref = nvfp4.quantize(x)
         assert torch.equal(gs, ref.global_scale)
         assert torch.equal(scales.view(torch.uint8), ref.block_scales.view(torch.uint8))
