@@ -30,10 +30,13 @@ class DemoSize:
     steps: int
     trials: int
     repeats: int
+    warmup_runs: int
 
 
-FULL = DemoSize(prompts=3, steps=10, trials=14, repeats=2)
-QUICK = DemoSize(prompts=2, steps=6, trials=7, repeats=1)
+# Sized for a 2-core CPU: a quantized reference-model generation of 8 steps takes a few seconds there (the CPU runs
+# the plain-PyTorch reference numerics of NVFP4/INT8).
+FULL = DemoSize(prompts=2, steps=8, trials=10, repeats=1, warmup_runs=1)
+QUICK = DemoSize(prompts=2, steps=6, trials=6, repeats=1, warmup_runs=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy-out", default=None, help="where to export the policy (default policies/demo-<model>-<device>.json)"
     )
-    parser.add_argument("--trials", type=int, default=None, help="search trials (default 14, --quick 7)")
+    parser.add_argument(
+        "--trials", type=int, default=None, help=f"search trials (default {FULL.trials}, --quick {QUICK.trials})"
+    )
     parser.add_argument("--quality-floor", type=float, default=None, help="PSNR floor in dB (default: the search's)")
     parser.add_argument("--seed", type=int, default=0, help="sampler and generation seed")
 
@@ -117,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {} if args.quality_floor is None else {"quality_floor_db": args.quality_floor}
     config = SearchConfig(
         store=str(store_dir), model=model, trials=trials, seed=args.seed, prompts=tuple(prompts),
-        repeats=size.repeats, device=device, fit_id=fit_id, study=f"demo-{_safe(model)}-{device}",
+        repeats=size.repeats, warmup_runs=size.warmup_runs, device=device, fit_id=fit_id, study=f"demo-{_safe(model)}-{device}",
         progress=True, **extra,
     )
     ctx = SearchContext(config)
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     for name, a, b in rows:
         print(f"  {name:<24} {a:>14}   {b}")
     print(f"\npolicy: {path}")
-    print(f"open the dashboard: sixbit-tune dashboard --store {store_dir}")
+    print(f"open the dashboard: sixbit-tune dashboard --store {store_dir} --policies-dir {path.parent}")
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
     return 0
 

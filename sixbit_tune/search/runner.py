@@ -87,6 +87,8 @@ class SearchContext:
 
             dtype = torch.bfloat16 if self.device == "cuda" else None
             pipe = load_pipeline(config.model, device=self.device, dtype=dtype)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.adapter = get_adapter(pipe)
         self.model_id = {
