@@ -14,7 +14,7 @@ from sixbit_tune.runtime import apply_policy, make_dynamic_policy
 def _policy(pipe):
     names = list(get_adapter(pipe).all_linears())
     return make_dynamic_policy(pipe, {n: (1.0, 0.0, None, None) for n in names[::2]}, 0.5, other_layers="int8",
-                               tdc_tolerance=1.0, warmup=1, cooldown=1, cache_dtype="float32")
+                               tdc_tolerance=1.0, warmup=0, cooldown=0, cache_dtype="float32")
 
 
 def _compile_blocks(pipe, backend):
