@@ -34,9 +34,13 @@ Exact rules (DESIGN §2), for block ``l`` at denoising step ``t`` of one cache c
   in the run's statistics). A run ends, and all state is dropped, when diffusers resets stateful hooks at the end
   of a pipeline call, when a transformer call raises, or when a new run is detected at the start of a call: the
   pipeline's scheduler holds a new ``timesteps`` tensor (every pipeline call sets one), the context's
-  ``step_index`` went back, or (bare transformer, no ``step_index``) the timestep went up. So a call that failed anywhere cannot leak state into the
-  next one (with a bare transformer, an exception *outside* the transformer in its very first step followed by a
-  run starting at the same timestep is the one case not detected: call ``handle.reset()`` there).
+  ``step_index`` went back, or (bare transformer, no ``step_index``) the timestep went up. So a call that failed
+  anywhere cannot leak state into the next one. Not detected: with a bare transformer, an exception *outside* the
+  transformer during the very first step followed by a run starting at the same timestep; and, with a handle made
+  from a pipeline, direct transformer calls outside pipeline calls continue the current run. Call
+  ``handle.reset()`` there.
+* **What is measured.** Γ only for blocks holding dynamic layers, Δ and its change only for blocks that may still
+  be skipped later in the run; a policy without dynamic layers and without TDC measures nothing.
 """
 
 from __future__ import annotations
