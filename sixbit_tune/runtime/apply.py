@@ -18,7 +18,15 @@ from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats
 
-__all__ = ["GPUMismatchWarning", "PolicyHandle", "apply_policy", "check_policy_fits", "device_target", "load_policy"]
+__all__ = [
+    "GPUMismatchWarning",
+    "PolicyHandle",
+    "apply_policy",
+    "check_policy_fits",
+    "device_target",
+    "load_policy",
+    "nvfp4_target_path",
+]
 
 _HANDLE_ATTR = "_sixbit_tune_policy_handle"
 
@@ -75,13 +83,19 @@ def device_target(device: torch.device | str, backend: Backend | None = None) ->
     """The ``Target`` describing ``device``: GPU name, compute capability and the NVFP4 path used there."""
     device = torch.device(device)
     backend = backend or Backend("auto")
-    path = backend.path("nvfp4", device)
-    if path not in _policy.NVFP4_PATHS:
-        path = "reference"
+    path = nvfp4_target_path(backend.path("nvfp4", device))
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return _policy.Target(torch.cuda.get_device_name(device), f"{major}.{minor}", path)
     return _policy.Target(None, None, path)
+
+
+def nvfp4_target_path(kernel_path: str) -> str:
+    """The policy's ``target.nvfp4_path`` name of a ``sixbit_tune.kernels.kernel_path`` for NVFP4."""
+    names = {"triton-nvfp4-emulated": "emulated", "native-nvfp4": "native", "reference": "reference"}
+    if kernel_path not in names:
+        raise ValueError(f"unknown NVFP4 kernel path {kernel_path!r}; known: {sorted(names)}")
+    return names[kernel_path]
 
 
 def _model_device(transformer: nn.Module) -> torch.device:

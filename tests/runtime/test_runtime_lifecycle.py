@@ -393,3 +393,15 @@ def test_non_finite_output_is_reported_at_the_next_step_without_extra_syncs():
         assert h.controller.states == {}
         out = model(**inputs)[0]  # a new run after the error
     assert torch.isfinite(out).all()
+
+
+def test_nvfp4_kernel_paths_map_to_policy_target_names():
+    from sixbit_tune.kernels import PATHS
+
+    from sixbit_tune.runtime.apply import nvfp4_target_path
+
+    names = {p: nvfp4_target_path(p) for p in PATHS if p != "triton-int8"}
+    assert names == {"triton-nvfp4-emulated": "emulated", "native-nvfp4": "native", "reference": "reference"}
+    assert set(names.values()) == set(P.NVFP4_PATHS)
+    with pytest.raises(ValueError, match="unknown NVFP4 kernel path"):
+        nvfp4_target_path("triton-int8")
