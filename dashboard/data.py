@@ -643,3 +643,48 @@ def gpu_comparison(stores: Mapping[str, Store]) -> pd.DataFrame:
                 row["gpu"] = pick["gpu"]
         out.append(row)
     return pd.DataFrame(out).reindex(columns=cols)
+
+
+def chosen_policies(stores: Mapping[str, Store], comparison: pd.DataFrame) -> dict[str, dict]:
+    """The policy JSON of each store's chosen trial (:func:`gpu_comparison` rows with a study and number)."""
+    out = {}
+    for r in comparison.dropna(subset=["study", "number"]).itertuples():
+        policy = trial_policy(stores[r.store], r.study, int(r.number))
+        if policy is not None:
+            out[r.store] = policy
+    return out
+
+
+def policy_comparison(policies: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Chosen policies side by side.
+
+    Returns:
+        ``(knobs, layers)``: knobs has one row per setting (τ, first-step format, TDC knobs, target, mode counts)
+        and one column per store; layers has one row per in-block layer, one column per store holding its mode
+        (``dynamic`` layers with their α and β).
+    """
+    knobs: dict[str, dict[str, Any]] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for label, p in policies.items():
+        dmpq, tdc, target = p.get("dmpq") or {}, p.get("tdc") or {}, p.get("target") or {}
+        modes = pd.Series([v.get("mode") for v in (dmpq.get("layers") or {}).values()], dtype="object")
+        col = {
+            "DMPQ threshold τ": dmpq.get("threshold"),
+            "first step format": dmpq.get("first_step_format"),
+            "TDC tolerance δ": tdc.get("tolerance"),
+            "TDC warmup / cooldown / max_skips": f"{tdc.get('warmup')} / {tdc.get('cooldown')} / {tdc.get('max_skips')}",
+            "cache dtype": tdc.get("cache_dtype"),
+            "target GPU": target.get("gpu") or "CPU (no GPU)",
+            "NVFP4 path": target.get("nvfp4_path"),
+        }
+        for mode in ("dynamic", "nvfp4", "int8", "none"):
+            col[f"layers {mode}"] = int((modes == mode).sum())
+        knobs[label] = {k: (str(v) if v is not None else None) for k, v in col.items()}
+        for name, lp in (dmpq.get("layers") or {}).items():
+            text = lp.get("mode")
+            if text == "dynamic":
+                text = f"dynamic (α={lp.get('alpha'):.3g}, β={lp.get('beta'):.3g})"
+            layers.setdefault(name, {})[label] = text
+    knobs_df = pd.DataFrame(knobs).rename_axis("setting").reset_index()
+    layers_df = pd.DataFrame.from_dict(layers, orient="index").rename_axis("layer").reset_index()
+    return knobs_df, layers_df

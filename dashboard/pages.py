@@ -103,6 +103,12 @@ def query(cfg: Settings, fn: str, *args: Any, **kwargs: Any) -> Any:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
+def _chosen_policies(items: tuple[tuple[str, str], ...], token: str) -> dict[str, dict]:
+    stores = {label: _open(path) for label, path in items}
+    return data.chosen_policies(stores, data.gpu_comparison(stores))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
 def _gpu_comparison(items: tuple[tuple[str, str], ...], token: str) -> pd.DataFrame:
     return data.gpu_comparison({label: _open(path) for label, path in items})
 
@@ -418,6 +424,12 @@ def gpus_page() -> None:
     _plot(figures.gpu_comparison_figure(comp), "gpus_figure")
     st.dataframe(comp, hide_index=True, key="gpus_table")
     st.caption("Chosen policy: the store's latest exported policy, else its fastest feasible trial.")
+    policies = _chosen_policies(items, data.fingerprint(list(cfg.stores.values())))
+    if policies:
+        knobs, layers = data.policy_comparison(policies)
+        st.subheader("Chosen policies compared")
+        st.dataframe(knobs, hide_index=True, key="gpus_knobs")
+        st.dataframe(layers, hide_index=True, key="gpus_layers")
 
 
 PAGES = (

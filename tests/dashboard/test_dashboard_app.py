@@ -21,7 +21,7 @@ EXPECTED = {
     "temporal": (3, 0),
     "search": (3, 1),
     "policy": (2, 2),
-    "gpus": (1, 1),
+    "gpus": (1, 3),
 }
 
 

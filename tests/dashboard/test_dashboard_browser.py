@@ -56,8 +56,10 @@ def _settled(dom: str) -> bool:
     return 'data-test-script-state="notRunning"' in dom and "stSkeleton" not in dom and "stAppViewContainer" in dom
 
 
-@pytest.fixture
-def server(dash_store, second_store, tmp_path):
+@pytest.fixture(scope="module")
+def server(dash_store, second_store, tmp_path_factory):
+    """One dashboard server for the module: `sixbit-tune dashboard` on two stores, a free localhost port."""
+    tmp_path = tmp_path_factory.mktemp("server")
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(

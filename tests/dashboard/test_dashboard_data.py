@@ -323,3 +323,22 @@ def test_gpu_comparison_side_by_side(dash_store, second_store):
         t = s.trials()
     feasible = t[t["quality"].map(lambda q: json.loads(q)["feasible"])]
     assert comp["latency_ms"].iloc[0] == pytest.approx(feasible["latency_ms"].min())
+
+
+def test_chosen_policies_compared(dash_store, second_store):
+    stores = data.open_stores([dash_store, second_store])
+    try:
+        comp = data.gpu_comparison(stores)
+        policies = data.chosen_policies(stores, comp)
+    finally:
+        for s in stores.values():
+            s.close()
+    assert list(policies) == ["h200", "b200"]
+    knobs, layers = data.policy_comparison(policies)
+    assert list(knobs.columns) == ["setting", "h200", "b200"]
+    n_layers = len(policies["h200"]["dmpq"]["layers"])
+    counts = knobs.set_index("setting").loc[[f"layers {m}" for m in ("dynamic", "nvfp4", "int8", "none")], "h200"]
+    assert sum(int(c) for c in counts) == n_layers
+    assert len(layers) == n_layers and set(layers["layer"]) == set(policies["h200"]["dmpq"]["layers"])
+    tau = knobs.set_index("setting").loc["DMPQ threshold τ", "h200"]
+    assert float(tau) == pytest.approx(float(policies["h200"]["dmpq"]["threshold"]))
