@@ -93,7 +93,7 @@ def check_shape(x, w, b, rows):
     from the exact GPU amax). Returns (facts, int8 weight, nvfp4 weight) with the weights quantized by the kernels.
     """
     from sixbit_tune.kernels import quantize_weight
-    from sixbit_tune.kernels.gemm_int8 import TMA_VARIANTS, int8_gemm
+    from sixbit_tune.kernels.gemm_int8 import int8_gemm
     from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_linear_emulated
     from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
 
@@ -136,7 +136,7 @@ def check_shape(x, w, b, rows):
     bc = b.float().cpu()
     acc = rq.double() @ qw8[0].cpu().double().T
     ref8 = acc.float() * (rs[:, None] * qw8[1].cpu()[None, :]) + bc
-    for variant in ["tma-auto", *TMA_VARIANTS, "pointer"]:
+    for variant in ["tma-auto", "tma", "tma-store-sub", "tma-flat", "pointer"]:
         try:
             y = int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16, variant=variant)[rows].float().cpu()
             err = (y - ref8).abs()
@@ -157,18 +157,22 @@ def check_shape(x, w, b, rows):
     return out, qw8, qw4
 
 
-NVFP4_FORMS = ["deq", "deq-swap", "packed", "packed-swap"]
+NVFP4_FORMS = ["auto", "deq", "deq-tma-swap", "packed"]
 
 
 def bench_shape(model, layer, M, K, N, full):
     from sixbit_tune.kernels.gemm_int8 import (
         DEFAULT_TMA_VARIANT,
-        TMA_VARIANTS,
         _int8_gemm_tma_fixed,
         _int8_gemm_tma_kernel,
         int8_gemm,
     )
-    from sixbit_tune.kernels.gemm_nvfp4 import DEFAULT_FORM, _nvfp4_gemm_kernel, nvfp4_linear_emulated
+    from sixbit_tune.kernels.gemm_nvfp4 import (
+        DEFAULT_FORM,
+        _nvfp4_gemm_auto,
+        _nvfp4_gemm_kernel,
+        nvfp4_linear_emulated,
+    )
     from sixbit_tune.kernels.quant import quantize_int8_rows, quantize_nvfp4
 
     g = torch.Generator(device=DEVICE).manual_seed(M + 7 * K + 13 * N)
@@ -220,7 +224,8 @@ def bench_shape(model, layer, M, K, N, full):
     q, s = quantize_int8_rows(x)
     wq_t = qw8[0].t()
     timeit("torch_int_mm", lambda: torch._int_mm(q, wq_t))
-    for variant in [DEFAULT_TMA_VARIANT, *TMA_VARIANTS, "pointer"] if full else [DEFAULT_TMA_VARIANT]:
+    for variant in [DEFAULT_TMA_VARIANT, "tma", "tma-store-sub", "tma-flat", "pointer"] if full else [
+            DEFAULT_TMA_VARIANT]:
         timeit(f"int8_gemm_{variant}", lambda v=variant: int8_gemm(q, qw8[0], s, qw8[1], b, torch.bfloat16,
                                                                     variant=v),
                kernel={"pointer": None, "tma-auto": _int8_gemm_tma_kernel}.get(variant, _int8_gemm_tma_fixed))
@@ -232,7 +237,7 @@ def bench_shape(model, layer, M, K, N, full):
     timeit("int8_quant+gemm", int8_full)
     for form in NVFP4_FORMS if full else [DEFAULT_FORM]:
         timeit(f"nvfp4_{form}", lambda f=form: nvfp4_linear_emulated(x, qw4, b, torch.bfloat16, form=f),
-               kernel=_nvfp4_gemm_kernel)
+               kernel=_nvfp4_gemm_auto if form == "auto" else _nvfp4_gemm_kernel)
     # Quantizers alone; effective bytes: input read once, outputs written once.
     timeit("quant_int8", lambda: quantize_int8_rows(x), nbytes=M * K * 2 + M * K + 4 * M)
     timeit("quant_nvfp4", lambda: quantize_nvfp4(x), nbytes=M * K * 2 + M * K // 2 + M * K // 16)
@@ -265,17 +270,20 @@ def to_markdown(report):
     lines = [
         f"# Kernel benchmark: {report['gpu']}",
         "",
-        f"torch {report['torch']}, triton {report['triton']}, date {report['date']}; copy bandwidth "
+        f"torch {report['torch']}, triton {report['triton']}, date {report['date']}; device-to-device copy "
         f"{report['copy_gbps']:.0f} GB/s (read + write).",
         "",
         f"Command: `{report['command']}`",
         "",
-        "Times are medians of CUDA-event timings after warm-up (ms); TFLOP/s = 2MNK/t; x = speed relative to "
-        "cuBLAS bf16 `F.linear` with bias. INT8 `+q` includes the activation quantizer; NVFP4 includes its "
-        "activation quantizer. Quantizer GB/s counts input read once + outputs written once.",
+        "Medians of CUDA-event timings after warm-up (autotuning happens in the warm-up); each sample is enough "
+        "back-to-back calls to last >= 1 ms. x = speed relative to cuBLAS bf16 `F.linear` with bias on the same "
+        "operands. INT8 GEMM = our W8A8 kernel with scales and bias in the epilogue (default path: TMA kernel "
+        "autotuned over tiles and epilogue forms); INT8 +q adds the per-token activation quantizer; NVFP4 = "
+        "activation quantizer + emulated W4A4 GEMM (default path). FP8 and _int_mm take pre-quantized operands "
+        "(_int_mm: int32 out, no epilogue). Quantizer TB/s: input read once + outputs written once.",
         "",
-        "| model | layer | M | K | N | bf16 ms (TFLOP/s) | FP8 rowwise x | _int_mm x | INT8 gemm x | INT8 +q x "
-        "| NVFP4 x (best form) | q-int8 GB/s | q-nvfp4 GB/s | checks |",
+        "| model | layer | M | K | N | bf16 ms (TFLOP/s) | FP8 rowwise x | _int_mm x | INT8 GEMM x | INT8 +q x "
+        "| NVFP4 x | q-int8 TB/s | q-nvfp4 TB/s | checks |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["shapes"]:
@@ -285,21 +293,40 @@ def to_markdown(report):
             v = t.get(name, {})
             return f"{v['speedup_vs_bf16']:.2f}" if "speedup_vs_bf16" in v else "err"
 
-        nv = {k: v for k, v in t.items() if k.startswith("nvfp4_") and "ms" in v}
-        best = min(nv, key=lambda k: nv[k]["ms"]) if nv else None
-        nvs = f"{nv[best]['speedup_vs_bf16']:.2f} ({best[6:]})" if best else "err"
-        int8_best = max((k for k in t if k.startswith("int8_gemm_") and "ms" in t[k]),
-                        key=lambda k: t[k]["speedup_vs_bf16"], default=None)
-        ok = all(v for k, v in r["check"].items() if isinstance(v, bool)) and not any(
+        def tb(name, t=t):
+            v = t.get(name, {})
+            return f"{v['gbps'] / 1e3:.2f}" if "gbps" in v else "err"
+
+        ok = all(v for v in r["check"].values() if isinstance(v, bool)) and not any(
             k.endswith("error") for k in r["check"])
         bf = t["cublas_bf16"]
         lines.append(
             f"| {r['model']} | {r['layer']} | {r['M']} | {r['K']} | {r['N']} | {bf['ms']:.3f} ({bf['tflops']:.0f}) "
-            f"| {sp('scaled_mm_fp8_rowwise')} | {sp('torch_int_mm')} | "
-            f"{sp(int8_best) if int8_best else 'err'} | {sp('int8_quant+gemm')} | {nvs} | "
-            f"{t.get('quant_int8', {}).get('gbps', 0):.0f} | {t.get('quant_nvfp4', {}).get('gbps', 0):.0f} | "
-            f"{'pass' if ok else 'FAIL'} |"
+            f"| {sp('scaled_mm_fp8_rowwise')} | {sp('torch_int_mm')} | {sp('int8_gemm_tma-auto')} "
+            f"| {sp('int8_quant+gemm')} | {sp('nvfp4_auto')} | {tb('quant_int8')} | {tb('quant_nvfp4')} "
+            f"| {'pass' if ok else 'FAIL'} |"
         )
+    alt = [r for r in report["shapes"] if any(k.startswith("int8_gemm_tma-flat") for k in r["timings"])]
+    if alt:
+        lines += ["", "Alternative forms on the key shapes (x cuBLAS bf16; the defaults autotune among these):", "",
+                  "| model | layer | INT8 tma | INT8 tma-store-sub | INT8 tma-flat | INT8 pointer | NVFP4 deq "
+                  "| NVFP4 deq-tma-swap | NVFP4 packed (both operands dequantized in the GEMM) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in alt:
+            t = r["timings"]
+            cells = [f"{t[k]['speedup_vs_bf16']:.2f}" if "speedup_vs_bf16" in t.get(k, {}) else "err" for k in (
+                "int8_gemm_tma", "int8_gemm_tma-store-sub", "int8_gemm_tma-flat", "int8_gemm_pointer",
+                "nvfp4_deq", "nvfp4_deq-tma-swap", "nvfp4_packed")]
+            lines.append(f"| {r['model']} | {r['layer']} | " + " | ".join(cells) + " |")
+    lines += ["", "Quantizer launch forms (TB/s, same bits): default vs alternative", "",
+              "| model | layer | K | INT8 default | INT8 two-pass rows | INT8 whole rows | NVFP4 default (even/odd "
+              "loads) | NVFP4 load+split | NVFP4 bf16 expansion (4 B/elem) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["shapes"]:
+        t = r["timings"]
+        cells = [f"{t[k]['gbps'] / 1e3:.2f}" if "gbps" in t.get(k, {}) else "err" for k in (
+            "quant_int8", "alt_quant_int8_loop", "alt_quant_int8_whole_rows", "quant_nvfp4",
+            "alt_quant_nvfp4_split_loads", "quant_nvfp4_deq_bf16")]
+        lines.append(f"| {r['model']} | {r['layer']} | {r['K']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

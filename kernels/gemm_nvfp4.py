@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import interpreting
+from ._triton_support import ensure_tma_allocator, interpreting
 from .gemm_int8 import autotune_bench, store_rounded
 
 _GPU_CONFIGS = [
@@ -43,19 +43,9 @@ def _configs():
 
 
 @triton.jit
-def _dequant_tile(data_ptr, scale_ptr, rows, k0, K, EVEN_K: tl.constexpr, R: tl.constexpr,
-                  BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """[R, BLOCK_K] tile of E2M1[code] * block_scale (exact), cast to DOT_DTYPE."""
-    pk = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    sk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    d_ptrs = data_ptr + rows[:, None].to(tl.int64) * (K // 2) + pk[None, :]
-    s_ptrs = scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + sk[None, :]
-    if EVEN_K:
-        byte = tl.load(d_ptrs)
-        sbyte = tl.load(s_ptrs)
-    else:
-        byte = tl.load(d_ptrs, mask=pk[None, :] < K // 2, other=0)
-        sbyte = tl.load(s_ptrs, mask=sk[None, :] < K // 16, other=0)
+def _decode_tile(byte, sbyte, R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Packed bytes [R, BLOCK_K // 2] and E4M3 scale bytes [R, BLOCK_K // 16] -> [R, BLOCK_K] tile of
+    E2M1[code] * block_scale (exact), cast to DOT_DTYPE."""
     # E4M3 byte -> float32 (normal: exponent bias 7 -> 127; subnormal: mant * 2**-9).
     sb = sbyte.to(tl.uint32)
     se = (sb >> 3) & 15
@@ -72,13 +62,35 @@ def _dequant_tile(data_ptr, scale_ptr, rows, k0, K, EVEN_K: tl.constexpr, R: tl.
     return tl.reshape(val, [R, BLOCK_K]).to(DOT_DTYPE)
 
 
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
+def _load_scales(scale_ptr, rows, k0, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    sk = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    s_ptrs = scale_ptr + rows[:, None].to(tl.int64) * (K // 16) + sk[None, :]
+    if EVEN_K:
+        return tl.load(s_ptrs)
+    else:
+        return tl.load(s_ptrs, mask=sk[None, :] < K // 16, other=0)
+
+
+@triton.jit
+def _dequant_tile(data_ptr, scale_ptr, rows, k0, K, EVEN_K: tl.constexpr, R: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """[R, BLOCK_K] tile of E2M1[code] * block_scale (exact) through pointer loads, cast to DOT_DTYPE."""
+    pk = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    d_ptrs = data_ptr + rows[:, None].to(tl.int64) * (K // 2) + pk[None, :]
+    if EVEN_K:
+        byte = tl.load(d_ptrs)
+    else:
+        byte = tl.load(d_ptrs, mask=pk[None, :] < K // 2, other=0)
+    sbyte = _load_scales(scale_ptr, rows, k0, K, EVEN_K, BLOCK_K)
+    return _decode_tile(byte, sbyte, R, BLOCK_K, DOT_DTYPE)
+
+
 def _nvfp4_gemm_body(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, ga_ptr, gb_ptr, c_ptr, bias_ptr, M, N, K, M_BUCKET, stride_cm,
     A_PACKED: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -92,6 +104,10 @@ def _nvfp4_gemm_body(
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     rk = tl.arange(0, BLOCK_K)
+    if TMA:  # activation (bf16) and weight bytes through tensor descriptors; needs K % 32 == 0
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K // 2], strides=[K // 2, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K // 2])
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -100,6 +116,8 @@ def _nvfp4_gemm_body(
         k0 = kt * BLOCK_K
         if A_PACKED:
             a = _dequant_tile(a_ptr, a_scale_ptr, rm, k0, K, EVEN_K, BLOCK_M, BLOCK_K, DOT_DTYPE)
+        elif TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k0]).to(DOT_DTYPE)
         else:
             a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + (k0 + rk)[None, :]
             if EVEN_K:
@@ -107,7 +125,12 @@ def _nvfp4_gemm_body(
             else:
                 a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
             a = a.to(DOT_DTYPE)
-        w = _dequant_tile(b_ptr, b_scale_ptr, rn, k0, K, EVEN_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
+        if TMA:
+            wbyte = w_desc.load([pid_n * BLOCK_N, k0 // 2])
+            w = _decode_tile(wbyte, _load_scales(b_scale_ptr, rn, k0, K, EVEN_K, BLOCK_K), BLOCK_N, BLOCK_K,
+                             DOT_DTYPE)
+        else:
+            w = _dequant_tile(b_ptr, b_scale_ptr, rn, k0, K, EVEN_K, BLOCK_N, BLOCK_K, DOT_DTYPE)
         if SWAP:
             acc = tl.dot(w, tl.trans(a), acc)
         else:
@@ -126,12 +149,35 @@ def _nvfp4_gemm_body(
     store_rounded(c_ptrs, out, mm[:, None] & mn[None, :], c_ptr.dtype.element_ty)
 
 
+_EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+#: Fixed forms (A_PACKED, SWAP, TMA given at launch), autotuned over tiles.
 _nvfp4_gemm_kernel = triton.autotune(
-    configs=_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS"], do_bench=autotune_bench
-)(_nvfp4_gemm_body)
+    configs=_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "SWAP", "HAS_BIAS", "TMA"], do_bench=autotune_bench
+)(_EVEN_K(triton.jit(_nvfp4_gemm_body)))
 
 
-def _launch(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, swap):
+def _auto_configs():
+    """Activation pre-expanded ("deq"): autotuned over tiles x operand order (SWAP) x TMA loads."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": sw, "TMA": tma},
+                              num_warps=1) for sw, tma in [(False, True)]]
+    tiles = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "SWAP": sw, "TMA": tma},
+                      num_warps=w, num_stages=st)
+        for m, n, k, w, st in tiles
+        for sw in (False, True)
+        for tma in (False, True)
+    ]
+
+
+_nvfp4_gemm_auto = triton.autotune(
+    configs=_auto_configs(), key=["M_BUCKET", "N", "K", "A_PACKED", "HAS_BIAS"], do_bench=autotune_bench
+)(_EVEN_K(triton.jit(_nvfp4_gemm_body)))
+
+
+def _launch(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, swap, tma=False):
+    """``swap``/``tma``: fixed forms; ``swap=None``: the autotuned "deq" kernel (K % 32 == 0)."""
     c = torch.empty((M, N), dtype=out_dtype, device=b.device)
     if M == 0 or N == 0:
         return c
@@ -141,11 +187,15 @@ def _launch(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _nvfp4_gemm_kernel[grid](
-        a, a_scale, b, b_scale, ga, gb, c, bias if has_bias else ga, M, N, K,
-        min(triton.next_power_of_2(max(M, 1)), 1 << 17), c.stride(0),
-        A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
-    )
+    args = (a, a_scale, b, b_scale, ga, gb, c, bias if has_bias else ga, M, N, K,
+            min(triton.next_power_of_2(max(M, 1)), 1 << 17), c.stride(0))
+    if swap is None or tma:
+        ensure_tma_allocator()
+    if swap is None:
+        _nvfp4_gemm_auto[grid](*args, A_PACKED=a_packed, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+    else:
+        _nvfp4_gemm_kernel[grid](*args, A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
+                                 TMA=tma)
     return c
 
 
@@ -158,19 +208,24 @@ def nvfp4_gemm_packed(a_data, a_scales, a_gs, b_data, b_scales, b_gs, bias, out_
                    M, N, K, out_dtype, True, swap)
 
 
-def nvfp4_gemm_deq(a_deq, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=True):
-    """Activation given as bf16 ``E2M1 * b`` ``[M, K]`` (contiguous) and its global scale; weight packed."""
+def nvfp4_gemm_deq(a_deq, a_gs, b_data, b_scales, b_gs, bias, out_dtype, swap=True, tma=False):
+    """Activation given as bf16 ``E2M1 * b`` ``[M, K]`` (contiguous) and its global scale; weight packed.
+
+    ``swap=None``: autotuned over operand order and TMA loads (needs ``K % 32 == 0``)."""
     M, K = a_deq.shape
     N = b_data.shape[0]
+    if (swap is None or tma) and K % 32:
+        raise ValueError(f"the TMA forms need K % 32 == 0, got K={K}")
     return _launch(a_deq, a_deq, b_data, b_scales.view(torch.uint8), a_gs, b_gs, bias,
-                   M, N, K, out_dtype, False, swap)
+                   M, N, K, out_dtype, False, swap, tma)
 
 
-#: Form the dispatch uses: "deq" (the activation quantizer writes bf16 ``E2M1 * b``, the kernel dequantizes
-#: only the weight), "packed" (both operands dequantized in the kernel), and their "-swap" versions (weight
-#: tile as the first MMA operand). H200, 2026-11-24: "deq" was the fastest; a split-nibble fp16 variant (two
-#: dots per K step, no nibble interleave) was slower (0.16-0.46x cuBLAS bf16) and was removed.
-DEFAULT_FORM = "deq"
+#: Form the dispatch uses: "auto" (the activation quantizer writes bf16 ``E2M1 * b``, the kernel dequantizes
+#: only the weight; autotuned over tiles, operand order and TMA loads; K % 32 == 0, else "deq"). Fixed forms:
+#: "deq" (same with pointer loads), "deq-tma", "packed" (both operands dequantized in the kernel), and their
+#: "-swap" versions (weight tile as the first MMA operand). H200, 2026-11-24: a split-nibble fp16 variant (two
+#: dots per K step, no nibble interleave) was slower than "deq" (0.16-0.46x cuBLAS bf16) and was removed.
+DEFAULT_FORM = "auto"
 
 
 def nvfp4_linear_emulated(x2: torch.Tensor, w, bias, out_dtype: torch.dtype, form: str | None = None):
@@ -182,9 +237,12 @@ def nvfp4_linear_emulated(x2: torch.Tensor, w, bias, out_dtype: torch.dtype, for
     swap = form.endswith("-swap")
     base = form[: -len("-swap")] if swap else form
     wd, ws = w.data.contiguous(), w.block_scales.contiguous()
-    if base == "deq":
+    if base in ("auto", "deq", "deq-tma"):
         _, _, gs, deq, amax = quantize_nvfp4(x2, write_dequant=True, write_packed=False)
-        return nvfp4_gemm_deq(deq, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap), amax
+        if base == "auto" and x2.shape[1] % 32 == 0:
+            return nvfp4_gemm_deq(deq, gs, wd, ws, w.global_scale, bias, out_dtype, swap=None), amax
+        return nvfp4_gemm_deq(deq, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap,
+                              tma=base == "deq-tma"), amax
     if base == "packed":
         data, scales, gs, _, amax = quantize_nvfp4(x2)
         return nvfp4_gemm_packed(data, scales, gs, wd, ws, w.global_scale, bias, out_dtype, swap=swap), amax

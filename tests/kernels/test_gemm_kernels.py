@@ -62,12 +62,14 @@ def _nvfp4_bound(x, w, ref, out_dtype):
 
 @pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
 @pytest.mark.parametrize(
-    "form", ["deq", "deq-swap", "packed", "packed-swap"]
+    "form", ["auto", "deq", "deq-swap", "deq-tma", "deq-tma-swap", "packed", "packed-swap"]
 )
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_nvfp4_gemm_matches_reference(interp, M, N, K, form, out_dtype):
     from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_linear_emulated
 
+    if form.startswith("deq-tma") and K % 32:
+        pytest.skip("the TMA forms need K % 32 == 0 (auto falls back to pointer loads there)")
     x, w, b = _inputs(M, N, K)
     wq = nvfp4.quantize(w)
     y, amax = nvfp4_linear_emulated(x, wq, b, out_dtype, form=form)

@@ -90,7 +90,7 @@ def test_int8_gemm_gpu(M, K, N, variant):
 
 
 @pytest.mark.parametrize("M,K,N", GEMM_SHAPES)
-@pytest.mark.parametrize("form", ["deq", "deq-swap", "packed"])
+@pytest.mark.parametrize("form", ["auto", "deq", "deq-tma-swap", "packed"])
 def test_nvfp4_gemm_gpu(M, K, N, form):
     from sixbit_tune.kernels.gemm_nvfp4 import nvfp4_linear_emulated
 
