@@ -127,11 +127,12 @@ class MixedPrecisionLinear(nn.Module):
         self.qweights = {f: _map_tensors(q, move) for f, q in self.qweights.items()}
         weight = self.original.weight
         with torch.no_grad():
-            new = fn(weight.data)
-            if self._weight_home is not None:
-                self._weight_home = new.device
-                new = new.to("cpu")
-            weight.data = new
+            if self._weight_home is not None:  # parked: learn where fn sends it from an empty probe, stay on the CPU
+                probe = fn(weight.data[:0])
+                self._weight_home = probe.device
+                weight.data = weight.data.to(dtype=probe.dtype)
+            else:
+                weight.data = fn(weight.data)
         return self
 
     def restore(self) -> nn.Linear:
