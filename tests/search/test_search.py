@@ -199,22 +199,30 @@ def test_exported_policy_loads_in_the_runtime_and_reproduces_the_trial(store_cop
     assert P.load(out).schema_version == P.SCHEMA_VERSION
 
 
+def _two_workers(store_copy, storage_args: list[str], storage, study_name: str, trials: int) -> None:
+    res = run_cli(cli_args(store_copy, trials, *storage_args, "--study", study_name, "--workers", "2"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    assert [t.number for t in study.trials] == list(range(trials))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) == 2  # both workers ran trials
+    keys = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(set(keys)) == trials
+    rows = _mirror(store_copy, study_name)
+    assert sorted(rows["number"]) == list(range(trials)) and set(rows["state"]) == {"COMPLETE"}
+
+
+def test_two_workers_on_one_journal_file(store_copy):
+    _two_workers(store_copy, [], _journal(store_copy), "journal2", 4)
+
+
 @pytest.mark.postgres
 def test_two_workers_on_postgresql_lose_and_duplicate_nothing(store_copy):
     url = os.environ.get("SIXBIT_TEST_PG_URL")
     if not url:
         pytest.skip("SIXBIT_TEST_PG_URL is not set (.ci/postgres starts a server and sets it)")
-    study_name = f"pg-{os.getpid()}-{time.time_ns()}"
-    res = run_cli(cli_args(store_copy, 6, "--storage", url, "--study", study_name, "--workers", "2"))
-    assert res.returncode == 0, res.stderr[-3000:]
     from sixbit_tune.search.study import open_storage
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
-    assert [t.number for t in study.trials] == list(range(6))
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
-    assert len(pids) == 2  # both workers ran trials
-    keys = [json.dumps(t.params, sort_keys=True) for t in study.trials]
-    assert len(set(keys)) == 6
-    rows = _mirror(store_copy, study_name)
-    assert sorted(rows["number"]) == list(range(6)) and set(rows["state"]) == {"COMPLETE"}
+    study_name = f"pg-{os.getpid()}-{time.time_ns()}"
+    _two_workers(store_copy, ["--storage", url], open_storage(url), study_name, 6)
