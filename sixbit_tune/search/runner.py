@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
-from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.errors import NonFiniteError, PolicyError
 from sixbit_tune.search.config import SearchConfig, TrialFigures
 from sixbit_tune.search.quality import Generation, GenerationSettings, ReferenceCache, compare, generate
 
 #: Reference trials (the corners of the policy space), enqueued before TPE samples anything.
 CORNERS = ("static_int8", "static_nvfp4", "dmpq_no_cache")
 
-#: Exceptions that fail a trial and let the study go on (anything else stops the worker: it is a bug).
-TRIAL_FAILURES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, NonFiniteError)
+#: Exceptions that fail a trial and let the study go on (anything else stops the worker: it is a bug). A
+#: PolicyError is a policy the model cannot run (e.g. NVFP4 on a layer whose K is not a multiple of 16).
+TRIAL_FAILURES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, NonFiniteError, PolicyError)
 
 
 def memory_metric(device: str) -> str:

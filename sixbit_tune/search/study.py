@@ -2,6 +2,9 @@
 
 Storages (DESIGN §9): a journal file (``JournalStorage(JournalFileBackend(path))``, default
 ``<store>/optuna.journal``) for several processes on one host; an RDB URL (``postgresql://...``) for several hosts.
+On several hosts, each runs ``sixbit-tune search --storage <url>`` on its own copy of the store (same profile and
+fit: the fit id is checked); each host mirrors its trials into its own store, and ``Store.open_many`` reads them
+together.
 
 Trials. The objectives are (latency_ms ↓, memory_bytes ↓, psnr_db ↑) with one constraint,
 ``quality_floor_db − psnr_db ≤ 0``. The corner policies (:data:`~sixbit_tune.search.runner.CORNERS`) are
