@@ -92,6 +92,14 @@ class SearchContext:
             pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.adapter = get_adapter(pipe)
+        fitted = {h for h in profile["config_hash"] if h is not None} if len(profile) else set()
+        if fitted and self.adapter.config_hash() not in fitted:
+            spec = profile["model_spec"].iloc[-1]
+            raise ValueError(
+                f"the fit {self.predictors.fit_id} was made on {spec!r} (config hash {sorted(fitted)[0][:12]}…), "
+                f"not on {config.model!r} (config hash {self.adapter.config_hash()[:12]}…): search the model "
+                "that was profiled, or profile and fit this one"
+            )
         self.model_id = {
             "spec": config.model,
             "class": type(self.adapter.transformer).__name__,

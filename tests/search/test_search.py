@@ -226,3 +226,10 @@ def test_two_workers_on_postgresql_lose_and_duplicate_nothing(store_copy):
 
     study_name = f"pg-{os.getpid()}-{time.time_ns()}"
     _two_workers(store_copy, ["--storage", url], open_storage(url), study_name, 6)
+
+
+def test_searching_another_model_than_the_fitted_one_is_refused(store_copy):
+    from sixbit_tune.search.runner import SearchContext
+
+    with pytest.raises(ValueError, match="was made on 'tiny:wan'"):
+        SearchContext(search_config(store_copy, model="tiny:cogvideox"))
