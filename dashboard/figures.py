@@ -178,7 +178,7 @@ def importance_figure(table: pd.DataFrame) -> go.Figure:
 def precision_map_figure(precision: pd.DataFrame) -> go.Figure:
     """Share of (prompt, branch) rows running each layer in NVFP4 (1, orange) rather than INT8 (0, blue) per step;
     blank where every row skipped the block or the layer stays in the model dtype."""
-    title = "Precision map: NVFP4 share per layer × step (0 = INT8, 1 = NVFP4)"
+    title = "Precision map: NVFP4 share (0 = INT8)"
     if precision.empty:
         return _empty(title, "the policy has no in-block layers")
     order = precision.drop_duplicates("layer").sort_values(["block_index", "layer"])["layer"].tolist()
@@ -196,13 +196,13 @@ def precision_map_figure(precision: pd.DataFrame) -> go.Figure:
 
 def skip_map_figure(skips: pd.DataFrame) -> go.Figure:
     """Share of (prompt, branch) rows in which the Temporal Delta Cache skips each block per step."""
-    title = "Skip map: share of rows skipping the block (Temporal Delta Cache), block × step"
+    title = "Skip map: share of rows skipping (TDC)"
     if skips.empty:
         return _empty(title, "no block statistics")
     g = _grid(skips, "block_index", "step", "skip_share")
     fig = go.Figure(go.Heatmap(
         z=g.to_numpy(dtype=float), x=[int(c) for c in g.columns], y=[int(i) for i in g.index], zmin=0.0, zmax=1.0,
-        colorscale="Greys", colorbar={"title": "skip share"},
+        colorscale=[[0.0, "#e8eef7"], [1.0, "#1f3b73"]], colorbar={"title": "skip share"},
         hovertemplate="block %{y}<br>step %{x}<br>skipped in %{z:.0%} of rows<extra></extra>",
     ))
     fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="block",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,21 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         args._parser.error(str(e))
     print(f"sixbit-tune dashboard: http://{args.host}:{args.port}", flush=True)
+    proc = subprocess.Popen(streamlit_command(args))
+
+    def forward(signum, _frame):  # stopping this command stops the server it started
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return subprocess.call(streamlit_command(args))
-    except KeyboardInterrupt:
-        return 130
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
