@@ -81,6 +81,61 @@ def _rel(a: float | None, b: float | None) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
+def markdown(result: dict) -> str:
+    """A short markdown report of a results dict (what benchmarks/results/*.md holds)."""
+    env = result["env"]
+    gpu = env.get("gpu") or {}
+    sh = result.get("shape", {})
+    lines = [
+        "# Profiling overhead: instrumented vs plain transformer step",
+        "",
+        f"- date: {result['date']}",
+        f"- GPU: {gpu.get('name')} (driver {gpu.get('driver')}, {gpu.get('memory_bytes')} B)"
+        if gpu else "- GPU: none",
+        f"- torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
+        f"diffusers {env.get('diffusers')}, Python {env.get('python')}",
+        f"- model: `{result['settings']['spec']}` ({sh.get('params')} parameters, {sh.get('blocks')} blocks, "
+        f"{sh.get('in_block_linears')} in-block linears), {result['settings']['dtype']}",
+        f"- inputs: latents {sh.get('hidden_states')}, text {sh.get('encoder_hidden_states')} "
+        f"({result['settings']['frames']} frames {result['settings']['height']}x{result['settings']['width']}, "
+        "CFG batch 2)",
+        f"- command: `{result['command']}`",
+        "",
+        "A step is one transformer forward inside `cache_context(\"cond_uncond\")`; instrumented steps include the "
+        "once-per-step flush of the statistics to the host. CUDA events, median over the timed steps after warm-up.",
+        "",
+        "| variant | median ms | x plain | min-max ms | peak allocated GiB | output == plain |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for name, v in result["variants"].items():
+        peak = v["peak_allocated_bytes"] / 2**30 if v.get("peak_allocated_bytes") else float("nan")
+        lines.append(
+            f"| {name} | {v['median_ms']:.1f} | {v.get('overhead_x', float('nan')):.2f} | "
+            f"{v['min_ms']:.1f}-{v['max_ms']:.1f} | {peak:.1f} | {v['outputs_equal_plain']} "
+            f"({v['outputs_compared']} steps) |"
+        )
+    lines += ["", "All step times (ms, warm-up first):", ""]
+    for name, v in result["variants"].items():
+        lines.append(f"- {name}: {v['all_ms']}")
+    checks = result.get("checks", {})
+    if "compiled_vs_eager_max_rel_diff" in checks:
+        c = checks["compiled_vs_eager_max_rel_diff"]
+        lines += ["", f"Compiled vs eager statistics, max relative difference: blocks {c['blocks']:.2e}, "
+                  f"layers {c['layers']:.2e}."]
+    if "reference_layer" in checks:
+        ref = checks["reference_layer"]
+        lines += ["", f"Reference check on `{ref['layer']}` (input {ref['input_shape']}), recorded vs "
+                  "`sixbit_tune.formats` recomputed from the captured input:", "",
+                  "| format/branch | out_err recorded | rel. diff vs module-output reference | "
+                  "rel. diff vs exact x·Wᵀ (float64) | act_err rel. diff |", "|---|---:|---:|---:|---:|"]
+        for k, r in ref["rows"].items():
+            lines.append(f"| {k} | {r['recorded_out_err']:.5f} | {r['rel_diff_vs_module_output']:.1e} | "
+                         f"{r['rel_diff_vs_exact_product']:.1e} | {r['rel_diff_act_err']:.1e} |")
+    for note in result.get("notes", []):
+        lines.append(f"\nNote: {note}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--spec", default="shape:cogvideox-2b")
@@ -121,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+            try:
+                (out_dir / "results.md").write_text(markdown(result))
+            except (KeyError, TypeError, ValueError) as e:  # a partial result: the JSON is what matters
+                (out_dir / "results.md").write_text(f"partial result, no table yet ({e})\n")
 
     t0 = time.time()
     model = load_transformer(args.spec, device=device, dtype=dtype)

@@ -159,7 +159,7 @@ def _run_shard(
     from sixbit_tune.store import Store
 
     dtype = _dtype(config, device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and torch.device(device).index is not None:
         torch.cuda.set_device(torch.device(device))
     shape_mode = config.model.strip().startswith("shape:")
     if shape_mode:
