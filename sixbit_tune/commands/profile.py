@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=d["workers"],
                         help="processes to shard prompts over: one per GPU with several GPUs, CPU processes "
                         "otherwise (default %(default)s)")
+    parser.add_argument("--layer-every", type=int, default=d["layer_every"],
+                        help="record per-layer errors every N-th step only; block statistics every step "
+                        "(default %(default)s)")
     parser.add_argument("--formats", default=",".join(d["formats"]),
                         help="comma-separated formats to record (default %(default)s)")
     parser.add_argument("--run-id", default=d["run_id"], help="explicit run id (default: generated)")
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             workers=args.workers,
+            layer_every=args.layer_every,
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
             progress=not args.no_progress,
             run_id=args.run_id,

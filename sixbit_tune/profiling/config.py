@@ -38,6 +38,9 @@ class ProfileConfig:
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``; None: CUDA when available.
         dtype: model dtype name (None: bfloat16 on CUDA, float32 on CPU).
         workers: processes to shard prompts over (several GPUs: one per GPU, up to the GPU count).
+        layer_every: record the per-layer errors on every ``layer_every``-th step only (steps 0, k, 2k, ...; block
+            statistics are recorded at every step, so every recorded out_err_t still has its Γ_{t−1}). 1 = every
+            step. Larger values trade calibration pairs for a cheaper run.
         formats: formats whose per-layer errors are recorded.
         compile_stats: fuse the statistic computations with ``torch.compile`` (None: on CUDA only).
         progress: show a tqdm bar over prompts x steps.
@@ -56,6 +59,7 @@ class ProfileConfig:
     device: str | None = None
     dtype: str | None = None
     workers: int = 1
+    layer_every: int = 1
     formats: tuple[str, ...] = PROFILE_FORMATS
     compile_stats: bool | None = None
     progress: bool = True
@@ -69,7 +73,7 @@ class ProfileConfig:
             raise ValueError("prompts: give at least one prompt")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("prompts: empty prompt text")
-        for name in ("steps", "workers"):
+        for name in ("steps", "workers", "layer_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -104,6 +104,7 @@ class _Recorder:
         self.calls: list[_Call] = []
         self.current: _Call | None = None
         self.enabled = True
+        self.record_layers = True
         # (input tensor, its _version, formats key, quantize_activation result) of the last linear call:
         # linears reading the same tensor (attention q/k/v) reuse the quantized activation and its act_err.
         self.act_cache: tuple | None = None
@@ -187,7 +188,7 @@ class _LinearHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         out = self.fn_ref.original_forward(*args, **kwargs)
         rec = self.recorder
-        if rec.current is not None:
+        if rec.current is not None and rec.record_layers:
             x = args[0] if args else kwargs["input"]
             cache = rec.act_cache
             version = _version(x)
@@ -352,6 +353,16 @@ class Instrumentation:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._recorder.enabled = bool(value)
+
+    @property
+    def record_layers(self) -> bool:
+        """Whether the per-layer errors are recorded for the calls to come (block statistics always are while
+        :attr:`enabled`). The runner turns it off on steps that ``ProfileConfig.layer_every`` skips."""
+        return self._recorder.record_layers
+
+    @record_layers.setter
+    def record_layers(self, value: bool) -> None:
+        self._recorder.record_layers = bool(value)
 
     def reset(self) -> None:
         """Drop every unflushed record and every block's previous Δ (start of a new prompt)."""

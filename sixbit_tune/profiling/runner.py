@@ -241,10 +241,12 @@ def _pipeline_prompt(pipe, inst, config: ProfileConfig, prompt_index: int, devic
         ts = float(t)
         timesteps.append(ts)
         records.extend(inst.flush(i, [prompt_index], ts))
+        inst.record_layers = (i + 1) % config.layer_every == 0
         on_step(1)
         return {}
 
     kwargs["callback_on_step_end"] = on_step_end
+    inst.record_layers = True
     try:
         with torch.inference_mode():
             pipe(**kwargs)
@@ -328,6 +330,7 @@ def _shape_prompt(model, inst, config: ProfileConfig, prompt_index: int, device:
     timesteps = [max(0.0, round(t)) for t in timesteps]
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
+            inst.record_layers = i % config.layer_every == 0
             if batched:
                 x = latents.repeat(rows, *([1] * (latents.dim() - 1)))
                 tt = torch.full((rows,), t, device=device, dtype=torch.long)

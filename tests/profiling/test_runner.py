@@ -174,3 +174,15 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
             profile(ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path / "s2"), device="cuda"))
     with pytest.raises(ValueError, match="device must be"):
         profile(ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path / "s3"), device="tpu"))
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_layer_every_records_layers_on_every_kth_step_only(tmp_path, family):
+    run_id = profile(ProfileConfig(model=f"tiny:{family}", prompts=["a cat"], store=str(tmp_path / "s"), steps=3,
+                                   layer_every=2, progress=False))
+    with Store.open(tmp_path / "s", read_only=True) as s:
+        blocks = s.query("SELECT DISTINCT step FROM block_steps WHERE run_id = ? ORDER BY step", [run_id])
+        layers = s.query("SELECT DISTINCT step FROM layer_steps WHERE run_id = ? ORDER BY step", [run_id])
+        assert list(blocks["step"]) == [0, 1, 2]
+        assert list(layers["step"]) == [0, 2]
+        assert json.loads(s.runs()["settings"][0])["layer_every"] == 2
