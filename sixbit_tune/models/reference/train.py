@@ -52,6 +52,9 @@ def parse_args(argv=None):
         help="optimizer steps (defines the LR schedule); 'auto': time steps 20-60 and fill --minutes (the summary "
         "records the resolved count; pass it as --steps N to reproduce the run)",
     )
+    p.add_argument(
+        "--stop-at", type=int, default=None, help="stop after this many steps (the LR schedule still spans --steps)"
+    )
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock safety cap for the training loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128)
@@ -158,7 +161,10 @@ def train(args) -> dict:
     stopped_by_cap = False
     probes = []
     pipe_for_probe = None
+    steps_done = 0
     for step in range(args.steps):
+        if args.stop_at is not None and step >= args.stop_at:
+            break
         if time.perf_counter() - t_start > cap:
             stopped_by_cap = True
             break
@@ -187,6 +193,7 @@ def train(args) -> dict:
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        steps_done = step + 1
         if ema is not None:
             d = min(args.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - d)
@@ -249,7 +256,6 @@ def train(args) -> dict:
             probes.append(rec)
             log.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)
-    steps_done = step + 1 if not stopped_by_cap else step
     train_seconds = time.perf_counter() - t_start
 
     # ship the EMA weights
@@ -275,7 +281,8 @@ def train(args) -> dict:
         "compiled": compiled,
         "compile_seconds": round(compile_seconds, 1),
         "steps_auto": auto_steps,
-        "reproduce_with": f"--steps {steps_done}" if not stopped_by_cap else None,
+        "reproduce_with": f"--steps {args.steps}"
+        + (f" --stop-at {steps_done}" if steps_done < args.steps else ""),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "steps_done": steps_done,
         "stopped_by_time_cap": stopped_by_cap,
