@@ -52,7 +52,8 @@ def profile(config: ProfileConfig) -> str:
     state: dict[str, Any] = {"writer": None, "timesteps": None, "begun": False}
 
     def begin(meta: dict) -> None:
-        writer = Store.open(config.store).writer(f"{run_id}-main")
+        with Store.open(config.store) as st:
+            writer = st.writer(f"{run_id}-main")
         gpu_index = (torch.device(devices[0]).index or 0) if devices[0].startswith("cuda") else None
         writer.begin_run(
             "profile",
@@ -192,7 +193,8 @@ def _run_shard(
         on_meta(meta)
     if wait_begun is not None:
         wait_begun()
-    writer = Store.open(config.store).writer(f"{run_id}-w{worker_index}")
+    with Store.open(config.store) as st:
+        writer = st.writer(f"{run_id}-w{worker_index}")
     try:
         for prompt_index in shard:
             inst.reset()
