@@ -183,9 +183,9 @@ def runs_page() -> None:
     c[1].metric("profile runs", int((df["kind"] == "profile").sum()))
     c[2].metric("models", df["model_spec"].nunique())
     c[3].metric("GPUs", df["gpu"].nunique())
-    st.dataframe(df, hide_index=True, key="runs_table")
-    run = st.selectbox("run details", df["run_id"].tolist(), key="runs_detail")
-    st.json(query(cfg, "run_settings", run), expanded=False)
+    st.dataframe(df.drop(columns=["store"]), hide_index=True, key="runs_table")
+    run = st.selectbox("run settings", df["run_id"].tolist(), key="runs_detail")
+    st.json(query(cfg, "run_settings", run), expanded=1)
 
 
 def sensitivity_page() -> None:
