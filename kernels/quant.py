@@ -4,8 +4,8 @@
   ``clamp(rne(x / scale), -127, 127)`` in one kernel (IEEE division through ``div_rn``; round half to even through
   the float32 ``+ 1.5 * 2**23`` trick, exact for ``|v| < 2**22``).
 * :func:`quantize_nvfp4`: per-tensor amax (one atomic-max kernel over the float32 bit patterns, no host sync),
-  then one kernel for block scales and packed codes (even and odd elements loaded apart, so that the two nibbles
-  of a byte meet in one thread). The E4M3 rounding of the block scales is done with integer
+  then one kernel for block scales and packed codes (the tile is loaded once and split into even and odd
+  elements, so that the two nibbles of a byte meet in one thread). The E4M3 rounding of the block scales is done with integer
   arithmetic on the float32 bits (the values are always normal, in [2**-6, 448]), not with Triton's fp8 cast,
   which the CPU interpreter gets wrong (FACTS f). The block kernel can also write the dequantized-without-global-
   scale values ``E2M1[code] * b`` as bf16 (exact: at most 6 significant bits) for the emulated NVFP4 GEMM.
@@ -205,8 +205,7 @@ def _nvfp4_block_kernel(
     pmask = rmask[:, None] & (pcols[None, :] < K // 2)
     row_ptr = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     if PAIR_LOADS:
-        # Even and odd elements as two strided loads (same cache lines): the nibbles pair up without any
-        # exchange between threads.
+        # Even and odd elements as two strided loads (same cache lines). Measured 3x slower; kept selectable.
         xe = tl.load(row_ptr + 2 * pcols[None, :], mask=pmask, other=0.0).to(tl.float32)
         xo = tl.load(row_ptr + 2 * pcols[None, :] + 1, mask=pmask, other=0.0).to(tl.float32)
     else:
@@ -247,8 +246,11 @@ def _nvfp4_block_kernel(
 
 #: Launch parameters of the NVFP4 quantizer: amax pass (elements per load, programs per SM, warps) and block
 #: pass (K tile, elements per program, warps).
+#: ``pair_loads`` (even and odd elements as two stride-2 loads) avoids the register split but measured 3x
+#: slower on the H200 (0.33-0.36 vs 0.95-1.12 TB/s effective, benchmarks/results/kernels-h200.md), so the
+#: default loads the tile once and splits it.
 NVFP4_QUANT_PARAMS = {"amax_block": 4096, "amax_waves": 4, "amax_warps": 8, "block_k": 256, "elems": 4096,
-                      "num_warps": 4, "pair_loads": True}
+                      "num_warps": 4, "pair_loads": False}
 
 
 def _amax_bits(x: torch.Tensor, p=None) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_quantizers_bit_exact_gpu(M, K, dtype):
     codes = nvfp4.decode_e2m1(nvfp4.unpack_codes(ref.data)).reshape(M, K // 16, 16)
     expect = (codes * ref.block_scales.float()[..., None]).reshape(M, K)
     assert torch.equal(deq.float().cpu(), expect)
-    for pair_loads in (False,):  # the non-default load form, too
+    for pair_loads in (True,):  # the non-default load form, too
         d2, s2, _, _, _ = quantize_nvfp4(x, params={"pair_loads": pair_loads})
         assert torch.equal(d2, data) and torch.equal(s2.view(torch.uint8), scales.view(torch.uint8))
     for loop_k in (64,):  # the two-pass long-row INT8 kernel at every K
