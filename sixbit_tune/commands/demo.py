@@ -56,18 +56,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampler and generation seed")
 
 
-def resolve_model(spec: str) -> tuple[str, str | None]:
-    """The spec to run and a note when the reference model is not available (then ``tiny:wan``)."""
-    if spec != "reference":
-        return spec, None
-    from sixbit_tune.models.reference import WEIGHTS_DIR
+def resolve_model(spec: str, device: str):
+    """``(spec, pipeline, note)``: the model to run, loaded; when the reference model is not available, the tiny
+    Wan model and a note saying so."""
+    from sixbit_tune.errors import NotBuiltYet
+    from sixbit_tune.models.specs import load_pipeline
+    from sixbit_tune.search.runner import pipeline_dtype
 
-    if (WEIGHTS_DIR / "model_index.json").is_file():
-        return spec, None
-    return "tiny:wan", (
-        f"note: the reference model is not built yet (no {WEIGHTS_DIR / 'model_index.json'}); running the demo on "
-        "the random tiny Wan model instead (its quality figures mean little)"
-    )
+    try:
+        return spec, load_pipeline(spec, device=device, dtype=pipeline_dtype(device)), None
+    except NotBuiltYet as e:
+        if spec != "reference":
+            raise
+        note = (
+            f"note: {e}\nnote: running the demo on the random tiny Wan model instead (its quality figures mean "
+            "little)"
+        )
+        return "tiny:wan", load_pipeline("tiny:wan", device=device, dtype=pipeline_dtype(device)), note
 
 
 def _safe(s: str) -> str:
@@ -91,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     size = QUICK if args.quick else FULL
     trials = args.trials or size.trials
-    model, note = resolve_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, pipe, note = resolve_model(args.model, device)
     if note:
         print(note)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
     out_dir = Path(args.out_dir) if args.out_dir else Path("sixbit-demo") / stamp
     store_dir = out_dir / "store"
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=size.repeats, warmup_runs=size.warmup_runs, device=device, fit_id=fit_id, study=f"demo-{_safe(model)}-{device}",
         progress=True, **extra,
     )
-    ctx = SearchContext(config)
+    ctx = SearchContext(config, pipe=pipe)
     study = run_search(config, pipe=ctx.pipe, log=print)
     print(summarize(study))
 

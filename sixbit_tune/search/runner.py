@@ -36,6 +36,11 @@ CORNERS = ("static_int8", "static_nvfp4", "dmpq_no_cache")
 TRIAL_FAILURES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, NonFiniteError, PolicyError)
 
 
+def pipeline_dtype(device: str):
+    """The dtype searches run the model in: bfloat16 on a GPU, the model's own (float32) on the CPU."""
+    return torch.bfloat16 if device == "cuda" else None
+
+
 def memory_metric(device: str) -> str:
     return "cuda_max_memory_allocated" if device == "cuda" else "linear_weights_plus_cache_bytes"
 
@@ -86,8 +91,7 @@ class SearchContext:
         if pipe is None:
             from sixbit_tune.models.specs import load_pipeline
 
-            dtype = torch.bfloat16 if self.device == "cuda" else None
-            pipe = load_pipeline(config.model, device=self.device, dtype=dtype)
+            pipe = load_pipeline(config.model, device=self.device, dtype=pipeline_dtype(self.device))
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
