@@ -17,8 +17,8 @@ The activation side comes in one of two forms (same numbers, different cost):
   operand of the MMA and the kernel computes the transposed tile ``W x^T``. The default ("auto") autotunes over
   tiles, operand order and TMA loads.
 
-H200 (benchmarks/results/kernels-h200.md): the GEMM alone runs at 0.41-0.55x cuBLAS bf16, both operands packed at
-0.15-0.24x. The limit is the dequantization: ~12 integer/float operations per weight element per token tile,
+H200 (benchmarks/results/kernels-h200.md): the GEMM alone runs at 0.41-0.55x cuBLAS bf16; with both operands
+packed (and the activation quantizer included) at 0.15-0.24x. The limit is the dequantization: ~12 integer/float operations per weight element per token tile,
 issued by the same warps that drive the tensor cores (no producer/consumer warp specialization here), so the
 tensor cores wait on it.
 
