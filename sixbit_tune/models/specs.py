@@ -333,7 +333,7 @@ def _parse(spec: str) -> tuple[str, str]:
 
 def _reference_pipeline(device, dtype):
     config = REFERENCE_DIR / "weights" / "config.json"
-    if not config.is_file():
+    if not config.is_file() and not (REFERENCE_DIR / "weights" / "model_index.json").is_file():
         raise NotBuiltYet(
             f"the reference model is not built yet ({config} is missing); use 'tiny:<family>' or a repo id meanwhile"
         )
