@@ -43,3 +43,12 @@ def check_float_input(x: torch.Tensor, what: str, finite: bool = True) -> None:
         raise ValueError(f"{what} must have at least one dimension (the reduction dim K), got a 0-d tensor")
     if finite:
         check_finite(x, what)
+
+
+def ieee_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``t / divisor`` as a correctly rounded IEEE float32 division on every device.
+
+    PyTorch's CUDA kernels turn a division by a Python (CPU) scalar into a multiplication by its reciprocal, which
+    rounds differently; a same-device tensor divisor keeps the true division that DESIGN §3 specifies.
+    """
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)

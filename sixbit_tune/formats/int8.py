@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sixbit_tune.formats.common import check_float_input
+from sixbit_tune.formats.common import check_float_input, ieee_div
 
 QMAX = 127
 
@@ -50,7 +50,7 @@ def quantize(x: torch.Tensor, axis: int = -1, *, check: bool = True) -> tuple[to
         amax = xf.new_zeros(xf.shape[:ax] + xf.shape[ax + 1 :])
     else:
         amax = xf.abs().amax(dim=ax)
-    scales = amax / float(QMAX)
+    scales = ieee_div(amax, float(QMAX))
     s = scales.unsqueeze(ax)
     zero = s == 0
     q = torch.round(xf / torch.where(zero, torch.ones_like(s), s)).clamp(-QMAX, QMAX)

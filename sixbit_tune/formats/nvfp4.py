@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sixbit_tune.formats.common import check_float_input
+from sixbit_tune.formats.common import check_float_input, ieee_div
 
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
@@ -67,7 +67,7 @@ def global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     elementwise, no host synchronization).
     """
     amax = amax.to(torch.float32)
-    s = amax / _GLOBAL_DENOM
+    s = ieee_div(amax, _GLOBAL_DENOM)
     usable = (amax > 0) & torch.isfinite((1.0 / s) / SCALE_FLOOR)
     return torch.where(usable, s, torch.ones_like(s))
 
@@ -247,7 +247,7 @@ def quantize(x: torch.Tensor, global_scale=None, *, check: bool = True) -> NVFP4
     lead = tuple(shape[:-1])
     xb = xf.reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
     amax_b = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros((*lead, K // BLOCK_SIZE))
-    b32 = (amax_b / E2M1_MAX / s).clamp(SCALE_FLOOR, E4M3_MAX)
+    b32 = (ieee_div(amax_b, E2M1_MAX) / s).clamp(SCALE_FLOOR, E4M3_MAX)
     b8 = b32.to(torch.float8_e4m3fn)
     r = (1.0 / s) / b8.to(torch.float32)
     v = (xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
