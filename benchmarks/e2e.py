@@ -94,7 +94,9 @@ def workloads_for(args) -> list[Workload]:
             Workload("tiny:wan (pipeline)", "tiny:wan", "pipeline", args.steps, args.steps, False, 0.5,
                      prompts=("a cat runs on the beach", "a red car in snow")),
             Workload("tiny:cogvideox (transformer)", "tiny:cogvideox", "transformer", args.steps,
-                     args.steps_timed or args.steps, False, 0.5),
+                     args.steps_timed or args.steps, False, 0.25),
+            Workload("tiny:wan (transformer)", "tiny:wan", "transformer", args.steps,
+                     args.steps_timed or args.steps, False, 0.25),
         ]
     else:
         wls = [
@@ -105,6 +107,12 @@ def workloads_for(args) -> list[Workload]:
             Workload("shape:wan2.1-1.3b", "shape:wan2.1-1.3b", "transformer", args.steps,
                      args.steps_timed or args.steps, False, 0.3, frames=81, height=480, width=832),
         ]
+    if args.shape_size:
+        f, h, w = (int(v) for v in args.shape_size.split(","))
+        for wl in wls:
+            if wl.spec.startswith("shape:"):
+                wl.frames, wl.height, wl.width = f, h, w
+                wl.name = f"{wl.spec} ({f}x{h}x{w})"
     if args.workloads:
         keep = [w.strip() for w in args.workloads.split(",") if w.strip()]
         wls = [w for w in wls if w.spec in keep or w.name in keep]
@@ -198,18 +206,25 @@ def weight_bytes(transformer, adapter) -> tuple[int, int]:
 
 # ================================================================================================ compile
 def compile_blocks(adapter) -> None:
+    """Regional compilation: each block's own ``forward`` is replaced by ``torch.compile`` of it (one compiled graph
+    shared by all blocks of a class). Hooks installed afterwards (the sixbit runtime, FirstBlockCache) wrap the
+    compiled forward and stay eager; so no block hook object ends up in a guard (which would recompile per block)."""
     import torch
 
     torch._dynamo.reset()
     for ref in adapter.blocks():
-        ref.module.compile()
+        m = ref.module
+        m.forward = torch.compile(type(m).forward.__get__(m))
+        m._e2e_compiled = True
 
 
 def uncompile_blocks(adapter) -> None:
     import torch
 
     for ref in adapter.blocks():
-        ref.module.__dict__.pop("_compiled_call_impl", None)
+        m = ref.module
+        if m.__dict__.pop("_e2e_compiled", False):
+            m.__dict__.pop("forward", None)
     torch._dynamo.reset()
 
 
@@ -377,37 +392,46 @@ def fallback_policy(pipe, spec, device, settings, prompts, refs, deadline):
 
     tmp = tempfile.mkdtemp(prefix="e2e-fallback-")
     run_id = profile(ProfileConfig(model=spec, prompts=list(prompts[:2]), store=tmp, steps=min(settings.steps, 20),
-                                   device=str(device), progress=False))
+                                   device=str(device), progress=False, compile_stats=False))
     with Store.open(tmp) as store:
         fit_id = write_fit(store.writer(), fit_store(store, [run_id]))
         preds = read_predictors(store, fit_id)
     dyn = preds.dynamic_layers()
     betas = sorted(v[1] for v in dyn.values()) or [0.0]
-    taus = [betas[len(betas) // 2] * 1.5, float("inf")]
+    taus = [float("-inf"), betas[len(betas) // 2], float("inf")]  # -inf: dynamic layers INT8 (TDC alone)
+    from sixbit_tune.runtime import make_static_policy
+
     best, tried = None, []
-    for tau in taus:
-        for delta in (0.1, 0.25, 0.5):
-            if time.monotonic() > deadline:
-                break
+    grid = [("dynamic", tau, delta) for tau in taus for delta in (0.1, 0.25, 0.5)]
+    grid += [("static-nvfp4", None, delta) for delta in (0.1, 0.25)]
+    for kind, tau, delta in grid:
+        if tried and time.monotonic() > deadline:
+            break
+        if kind == "dynamic":
             pol = make_dynamic_policy(pipe, dyn, tau, other_layers=preds.untrusted_mode, tdc_tolerance=delta,
                                       spec=spec, warmup=3, cooldown=2, max_skips=2)
-            h = apply_policy(pipe, pol)
-            try:
-                t0 = time.perf_counter()
-                g = generate(pipe, prompts[0], 0, settings)
-                dt = time.perf_counter() - t0
-                q = compare(g, refs[prompts[0]], with_lpips=False)["psnr_db"]
-                st = h.stats()
-            finally:
-                h.remove()
-            tried.append({"tau": tau, "delta": delta, "psnr_db": q, "seconds": dt,
-                          "skip_share": st.skip_share if st else None})
-            key = (q >= 30.0, -dt if q >= 30.0 else q)
-            if best is None or key > best[0]:
-                best = (key, pol, tau, delta)
+        else:
+            pol = make_static_policy(pipe, "nvfp4", delta, spec=spec, warmup=3, cooldown=2, max_skips=2)
+        h = apply_policy(pipe, pol)
+        try:
+            if not tried:  # first candidate: one untimed run (Triton kernels compile on first use)
+                generate(pipe, prompts[0], 0, settings)
+            t0 = time.perf_counter()
+            g = generate(pipe, prompts[0], 0, settings)
+            dt = time.perf_counter() - t0
+            q = compare(g, refs[prompts[0]], with_lpips=False)["psnr_db"]
+            st = h.stats()
+        finally:
+            h.remove()
+        tried.append({"kind": kind, "tau": tau, "delta": delta, "psnr_db": q, "seconds": dt,
+                      "skip_share": st.skip_share if st else None, "nvfp4_share": st.nvfp4_share if st else None})
+        key = (q >= 30.0, -dt if q >= 30.0 else q)
+        if best is None or key > best[0]:
+            best = (key, pol, kind, tau, delta)
+    what = f"static NVFP4, delta={best[4]}" if best[2] != "dynamic" else f"DMPQ tau={best[3]:.4g}, delta={best[4]}"
     note = (f"no exported policy for {spec} in policies/: profiled 2 prompts x {min(settings.steps, 20)} steps on "
-            f"{device}, fitted predictors ({len(dyn)} trusted layers), picked tau={best[2]:.4g}, delta={best[3]} from "
-            f"a grid of {len(tried)}: fastest with PSNR >= 30 dB on prompt 0")
+            f"{device}, fitted predictors ({len(dyn)} trusted layers), then a grid of {len(tried)} policies, each "
+            f"one eager generation of prompt 0: picked {what}, the fastest with PSNR >= 30 dB (else the best PSNR)")
     return best[1], note, tried
 
 
@@ -416,12 +440,24 @@ class PipelineRunner:
     """Full pipeline: one timed generation per prompt (+ one repeat), quality against bf16 eager."""
 
     def __init__(self, wl: Workload, device, dtype):
+        from sixbit_tune.errors import NotBuiltYet
         from sixbit_tune.models.adapters import get_adapter
         from sixbit_tune.models.specs import load_pipeline
         from sixbit_tune.search.quality import GenerationSettings
 
         self.wl, self.device, self.dtype = wl, device, dtype
-        self.pipe = load_pipeline(wl.spec, device=device, dtype=dtype)
+        try:
+            self.pipe = load_pipeline(wl.spec, device=device, dtype=dtype)
+        except NotBuiltYet:
+            if wl.spec != "reference":
+                raise
+            # specs.py looks for weights/config.json; the shipped folder is a diffusers pipeline folder
+            # (model_index.json), which the reference package's own loader reads.
+            from sixbit_tune.models.reference import load_reference_pipeline
+
+            self.pipe = load_reference_pipeline(device=device, dtype=dtype)
+            wl.notes.append("loaded with sixbit_tune.models.reference.load_reference_pipeline (load_pipeline("
+                            "'reference') looks for weights/config.json, absent from the shipped pipeline folder)")
         self.pipe.set_progress_bar_config(disable=True)
         self.adapter = get_adapter(self.pipe)
         if wl.spec.startswith("tiny:"):
@@ -575,7 +611,8 @@ class Bench:
 
         self.args = args
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = getattr(torch, args.dtype) if args.dtype else \
+            (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.clock = Clock(self.device)
         self.t0 = time.monotonic()
         self.deadline = self.t0 + args.budget_s
@@ -605,7 +642,8 @@ class Bench:
         row: dict[str, Any] = {"workload": wl.name, "contender": name, "latency_s": None, "latency_step_s": None,
                                "speedup_vs_bf16_compiled": None, "peak_memory_bytes": None, "weight_bytes": None,
                                "linear_weight_bytes": None, "psnr_db": None, "ssim": None, "nvfp4_share": None,
-                               "skip_share": None, "compiled": False, "notes": [], "error": None, **extra}
+                               "skip_share": None, "compiled": False, "notes": [], "error": None,
+                               "run_date": self.meta["date"], **extra}
         left = wl_deadline - time.monotonic()
         if left < est:
             row["error"] = f"not run: time budget ({left:.0f} s left for this workload, ~{est:.0f} s needed)"
@@ -635,23 +673,12 @@ class Bench:
         self.save()
         return row
 
-    def _measure(self, runner, row, handle=None, compile_=True, on_generation=None, full_warmup=False):
-        """Compile the blocks (optionally), run the runner's measurement; falls back to eager if compilation
-        fails."""
-        if compile_ and not self.args.no_compile:
-            try:
-                compile_blocks(runner.adapter)
-                row["compiled"] = True
-                m = self._run(runner, handle, on_generation, row, full_warmup)
-            except Exception as e:
-                uncompile_blocks(runner.adapter)
-                row["compiled"] = False
-                row["notes"].append(f"compiled blocks failed ({type(e).__name__}: {str(e)[:300]}); measured eager")
-                if handle is not None:
-                    handle.reset()
-                m = self._run(runner, handle, on_generation, row, full_warmup)
+    def _measure(self, runner, row, handle=None, on_generation=None, full_warmup=False):
+        """Run the runner's measurement and collect the applied policy's statistics and the weight bytes."""
+        if isinstance(runner, PipelineRunner):
+            m = runner.measure(self.clock, on_generation, make_refs=row["contender"] == "bf16-eager")
         else:
-            m = self._run(runner, handle, on_generation, row, full_warmup)
+            m = runner.measure(self.clock, handle, full_warmup)
         row.update(m)
         if handle is not None:
             st = handle.stats()
@@ -663,10 +690,39 @@ class Bench:
                 row["runtime_notes"] = st.notes
         row["weight_bytes"], row["linear_weight_bytes"] = weight_bytes(runner.transformer, runner.adapter)
 
-    def _run(self, runner, handle, on_generation, row, full_warmup):
-        if isinstance(runner, PipelineRunner):
-            return runner.measure(self.clock, on_generation, make_refs=row["contender"] == "bf16-eager")
-        return runner.measure(self.clock, handle, full_warmup)
+    def _attempt(self, runner, row, compile_, setup=None, teardown=None, compile_after_setup=False,
+                 full_warmup=False):
+        """Measure a contender, its blocks compiled when ``compile_`` (falling back to eager, with a note, if
+        compiling or the compiled run fails). ``setup()`` installs the contender (policy, cache, quantization) and
+        returns ``(handle or None, on_generation or None)``; ``teardown(handle)`` takes it out. Blocks are compiled
+        before ``setup`` (so hooks stay outside the compiled block forward) unless ``compile_after_setup``."""
+        setup = setup or (lambda: (None, None))
+        teardown = teardown or (lambda h: None)
+        if compile_ and not self.args.no_compile:
+            failed = None
+            if not compile_after_setup:
+                compile_blocks(runner.adapter)
+            handle, on_gen = setup()
+            try:
+                if compile_after_setup:
+                    compile_blocks(runner.adapter)
+                row["compiled"] = True
+                self._measure(runner, row, handle, on_gen, full_warmup)
+            except Exception as e:
+                failed = e
+                row["compiled"] = False
+                row["notes"].append(f"compiled run failed ({type(e).__name__}: {str(e)[:300]}); measured eager")
+                log(f"  compiled run failed: {type(e).__name__}: {str(e)[:300]}; retrying eager")
+            finally:
+                teardown(handle)
+                uncompile_blocks(runner.adapter)
+            if failed is None:
+                return
+        handle, on_gen = setup()
+        try:
+            self._measure(runner, row, handle, on_gen, full_warmup)
+        finally:
+            teardown(handle)
 
     # ------------------------------------------------------------------------------------------ contenders
     def run_workload(self, wl: Workload) -> None:
@@ -688,10 +744,12 @@ class Bench:
             self.save()
             return
         entry.update(runner.info)
-
         walls: list[float] = []
 
         def go(name, fn, **extra):
+            wanted = self.args.contenders
+            if wanted and name != BASELINE and not any(name.startswith(w) for w in wanted):
+                return {}
             est = statistics.mean(walls) if walls else 0.0
             row = self.contender(wl, runner, name, fn, wl_deadline, est, **extra)
             if row.get("wall_s"):
@@ -702,35 +760,37 @@ class Bench:
 
         def plain(compile_):
             def fn(row):
-                self._measure(runner, row, compile_=compile_)
+                self._attempt(runner, row, compile_)
             return fn
 
         # The bf16 eager run comes first on a pipeline: it makes the quality references.
-        go("bf16-eager", plain(False), kind="baseline")
+        if wl.kind == "pipeline" or not self.args.contenders or "bf16-eager" in self.args.contenders:
+            self.contender(wl, runner, "bf16-eager", plain(False), wl_deadline, 0.0, kind="baseline")
         go(BASELINE, plain(True), kind="baseline")
 
         def ours(policy_fn, replay_map=None, record=None, compile_=True):
             def fn(row):
                 policy = policy_fn(row)
-                if isinstance(runner, PipelineRunner):
-                    handle = apply_policy(runner.pipe, policy)
-                else:
-                    handle = apply_policy(runner.transformer, policy, num_inference_steps=wl.steps_timed)
-                try:
-                    if replay_map is not None:
-                        force_skips(handle, replay_map)
+
+                def setup():
+                    if isinstance(runner, PipelineRunner):
+                        h = apply_policy(runner.pipe, policy)
+                    else:
+                        h = apply_policy(runner.transformer, policy, num_inference_steps=wl.steps_timed)
                     on_gen = None
+                    if replay_map is not None:
+                        force_skips(h, replay_map)
                     if record is not None:
-                        rec = record_policy_skips(handle)
+                        rec = record_policy_skips(h)
 
                         def on_gen(i, rec=rec):
                             if i == 0:
                                 record["map"] = skip_fraction_map(rec)
                             rec.clear()
-                    self._measure(runner, row, handle=handle, on_generation=on_gen, compile_=compile_,
-                                  full_warmup=replay_map is not None and map_share(replay_map) > 0)
-                finally:
-                    handle.remove()
+                    return h, on_gen
+
+                self._attempt(runner, row, compile_, setup, lambda h: h.remove(),
+                              full_warmup=replay_map is not None and map_share(replay_map) > 0)
             return fn
 
         go("ours-int8", ours(lambda row: make_static_policy(runner.transformer, "int8", spec=wl.spec)), kind="ours")
@@ -745,6 +805,11 @@ class Bench:
 
         for label, cfg_name in (("torchao-int8-dynamic", "int8"), ("torchao-fp8-dynamic", "fp8")):
             go(label, self._torchao(runner, cfg_name), kind="peer")
+        if wl.kind == "pipeline" and not self.args.no_compile:
+            for fmt in ("int8", "nvfp4"):
+                go(f"ours-{fmt} (eager)", ours(lambda row, fmt=fmt: make_static_policy(runner.transformer, fmt,
+                                                                                      spec=wl.spec),
+                                                compile_=False), kind="ours")
         runner = None  # free the model before the next workload
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -765,7 +830,8 @@ class Bench:
 
         def policy_fn(row):
             if "policy" in made:  # the eager variant reuses what the compiled one applied
-                row.update({k: v for k, v in made.items() if k != "policy"})
+                row.update({k: v for k, v in made.items() if k not in ("policy", "notes")})
+                row["notes"].extend(made["notes"])
                 return made["policy"]
             made.update(_policy_fn(row))
             return made["policy"]
@@ -773,12 +839,13 @@ class Bench:
         def _policy_fn(row):
             if found is not None:
                 pol, path = found
+                note = (f"policy {path} (study {pol.provenance.study}, trial {pol.provenance.trial}, tuned on "
+                        f"{pol.target.gpu or 'CPU'}) applied as exported")
+                row["notes"].append(note)
                 row["policy_path"] = path
-                row["notes"].append(f"policy {path} (study {pol.provenance.study}, trial {pol.provenance.trial}, "
-                                    f"tuned on {pol.target.gpu or 'CPU'}) applied as exported")
                 row["policy_summary"] = policy_summary(pol)
                 self.replay["policy"] = pol.to_dict()
-                return {"policy": pol, "notes": list(row["notes"]), "policy_summary": row["policy_summary"],
+                return {"policy": pol, "notes": [note], "policy_summary": row["policy_summary"],
                         "policy_path": path}
             deadline = time.monotonic() + 0.25 * max(0.0, self.deadline - time.monotonic())
             pol, note, tried = fallback_policy(runner.pipe, wl.spec, self.device, runner.settings, list(wl.prompts),
@@ -788,7 +855,7 @@ class Bench:
             row["fallback_grid"] = tried
             row["policy_summary"] = policy_summary(pol)
             self.replay["policy"] = pol.to_dict()
-            return {"policy": pol, "notes": list(row["notes"]), "policy_summary": row["policy_summary"],
+            return {"policy": pol, "notes": [note], "policy_summary": row["policy_summary"],
                     "fallback_grid": tried, "policy_path": row["policy_path"]}
 
         row = go("ours-chosen", ours(policy_fn, record=record), kind="ours")
@@ -812,27 +879,31 @@ class Bench:
 
             def fn(row, thr=thr, rec_holder=rec_holder):
                 tr = runner.transformer
-                tr.enable_cache(FirstBlockCacheConfig(threshold=thr))
-                hook = None
-                try:
+                hooks = []
+
+                def setup():
+                    tr.enable_cache(FirstBlockCacheConfig(threshold=thr))
                     rec, hook = record_fbc_skips(runner.adapter.blocks()[0].module)
+                    hooks.append(hook)
 
                     def on_gen(i, rec=rec):
                         if i == 0:
                             rec_holder["steps"] = {k: list(v) for k, v in rec.items()}
                         rec.clear()
+                    return None, on_gen
 
-                    self._measure(runner, row, on_generation=on_gen)
-                finally:
-                    if hook is not None:
-                        hook.remove()
+                def teardown(_h):
+                    while hooks:
+                        hooks.pop().remove()
                     tr.disable_cache()
+
+                self._attempt(runner, row, True, setup, teardown)
                 seqs = rec_holder.get("steps", {})
                 calls = sum(len(v) for v in seqs.values())
                 skipped = sum(sum(v) for v in seqs.values())
                 row["skip_share"] = skipped * (blocks - 1) / (calls * blocks) if calls else None
                 row["skipped_steps_share"] = skipped / calls if calls else None
-                row["notes"].append("skip share = steps whose blocks 1..L-1 were answered from the cache x (L-1)/L")
+                row["notes"].append("skip share = calls whose blocks 1..L-1 were answered from the cache x (L-1)/L")
 
             row = go(f"fbc-{thr:g}", fn, kind="peer", threshold=thr)
             if "steps" in rec_holder:
@@ -869,32 +940,32 @@ class Bench:
             return pol
 
         go("ours-chosen (replay)", ours(chosen, replay_map=ours_map), kind="ours")
-        if not self.args.no_compile:
-            go("ours-chosen (replay, eager)", ours(chosen, replay_map=ours_map, compile_=False), kind="ours")
 
         # FirstBlockCache: replay the step pattern of the threshold that matched our quality on the reference.
         fbc = [f for f in rp.get("fbc", []) if f.get("psnr_db") is not None]
         target_q = rp.get("ours_psnr_db")
         if not fbc:
             go("fbc (replay)", _raise("no FirstBlockCache run with a quality figure was recorded"), kind="peer")
-            return
-        ok = [f for f in fbc if target_q is None or f["psnr_db"] >= target_q]
-        pick = max(ok, key=lambda f: f["threshold"]) if ok else max(fbc, key=lambda f: f["psnr_db"])
-        fbc_map = scale_map(pick["map"], n, blocks, fbc=True)
+        else:
+            ok = [f for f in fbc if target_q is None or f["psnr_db"] >= target_q]
+            pick = max(ok, key=lambda f: f["threshold"]) if ok else max(fbc, key=lambda f: f["psnr_db"])
+            fbc_map = scale_map(pick["map"], n, blocks, fbc=True)
 
-        def fbc_fn(row):
-            from sixbit_tune.runtime import make_static_policy
+            def fbc_fn(row):
+                from sixbit_tune.runtime import make_static_policy
 
-            pol = make_static_policy(runner.transformer, "none", 1e-30 if map_share(fbc_map) > 0 else 0.0,
-                                     warmup=0, cooldown=0, max_skips=10_000)
-            row["replay"] = {"threshold": pick["threshold"], "reference_psnr_db": pick["psnr_db"],
-                             "reference_skip_share": pick.get("skip_share"), "replayed_map_share": map_share(fbc_map),
-                             "matched_to_ours_psnr_db": target_q}
-            row["notes"].append("FirstBlockCache's step pattern on the reference (threshold with PSNR >= ours) "
-                                "replayed through the sixbit runtime in bf16 (block 0 always runs)")
-            return pol
+                pol = make_static_policy(runner.transformer, "none", 1e-30 if map_share(fbc_map) > 0 else 0.0,
+                                         warmup=0, cooldown=0, max_skips=10_000)
+                row["replay"] = {"threshold": pick["threshold"], "reference_psnr_db": pick["psnr_db"],
+                                 "reference_skip_share": pick.get("skip_share"),
+                                 "replayed_map_share": map_share(fbc_map), "matched_to_ours_psnr_db": target_q}
+                row["notes"].append("FirstBlockCache's step pattern on the reference (largest threshold with PSNR >= "
+                                    "ours) replayed through the sixbit runtime in bf16 (block 0 always runs)")
+                return pol
 
-        go(f"fbc-{pick['threshold']:g} (replay)", ours(fbc_fn, replay_map=fbc_map), kind="peer")
+            go(f"fbc-{pick['threshold']:g} (replay)", ours(fbc_fn, replay_map=fbc_map), kind="peer")
+        if not self.args.no_compile:
+            go("ours-chosen (replay, eager)", ours(chosen, replay_map=ours_map, compile_=False), kind="ours")
 
     def _torchao(self, runner, which):
         def fn(row):
@@ -913,24 +984,27 @@ class Bench:
             row["torchao"] = torchao.__version__
             original = runner.transformer
             names = set(runner.adapter.all_linears())
-            original.to("cpu")
-            try:
+            cfg = Int8DynamicActivationInt8WeightConfig() if which == "int8" else \
+                Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            state: dict[str, Any] = {}
+
+            def setup():
+                original.to("cpu")
                 q = copy.deepcopy(original).to(self.device)
-                cfg = Int8DynamicActivationInt8WeightConfig() if which == "int8" else \
-                    Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
                 quantize_(q, cfg, filter_fn=lambda m, fqn: fqn in names)
                 runner.set_transformer(q)
-                try:
-                    self._measure(runner, row)
-                finally:
-                    runner.set_transformer(original)
-                    del q
-            finally:
+                state["q"] = q
+                return None, None
+
+            def teardown(_h):
+                runner.set_transformer(original)
+                state.pop("q", None)
                 original.to(self.device)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-            row["notes"].append(f"torchao {which} dynamic on the in-block linears (same layers as ours), blocks "
-                                "compiled")
+
+            self._attempt(runner, row, True, setup, teardown, compile_after_setup=True)
+            row["notes"].append(f"torchao {which} dynamic on the in-block linears (same layers as ours)")
         return fn
 
     def run(self, wls: list[Workload]) -> None:
@@ -1028,7 +1102,8 @@ def merge(paths: list[str]) -> dict:
         data["results"] = [r for r in data["results"] if (r["workload"], r["contender"]) not in keys] + d["results"]
         if d.get("replay"):
             data["replay"] = d["replay"]
-    add_speedups(data)
+    # speedups stay those computed inside each file: a ratio is only meaningful against the baseline measured in
+    # the same run (same machine, same process)
     return data
 
 
@@ -1086,23 +1161,34 @@ def markdown(data: dict) -> str:
 
 
 def figure(data: dict, path: Path) -> None:
+    """Speedup against compiled bf16 (top) and transformer weight reduction against bf16 (bottom), per workload;
+    bars of the pipeline workload carry their PSNR."""
     from plotly.subplots import make_subplots
 
     wls = [w["name"] for w in data["workloads"] if not w.get("error")]
-    fig = make_subplots(rows=1, cols=max(1, len(wls)), subplot_titles=wls)
+    cols = max(1, len(wls))
+    fig = make_subplots(rows=2, cols=cols, subplot_titles=wls + [""] * cols, vertical_spacing=0.22)
+
+    def colour(name: str) -> str:
+        return "#2a9d8f" if name.startswith("ours") else "#8d99ae" if name.startswith("bf16") else "#e76f51"
+
     for j, w in enumerate(wls, start=1):
-        rows = [r for r in data["results"] if r["workload"] == w and r.get("speedup_vs_bf16_compiled")]
-        fig.add_bar(x=[r["contender"] for r in rows], y=[r["speedup_vs_bf16_compiled"] for r in rows],
+        rows = [r for r in data["results"] if r["workload"] == w and r.get("latency_s")]
+        sp = [r for r in rows if r.get("speedup_vs_bf16_compiled")]
+        fig.add_bar(x=[r["contender"] for r in sp], y=[r["speedup_vs_bf16_compiled"] for r in sp],
                     text=[f"{r['speedup_vs_bf16_compiled']:.2f}×" + (f"<br>{r['psnr_db']:.1f} dB"
                                                                      if r.get("psnr_db") is not None else "")
-                          for r in rows],
-                    marker_color=["#2a9d8f" if str(r["contender"]).startswith("ours") else
-                                  "#888" if r["contender"].startswith("bf16") else "#e76f51" for r in rows],
-                    showlegend=False, row=1, col=j)
+                          for r in sp],
+                    marker_color=[colour(r["contender"]) for r in sp], showlegend=False, row=1, col=j)
+        wr = [r for r in rows if r.get("weight_reduction_vs_bf16")]
+        fig.add_bar(x=[r["contender"] for r in wr], y=[r["weight_reduction_vs_bf16"] for r in wr],
+                    text=[f"{r['weight_reduction_vs_bf16']:.2f}×" for r in wr],
+                    marker_color=[colour(r["contender"]) for r in wr], showlegend=False, row=2, col=j)
     fig.update_yaxes(title_text="speedup vs bf16 compiled (×)", row=1, col=1)
+    fig.update_yaxes(title_text="transformer weights ÷ (vs bf16)", row=2, col=1)
     m = data["meta"]
-    fig.update_layout(title=f"sixbit-tune end-to-end on {m.get('gpu') or 'CPU'} — torch {m.get('torch')}, "
-                            f"{m.get('date')}", height=520, width=max(700, 480 * len(wls)))
+    fig.update_layout(title=f"sixbit-tune end-to-end on {m.get('gpu') or 'CPU'} — torch {m.get('torch')}, triton "
+                            f"{m.get('triton')}, {m.get('date')}", height=900, width=max(800, 560 * cols))
     fig.write_html(str(path), include_plotlyjs=True, full_html=True)
 
 
@@ -1184,7 +1270,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay-from", default=None, help="results JSON whose reference skip maps the transformer "
                    "workloads replay (when the reference workload is not in this run)")
     p.add_argument("--no-compile", action="store_true", help="measure everything eager")
+    p.add_argument("--contenders", default=None, help="comma-separated name prefixes to run (the compiled bf16 "
+                   "baseline always runs; the bf16 eager run too on a pipeline workload: it makes the quality "
+                   "references)")
     p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="model dtype (default: bfloat16 on "
+                   "CUDA, float32 on the CPU)")
+    p.add_argument("--shape-size", default=None, help="frames,height,width of the shape: workloads (default: the "
+                   "published sizes; smaller ones are for checking the code path)")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON", help="merge result files and write "
                    "<out>.json/.md/.html instead of running")
     p.add_argument("--readme", default=None, help="with --render: README whose results section to rewrite")
@@ -1204,6 +1297,8 @@ def run_args(args) -> int:
     args.fbc_thresholds = [float(x) for x in args.fbc_thresholds.split(",")] if args.fbc_thresholds else \
         ([0.1] if args.smoke else list(FBC_THRESHOLDS))
     args.out = args.out or os.environ.get("OUT") or str(ROOT / "artifacts" / "e2e")
+    if isinstance(args.contenders, str):
+        args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if args.smoke and args.device is None:
         args.device = "cpu"
     bench = Bench(args)
