@@ -232,6 +232,31 @@ def quantize(x: torch.Tensor, global_scale=None, *, check: bool = True) -> NVFP4
         NonFiniteError: ``x`` contains NaN or Inf.
         TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
     """
+    codes, b8, s = _encode(x, global_scale, check)
+    return NVFP4Tensor(
+        data=pack_codes(codes),
+        block_scales=b8,
+        global_scale=s,
+        shape=x.shape,
+        orig_dtype=x.dtype,
+    )
+
+
+def block_values(x: torch.Tensor, global_scale=None, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4-quantize ``x`` and return ``(V, s)`` with ``Q(x) = V * s`` and ``V = E2M1[code] * b`` (float32, exact).
+
+    The same steps as :func:`quantize` (one implementation), for callers that multiply the unpacked values
+    directly, such as the profiling hooks' error GEMMs. Arguments and errors as for :func:`quantize`.
+    """
+    codes, b8, s = _encode(x, global_scale, check)
+    K = x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    v = decode_e2m1(codes).reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE) * b8.to(torch.float32).unsqueeze(-1)
+    return v.reshape(x.shape), s
+
+
+def _encode(x: torch.Tensor, global_scale, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of the module docstring: unpacked codes ``[..., K]``, E4M3 block scales, global scale."""
     check_float_input(x, "NVFP4 input", finite=check)
     shape = x.shape
     K = shape[-1]
@@ -251,14 +276,7 @@ def quantize(x: torch.Tensor, global_scale=None, *, check: bool = True) -> NVFP4
     b8 = b32.to(torch.float8_e4m3fn)
     r = (1.0 / s) / b8.to(torch.float32)
     v = (xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX)
-    codes = encode_e2m1(v).reshape(*lead, K)
-    return NVFP4Tensor(
-        data=pack_codes(codes),
-        block_scales=b8,
-        global_scale=s,
-        shape=shape,
-        orig_dtype=x.dtype,
-    )
+    return encode_e2m1(v).reshape(*lead, K), b8, s
 
 
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

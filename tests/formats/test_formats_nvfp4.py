@@ -496,3 +496,12 @@ def test_cuda_reference_equals_cpu_reference():
             assert torch.equal(a.dequantize(), b.dequantize().cpu())
             (q, s), (qg, sg) = int8.quantize(xc), int8.quantize(xc.cuda())
             assert torch.equal(q, qg.cpu()) and torch.equal(s, sg.cpu())
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (7, 48), (3, 5, 32)])
+def test_block_values_equal_dequantize_before_the_global_scale(shape):
+    x = torch.randn(shape) * 3
+    v, s = nvfp4.block_values(x)
+    t = nvfp4.quantize(x)
+    assert torch.equal(s, t.global_scale)
+    assert torch.equal(v * s, nvfp4.dequantize(t))
