@@ -196,7 +196,7 @@ def loss_weighted_uniform(pipe, batch, seed=0, n_sigmas=8):
 
 
 #: (num_inference_steps, guidance_scale) pairs of the model card's generation table
-EVAL_CONFIGS = ((12, 4.0), (30, 1.0), (30, 2.0), (30, 4.0), (30, 6.0), (30, 8.0), (50, 4.0))
+EVAL_CONFIGS = ((8, 2.0), (12, 2.0), (12, 4.0), (30, 1.0), (30, 2.0), (30, 4.0), (30, 6.0), (30, 8.0), (50, 4.0))
 
 
 def run_evaluation(
@@ -253,7 +253,7 @@ def save_frames_png(frames: torch.Tensor, prompts: list[str], path, scale: int =
     path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
 
 
-def save_samples(pipe, out_dir, num_inference_steps: int = 30, guidance_scale: float = 4.0) -> None:
+def save_samples(pipe, out_dir, num_inference_steps: int = 30, guidance_scale: float = 2.0) -> None:
     """Write samples_{heldout,seen}.png (generated) and truth_{heldout,seen}.png (ground truth), 6 prompts each."""
     from pathlib import Path
 
