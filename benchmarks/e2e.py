@@ -793,23 +793,28 @@ class Bench:
                               full_warmup=replay_map is not None and map_share(replay_map) > 0)
             return fn
 
-        go("ours-int8", ours(lambda row: make_static_policy(runner.transformer, "int8", spec=wl.spec)), kind="ours")
-        go("ours-nvfp4", ours(lambda row: make_static_policy(runner.transformer, "nvfp4", spec=wl.spec)),
-           kind="ours")
+        def static(fmt, compile_=True):
+            return ours(lambda row: make_static_policy(runner.transformer, fmt, spec=wl.spec), compile_=compile_)
 
+        # Order = priority (a contender that no longer fits the time budget is skipped with that reason):
+        # the chosen policy, the peers, then the static corners and the eager variants.
         if wl.kind == "pipeline":
             self._ours_chosen_pipeline(wl, runner, go, ours)
             self._fbc_pipeline(wl, runner, go)
         else:
-            self._replays(wl, runner, go, ours)
-
-        for label, cfg_name in (("torchao-int8-dynamic", "int8"), ("torchao-fp8-dynamic", "fp8")):
+            self._replays(wl, runner, go, ours, part="ours")
+        for label, cfg_name in (("torchao-fp8-dynamic", "fp8"), ("torchao-int8-dynamic", "int8")):
             go(label, self._torchao(runner, cfg_name), kind="peer")
-        if wl.kind == "pipeline" and not self.args.no_compile:
-            for fmt in ("int8", "nvfp4"):
-                go(f"ours-{fmt} (eager)", ours(lambda row, fmt=fmt: make_static_policy(runner.transformer, fmt,
-                                                                                      spec=wl.spec),
-                                                compile_=False), kind="ours")
+        if wl.kind != "pipeline":
+            self._replays(wl, runner, go, ours, part="fbc")
+        go("ours-int8", static("int8"), kind="ours")
+        go("ours-nvfp4", static("nvfp4"), kind="ours")
+        if not self.args.no_compile:
+            if wl.kind == "pipeline":
+                for fmt in ("int8", "nvfp4"):
+                    go(f"ours-{fmt} (eager)", static(fmt, compile_=False), kind="ours")
+            else:
+                self._replays(wl, runner, go, ours, part="eager")
         runner = None  # free the model before the next workload
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -915,13 +920,15 @@ class Bench:
         self.replay["fbc"] = fbc_rows
         self.save()
 
-    def _replays(self, wl, runner, go, ours):
+    def _replays(self, wl, runner, go, ours, part: str):
+        """Transformer workloads: ``part`` "ours" (the chosen policy replayed), "fbc" (FirstBlockCache's pattern
+        replayed) or "eager" (the chosen policy replayed, blocks not compiled)."""
         rp = self.replay
         pol_dict = rp.get("policy")
         if pol_dict is None:
-            for name in ("ours-chosen (replay)", "fbc (replay)"):
-                go(name, _raise("no chosen reference policy was recorded in this run (reference workload missing "
-                                "or failed; pass --replay-from a results JSON that has one)"), kind="ours")
+            name = {"ours": "ours-chosen (replay)", "fbc": "fbc (replay)", "eager": "ours-chosen (replay, eager)"}
+            go(name[part], _raise("no chosen reference policy was recorded in this run (reference workload missing "
+                                  "or failed; pass --replay-from a results JSON that has one)"), kind="ours")
             return
         from sixbit_tune.runtime import load_policy
 
@@ -939,33 +946,35 @@ class Bench:
                                 "not decided")
             return pol
 
-        go("ours-chosen (replay)", ours(chosen, replay_map=ours_map), kind="ours")
-
+        if part == "ours":
+            go("ours-chosen (replay)", ours(chosen, replay_map=ours_map), kind="ours")
+            return
+        if part == "eager":
+            go("ours-chosen (replay, eager)", ours(chosen, replay_map=ours_map, compile_=False), kind="ours")
+            return
         # FirstBlockCache: replay the step pattern of the threshold that matched our quality on the reference.
         fbc = [f for f in rp.get("fbc", []) if f.get("psnr_db") is not None]
         target_q = rp.get("ours_psnr_db")
         if not fbc:
             go("fbc (replay)", _raise("no FirstBlockCache run with a quality figure was recorded"), kind="peer")
-        else:
-            ok = [f for f in fbc if target_q is None or f["psnr_db"] >= target_q]
-            pick = max(ok, key=lambda f: f["threshold"]) if ok else max(fbc, key=lambda f: f["psnr_db"])
-            fbc_map = scale_map(pick["map"], n, blocks, fbc=True)
+            return
+        ok = [f for f in fbc if target_q is None or f["psnr_db"] >= target_q]
+        pick = max(ok, key=lambda f: f["threshold"]) if ok else max(fbc, key=lambda f: f["psnr_db"])
+        fbc_map = scale_map(pick["map"], n, blocks, fbc=True)
 
-            def fbc_fn(row):
-                from sixbit_tune.runtime import make_static_policy
+        def fbc_fn(row):
+            from sixbit_tune.runtime import make_static_policy
 
-                pol = make_static_policy(runner.transformer, "none", 1e-30 if map_share(fbc_map) > 0 else 0.0,
-                                         warmup=0, cooldown=0, max_skips=10_000)
-                row["replay"] = {"threshold": pick["threshold"], "reference_psnr_db": pick["psnr_db"],
-                                 "reference_skip_share": pick.get("skip_share"),
-                                 "replayed_map_share": map_share(fbc_map), "matched_to_ours_psnr_db": target_q}
-                row["notes"].append("FirstBlockCache's step pattern on the reference (largest threshold with PSNR >= "
-                                    "ours) replayed through the sixbit runtime in bf16 (block 0 always runs)")
-                return pol
+            pol = make_static_policy(runner.transformer, "none", 1e-30 if map_share(fbc_map) > 0 else 0.0,
+                                     warmup=0, cooldown=0, max_skips=10_000)
+            row["replay"] = {"threshold": pick["threshold"], "reference_psnr_db": pick["psnr_db"],
+                             "reference_skip_share": pick.get("skip_share"),
+                             "replayed_map_share": map_share(fbc_map), "matched_to_ours_psnr_db": target_q}
+            row["notes"].append("FirstBlockCache's step pattern on the reference (largest threshold with PSNR >= "
+                                "ours) replayed through the sixbit runtime in bf16 (block 0 always runs)")
+            return pol
 
-            go(f"fbc-{pick['threshold']:g} (replay)", ours(fbc_fn, replay_map=fbc_map), kind="peer")
-        if not self.args.no_compile:
-            go("ours-chosen (replay, eager)", ours(chosen, replay_map=ours_map, compile_=False), kind="ours")
+        go(f"fbc-{pick['threshold']:g} (replay)", ours(fbc_fn, replay_map=fbc_map), kind="peer")
 
     def _torchao(self, runner, which):
         def fn(row):
@@ -1113,6 +1122,10 @@ def _fmt(v, spec, scale=1.0, none="—"):
     return format(v * scale, spec)
 
 
+def _x(v) -> str:
+    return "—" if v is None else f"{v:.2f}×"
+
+
 def markdown(data: dict) -> str:
     m = data["meta"]
     lines = [
@@ -1152,8 +1165,8 @@ def markdown(data: dict) -> str:
                 continue
             lines.append(
                 f"| {r['contender']} | {_fmt(r['latency_s'], '.3f')} | {_fmt(r['latency_step_s'], '.2f', 1e3)} | "
-                f"{_fmt(r['speedup_vs_bf16_compiled'], '.2f')}× | {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} | "
-                f"{_fmt(r['weight_bytes'], '.1f', 2**-20)} | {_fmt(r.get('weight_reduction_vs_bf16'), '.2f')}× | "
+                f"{_x(r['speedup_vs_bf16_compiled'])} | {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} | "
+                f"{_fmt(r['weight_bytes'], '.1f', 2**-20)} | {_x(r.get('weight_reduction_vs_bf16'))} | "
                 f"{_fmt(r['psnr_db'], '.1f')} | {_fmt(r['ssim'], '.3f')} | {_fmt(r['nvfp4_share'], '.2f')} | "
                 f"{_fmt(r['skip_share'], '.2f')} | {'yes' if r.get('compiled') else 'no'} |")
         lines.append("")
@@ -1204,12 +1217,15 @@ def update_readme(md: str, readme: Path) -> None:
     readme.write_text(text)
 
 
-def render(paths: list[str], prefix: str, readme_md: str | None = None, readme: str | None = None) -> dict:
+def render(paths: list[str], prefix: str, readme_md: str | None = None, readme: str | None = None,
+           summary: str | None = None) -> dict:
     data = merge(paths)
     prefix_p = Path(prefix)
     prefix_p.parent.mkdir(parents=True, exist_ok=True)
     prefix_p.with_suffix(".json").write_text(dumps(data))
     md = markdown(data)
+    if summary:
+        md = f"{summary.strip()}\n\n{md}"
     prefix_p.with_suffix(".md").write_text(f"# End-to-end benchmark\n\n{md}")
     try:
         figure(data, prefix_p.with_suffix(".html"))
@@ -1281,6 +1297,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--render", nargs="+", default=None, metavar="JSON", help="merge result files and write "
                    "<out>.json/.md/.html instead of running")
     p.add_argument("--readme", default=None, help="with --render: README whose results section to rewrite")
+    p.add_argument("--summary", default=None, help="with --render: markdown file put above the tables")
 
 
 def main(argv=None) -> int:
@@ -1290,7 +1307,8 @@ def main(argv=None) -> int:
 
 def run_args(args) -> int:
     if args.render:
-        render(args.render, args.out or "benchmarks/results/e2e-h200", readme=args.readme)
+        summary = Path(args.summary).read_text() if args.summary else None
+        render(args.render, args.out or "benchmarks/results/e2e-h200", readme=args.readme, summary=summary)
         return 0
     if args.steps is None:
         args.steps = 2 if args.smoke else 50
