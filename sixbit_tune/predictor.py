@@ -78,6 +78,12 @@ class LineFit:
     n: int
     rmse: float = 0.0  # root mean squared residual
     mean_y: float = 0.0
+    ss_tot: float = 0.0  # Σ (y − mean y)²
+
+    @property
+    def ss_res(self) -> float:
+        """Σ residual²."""
+        return self.rmse * self.rmse * self.n
 
     @property
     def rel_rmse(self) -> float:
@@ -105,22 +111,22 @@ def fit_line(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
         raise ValueError(f"x and y differ in length: {x.size} vs {y.size}")
     n = int(x.size)
     if n == 0:
-        return LineFit(0.0, 0.0, 0.0, 0, 0.0, 0.0)
+        return LineFit(0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0)
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("fit_line: x or y holds NaN/Inf")
     mx, my = float(x.mean()), float(y.mean())
     dx, dy = x - mx, y - my
     sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
     if n < 2 or sxx <= _VAR_EPS * max(mx * mx, 1e-30) * n:
-        return LineFit(0.0, my, 1.0 if syy == 0.0 and n >= 2 else 0.0, n, math.sqrt(syy / n), my)
+        return LineFit(0.0, my, 1.0 if syy == 0.0 and n >= 2 else 0.0, n, math.sqrt(syy / n), my, syy)
     alpha = sxy / sxx
     beta = my - alpha * mx
     if syy == 0.0:
-        return LineFit(alpha, beta, 1.0, n, 0.0, my)
+        return LineFit(alpha, beta, 1.0, n, 0.0, my, syy)
     resid = dy - alpha * dx
     ssr = float(resid @ resid)
     r2 = 1.0 - ssr / syy
-    return LineFit(alpha, beta, max(0.0, min(1.0, r2)), n, math.sqrt(ssr / n), my)
+    return LineFit(alpha, beta, max(0.0, min(1.0, r2)), n, math.sqrt(ssr / n), my, syy)
 
 
 @dataclass(frozen=True)
@@ -171,23 +177,30 @@ def _median(values: Iterable[float]) -> float:
 
 
 def choose_pooling(layers: dict[str, tuple[LineFit, dict[str, LineFit]]]) -> tuple[str, dict]:
-    """Pooled or per-branch, from the data: per-branch only if it raises the median R² by PER_BRANCH_MIN_GAIN.
+    """Pooled or per-branch, from the data.
 
-    The per-branch R² of a layer is the n-weighted mean of its branches' R².
+    Both are scored on the same scale: the fraction of the layer's *pooled* error variance they explain,
+    ``1 − SS_res / SS_tot(pooled)`` (for per-branch fits, SS_res summed over the branches). Per-branch R² taken
+    branch by branch would not be comparable: each branch has its own, smaller total variance, and a branch whose
+    error is constant (e.g. the unconditional branch's text K/V projections) scores a vacuous R² of 1. Per-branch
+    is chosen only when it raises the median over layers by at least :data:`PER_BRANCH_MIN_GAIN` (it has twice the
+    parameters, so it never does worse).
     """
-    pooled = [p.r2 for p, _ in layers.values()]
-    split = []
-    for _, branches in layers.values():
-        tot = sum(b.n for b in branches.values())
-        if tot:
-            split.append(sum(b.r2 * b.n for b in branches.values()) / tot)
+    pooled, split = [], []
+    for p, branches in layers.values():
+        if p.n < 2 or p.ss_tot <= 0.0:
+            continue
+        pooled.append(1.0 - p.ss_res / p.ss_tot)
+        split.append(1.0 - sum(b.ss_res for b in branches.values()) / p.ss_tot)
     evidence = {
         "median_r2_pooled": _median(pooled),
         "median_r2_per_branch": _median(split),
         "mean_r2_pooled": float(np.mean(pooled)) if pooled else float("nan"),
         "mean_r2_per_branch": float(np.mean(split)) if split else float("nan"),
         "branches": sorted({b for _, br in layers.values() for b in br}),
+        "layers_compared": len(pooled),
         "min_gain": PER_BRANCH_MIN_GAIN,
+        "scale": "fraction of the pooled error variance explained",
     }
     gain = evidence["median_r2_per_branch"] - evidence["median_r2_pooled"]
     evidence["gain"] = gain if math.isfinite(gain) else None

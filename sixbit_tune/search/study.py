@@ -116,8 +116,11 @@ def create_or_load(config: SearchConfig, ctx: SearchContext, worker: int = 0) ->
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVES))
         if config.reference_corners:
-            mid = 0.5 * (space.tau_low + space.tau_high)
-            taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": mid}
+            # DMPQ without the cache at the first quartile of the predicted errors: a conservative mix (about a
+            # quarter of the dynamic layer-calls in NVFP4), between the two static corners.
+            q = (space.tau_quantiles or {}).get("q25")
+            dmpq_tau = q if q is not None else 0.5 * (space.tau_low + space.tau_high)
+            taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": dmpq_tau}
             for corner in CORNERS:
                 study.enqueue_trial(space.corner(taus[corner], 0.0), user_attrs={"reference": corner})
     else:
