@@ -180,10 +180,12 @@ def _tensor_bytes(t) -> int:
     """Storage bytes of a tensor, looking inside tensor subclasses (torchao's quantized weights)."""
     import torch
 
+    if t is None:
+        return 0
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
         names, _ = flatten()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        return sum(_tensor_bytes(getattr(t, n, None)) for n in names)
     return t.numel() * t.element_size()
 
 
@@ -1088,7 +1090,7 @@ def environment(device, dtype) -> dict:
 def add_speedups(data: dict) -> None:
     base = {r["workload"]: r["latency_s"] for r in data["results"] if r["contender"] == BASELINE and r["latency_s"]}
     wb = {r["workload"]: r["weight_bytes"] for r in data["results"]
-          if r["contender"] == "bf16-eager" and r.get("weight_bytes")}
+          if r["contender"] in ("bf16-eager", BASELINE) and r.get("weight_bytes")}
     for r in data["results"]:
         b = base.get(r["workload"])
         r["speedup_vs_bf16_compiled"] = (b / r["latency_s"]) if (b and r.get("latency_s")) else None
