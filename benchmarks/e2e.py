@@ -100,12 +100,12 @@ def workloads_for(args) -> list[Workload]:
         ]
     else:
         wls = [
-            Workload("reference", "reference", "pipeline", args.steps, args.steps, True, 0.4,
+            Workload("reference", "reference", "pipeline", args.steps, args.steps, True, 0.45,
                      prompts=REFERENCE_PROMPTS[: args.prompts]),
             Workload("shape:cogvideox-2b", "shape:cogvideox-2b", "transformer", args.steps,
-                     args.steps_timed or args.steps, False, 0.3, frames=49, height=480, width=720),
+                     args.steps_timed or args.steps, False, 0.275, frames=49, height=480, width=720),
             Workload("shape:wan2.1-1.3b", "shape:wan2.1-1.3b", "transformer", args.steps,
-                     args.steps_timed or args.steps, False, 0.3, frames=81, height=480, width=832),
+                     args.steps_timed or args.steps, False, 0.275, frames=81, height=480, width=832),
         ]
     if args.shape_size:
         f, h, w = (int(v) for v in args.shape_size.split(","))
