@@ -13,8 +13,9 @@ bf16 under autocast anyway). With ``--deterministic`` PyTorch's deterministic al
 (warn-only). The step count, not the clock, defines the run: ``--minutes`` is only a safety cap, and the summary
 records whether it cut the run short. Bitwise equality across GPUs/driver versions is not promised (SDPA kernels).
 
-Outputs in ``--out``: ``train_log.jsonl`` (one JSON object per log interval, then the summary), ``summary.json``,
-``weights/`` (the diffusers pipeline folder, bf16 safetensors, sample PNGs, MODEL_CARD.md).
+Outputs in ``--out``: ``train_log.jsonl`` (one JSON object per log interval and probe, then the summary),
+``summary.json``, ``weights/`` (the diffusers pipeline folder with bf16 safetensors; with ``--eval-n`` > 0 also the
+evaluation in ``summary.json`` and sample PNGs). The shipped folder's MODEL_CARD.md is written from these files.
 """
 
 from __future__ import annotations
