@@ -16,7 +16,10 @@ Definitions, per batch row (dim 0 of the activation), for format ``f``:
 ``Q_f(x)`` quantizes the whole activation tensor as the runtime would (NVFP4: one global scale over all rows;
 INT8: one scale per token). ``x·Wᵀ`` is the layer's own output with its bias removed, in float32: exactly the
 unquantized product for float32 models, the model-dtype product (float32 accumulation, rounded once to the model
-dtype) for bf16/fp16 models. The quantized product is computed without any rounding beyond float32 accumulation:
+dtype) for bf16/fp16 models. That rounding is a known, measured deviation from the exact product for bf16 models:
+on CogVideoX-2B ``attn1.to_q`` (H200, benchmarks/results/profile-overhead-h200.md) the recorded NVFP4 out_err is
+within 7e-5 (relative) of the exact-product value, INT8 out_err (about 0.009) 1.7e-2 above it. Removing it costs one
+more float32-output GEMM per linear call. The quantized product is computed without any rounding beyond float32 accumulation:
 
 * NVFP4: ``Q(x)·Q(W)ᵀ = (s_x·s_w) · (V_x·V_wᵀ)`` with ``V = E2M1 value × block scale``. Every ``V`` has at most 6
   significant bits (2 of E2M1 times 4 of a normal E4M3 scale), so on CUDA ``V`` is held exactly in bfloat16 and multiplied on tensor cores with float32
