@@ -267,3 +267,22 @@ def test_mismatched_prompt_count_is_a_clear_error():
         _run(model, "cogvideox", batch=2)
         with pytest.raises(ValueError, match="batch of 2 rows"):
             inst.flush(0, [0, 1, 2])
+
+
+def test_remove_frees_history_and_quantized_weights_while_referenced():
+    import weakref
+
+    model = tiny_transformer("cogvideox")
+    inst = instrument(model)
+    _run(model, "cogvideox")
+    lin_hook = model.transformer_blocks[0].attn1.to_q._diffusers_hook.hooks[HOOK_NAME]
+    block_hook = model.transformer_blocks[0]._diffusers_hook.hooks[HOOK_NAME]
+    w_ref = weakref.ref(lin_hook.qw.int8_q)
+    d_ref = weakref.ref(block_hook.state_manager._state_cache["cond_uncond"].prev_delta)
+    inst.flush(0, [0])
+    inst.remove()
+    # freed although `inst` and the hook objects themselves are still referenced (as a compiled-function cache
+    # or a user variable may hold them)
+    assert w_ref() is None and d_ref() is None
+    assert lin_hook.qw is None and block_hook.state_manager._state_cache == {}
+    assert inst.pending_calls == 0
