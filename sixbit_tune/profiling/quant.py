@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from sixbit_tune.formats import FORMATS, int8, nvfp4
-from sixbit_tune.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, E4M3_MAX, SCALE_FLOOR
 from sixbit_tune.stats import safe_ratio
 
 __all__ = [
@@ -54,21 +53,10 @@ __all__ = [
 def nvfp4_values(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4-quantize ``x`` over its last dim; return ``(V, s)`` with ``Q(x) = V * s`` (no finiteness check).
 
-    ``V`` = E2M1 value × float32 block scale (float32, exact), ``s`` = the float32 per-tensor scale (0-d). The
-    steps are ``formats.nvfp4.quantize``'s, in the same order.
+    ``V`` = E2M1 value × float32 block scale (float32, exact), ``s`` = the float32 per-tensor scale (0-d):
+    ``formats.nvfp4.block_values(x, check=False)``, the specification's own steps.
     """
-    K = x.shape[-1]
-    nvfp4.check_k(K)
-    lead = tuple(x.shape[:-1])
-    xb = x.detach().float().reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
-    amax = xb.abs().amax() if xb.numel() else xb.new_zeros(())
-    s = nvfp4.global_scale_from_amax(amax)
-    amax_b = xb.abs().amax(dim=-1)
-    b = (amax_b / E2M1_MAX / s).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn).float()
-    r = (1.0 / s) / b
-    codes = nvfp4.encode_e2m1((xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
-    v = nvfp4.decode_e2m1(codes) * b.unsqueeze(-1)
-    return v.reshape(x.shape), s
+    return nvfp4.block_values(x, check=False)
 
 
 def int8_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
