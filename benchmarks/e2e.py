@@ -1324,12 +1324,13 @@ def run_args(args) -> int:
     bench = Bench(args)
     import torch
 
-    if True:  # one dynamo cache entry per block hook (their index differs): allow them all
-        for name in ("recompile_limit", "cache_size_limit"):  # one entry per block hook (their index differs)
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 256)
-        if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-            torch._dynamo.config.accumulated_recompile_limit = 4096
+    # Compiled regions are recompiled per input layout (the first block sees other strides) and per quantized-layer
+    # fragment: raise dynamo's limits so that nothing silently falls back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     wls = workloads_for(args)
     log(f"device {bench.device} {bench.meta.get('gpu')}; workloads {[w.name for w in wls]}; out {bench.out}")
     bench.run(wls)
