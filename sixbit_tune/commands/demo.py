@@ -56,25 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampler and generation seed")
 
 
-def resolve_model(spec: str, device: str):
-    """``(spec, pipeline, note)``: the model to run, loaded; when the reference model is not available, the tiny
-    Wan model and a note saying so."""
-    from sixbit_tune.errors import NotBuiltYet
-    from sixbit_tune.models.specs import load_pipeline
-    from sixbit_tune.search.runner import pipeline_dtype
-
-    try:
-        return spec, load_pipeline(spec, device=device, dtype=pipeline_dtype(device)), None
-    except NotBuiltYet as e:
-        if spec != "reference":
-            raise
-        note = (
-            f"note: {e}\nnote: running the demo on the random tiny Wan model instead (its quality figures mean "
-            "little)"
-        )
-        return "tiny:wan", load_pipeline("tiny:wan", device=device, dtype=pipeline_dtype(device)), note
-
-
 def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")
 
@@ -83,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sixbit_tune.commands.fit import summarize as fit_summary
+    from sixbit_tune.models.specs import load_pipeline
     from sixbit_tune.predictor import fit_store, write_fit
     from sixbit_tune.profiling.runner import ProfileConfig, profile
     from sixbit_tune.runtime import apply_policy, load_policy
     from sixbit_tune.search.config import SearchConfig
     from sixbit_tune.search.export import export_trial
     from sixbit_tune.search.quality import compare, generate
-    from sixbit_tune.search.runner import SearchContext
+    from sixbit_tune.search.runner import SearchContext, pipeline_dtype
     from sixbit_tune.search.study import feasible, run_search, summarize
     from sixbit_tune.store import Store
 
@@ -97,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     size = QUICK if args.quick else FULL
     trials = args.trials or size.trials
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, pipe, note = resolve_model(args.model, device)
-    if note:
-        print(note)
+    model = args.model
+    pipe = load_pipeline(model, device=device, dtype=pipeline_dtype(device))
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
     out_dir = Path(args.out_dir) if args.out_dir else Path("sixbit-demo") / stamp
     store_dir = out_dir / "store"
