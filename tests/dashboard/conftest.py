@@ -90,3 +90,14 @@ def app_argv(monkeypatch):
         monkeypatch.setattr(sys, "argv", argv + list(extra))
 
     return set_argv
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """AppTest runs the app through Streamlit's script runner, which installs the script as ``sys.modules["__main__"]``
+    and never puts the old one back. Later tests that start ``multiprocessing`` spawn workers (the profiler's
+    ``--workers``) would then re-run the Streamlit app in every child: restore ``__main__`` after each test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
