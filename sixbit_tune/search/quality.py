@@ -4,6 +4,8 @@ The reference is the pipeline run with no policy applied, in the model's own dty
 models run in float32), for the same prompt, seed and generation settings. References are generated once and cached
 beside the store, in ``<store>/references/<key>.pt``; the key hashes everything that determines the output (model
 spec and config hash, prompt, seed, settings, device type and dtype), so a changed setting never reuses a stale one.
+The weights themselves are not hashed (that would read every parameter of a 14B model): a store belongs to one set
+of weights, as its profile and fit do; use a new store for retrained weights.
 
 Metrics (torchmetrics):
 
