@@ -325,6 +325,15 @@ def run_search(config: SearchConfig, pipe=None, store=None, log=print) -> optuna
         elif config.workers == 1:
             run_worker(config, quota=missing, bar=bar, ctx=ctx)
         else:
+            device = ctx.device
+            del ctx  # free this process's copy of the model before the workers load theirs
+            if device == "cuda":
+                import gc
+
+                import torch
+
+                gc.collect()
+                torch.cuda.empty_cache()
             run_workers(config, missing, study, bar)
     finally:
         if bar is not None:
