@@ -209,3 +209,12 @@ def test_check_cli(tmp_path, capsys):
     assert P.main(["--check", str(good)]) == 0
     assert P.main(["--check", str(good), str(bad)]) == 1
     assert "tdc.tolerance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (ROOT / "policies").glob("*.json") if p.name != "schema.json"), ids=lambda p: p.name
+)
+def test_committed_policies_load_and_match_the_schema(path):
+    policy = P.load(path)
+    jsonschema.Draft202012Validator(P.json_schema()).validate(json.loads(path.read_text()))
+    assert policy.provenance.tool_version
