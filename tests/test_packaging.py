@@ -57,6 +57,12 @@ def test_wheel_layout_and_clean_install(tmp_path):
     assert "sixbit_tune/kernels/__init__.py" in names
     assert "sixbit_tune/dashboard/__init__.py" in names
     assert not any(n.startswith(("kernels/", "dashboard/")) for n in names), "no top-level kernels/dashboard"
+    shipped = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "sixbit_tune/models/reference/weights").rglob("*") if p.is_file()
+    }
+    assert "sixbit_tune/models/reference/weights/model_index.json" in shipped
+    missing = sorted(shipped - set(names))
+    assert not missing, f"reference-model files left out of the wheel: {missing}"
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     target = next((venv / "lib").glob("python3*")) / "site-packages"
