@@ -1139,15 +1139,34 @@ def add_speedups(data: dict) -> None:
 def merge(paths: list[str]) -> dict:
     """Merge result files; later files replace earlier rows of the same (workload, contender) and workloads."""
     data = {"meta": {}, "workloads": [], "results": [], "replay": {}}
-    for p in paths:
+    for i, p in enumerate(paths, start=1):
         d = json.loads(Path(p).read_text())
+        for r in d["results"]:
+            r.setdefault("run", i)
         data["meta"] = {**data["meta"], **d["meta"]} if not data["meta"] else data["meta"]
         data.setdefault("runs", []).append({"file": os.path.basename(p), "command": d["meta"].get("command"),
                                             "date": d["meta"].get("date"), "wall_s": d["meta"].get("wall_s")})
-        names = {w["name"] for w in d["workloads"]}
-        data["workloads"] = [w for w in data["workloads"] if w["name"] not in names] + d["workloads"]
-        keys = {(r["workload"], r["contender"]) for r in d["results"]}
-        data["results"] = [r for r in data["results"] if (r["workload"], r["contender"]) not in keys] + d["results"]
+        old_wl = {w["name"]: w for w in data["workloads"]}
+        for w in d["workloads"]:
+            if w["name"] in old_wl:
+                merged = {**old_wl[w["name"]], **w, "notes": list(dict.fromkeys(old_wl[w["name"]].get("notes", [])
+                                                                            + w.get("notes", [])))}
+                data["workloads"][data["workloads"].index(old_wl[w["name"]])] = merged
+            else:
+                data["workloads"].append(w)
+        # A later row replaces an earlier one of the same (workload, contender) unless it failed where the earlier
+        # one did not, or its run's baseline failed (its speedup would be missing) while the earlier row is fine.
+        base_ok = {r["workload"] for r in d["results"] if r["contender"] == BASELINE and not r.get("error")}
+        old = {(r["workload"], r["contender"]): r for r in data["results"]}
+        for r in d["results"]:
+            key = (r["workload"], r["contender"])
+            prev = old.get(key)
+            keep_prev = prev is not None and not prev.get("error") and (
+                r.get("error") or r["workload"] not in base_ok)
+            if prev is not None and not keep_prev:
+                data["results"][data["results"].index(prev)] = r
+            elif prev is None:
+                data["results"].append(r)
         if d.get("replay"):
             data["replay"] = d["replay"]
     # speedups stay those computed inside each file: a ratio is only meaningful against the baseline measured in
@@ -1172,7 +1191,9 @@ def markdown(data: dict) -> str:
         f"{m.get('triton')}, diffusers {m.get('diffusers')}, torchao {m.get('torchao')}; kernel paths "
         f"{m.get('kernel_paths')}; {m.get('date')}.",
         "",
-        "Commands: " + "; ".join(f"`{r['command']}`" for r in data.get("runs", [{"command": m.get("command")}])),
+        "Runs: " + "; ".join(f"run {i}: `{r['command']}` ({r.get('date')})"
+                             for i, r in enumerate(data.get("runs", [{"command": m.get("command")}]), start=1))
+        + ". Speedups are against the compiled bf16 baseline of the same run (column run).",
         "",
     ]
     for w in data["workloads"]:
@@ -1194,20 +1215,20 @@ def markdown(data: dict) -> str:
         lines += [
             "",
             "| contender | s/video | ms/step | speedup vs bf16 compiled | peak mem GiB | weights MiB | weight ÷ | "
-            "PSNR dB | SSIM | NVFP4 share | skip share | compiled |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+            "PSNR dB | SSIM | NVFP4 share | skip share | compiled | run |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
         ]
         for r in rows:
             if r.get("error"):
                 lines.append(f"| {r['contender']} | — | — | — | — | — | — | — | — | — | — | error: "
-                             f"{r['error'][:160].replace('|', '/')} |")
+                             f"{r['error'][:160].replace('|', '/')} | {r.get('run', '')} |")
                 continue
             lines.append(
                 f"| {r['contender']} | {_fmt(r['latency_s'], '.3f')} | {_fmt(r['latency_step_s'], '.2f', 1e3)} | "
                 f"{_x(r['speedup_vs_bf16_compiled'])} | {_fmt(r['peak_memory_bytes'], '.2f', 2**-30)} | "
                 f"{_fmt(r['weight_bytes'], '.1f', 2**-20)} | {_x(r.get('weight_reduction_vs_bf16'))} | "
                 f"{_fmt(r['psnr_db'], '.1f')} | {_fmt(r['ssim'], '.3f')} | {_fmt(r['nvfp4_share'], '.2f')} | "
-                f"{_fmt(r['skip_share'], '.2f')} | {'yes' if r.get('compiled') else 'no'} |")
+                f"{_fmt(r['skip_share'], '.2f')} | {'yes' if r.get('compiled') else 'no'} | {r.get('run', '')} |")
         lines.append("")
     return "\n".join(lines)
 
