@@ -204,12 +204,15 @@ TINY_VIDEO = {
 }
 
 
-def _tiny_tokenizer():
-    """A T5 tokenizer over a small in-memory Unigram vocabulary (no files, no network)."""
+def word_tokenizer(words, score_step: float = 0.0):
+    """A ``T5Tokenizer`` over an in-memory Unigram vocabulary of whole ``words`` (no files, no network; FACTS a7).
+
+    Ids: pad 0, eos 1, unk 2, the word boundary 3, then one piece per word with score ``-1 - i * score_step``.
+    """
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(f"\u2581{w}", -1.0 - i * 0.01) for i, w in enumerate(_TINY_WORDS)]
+    vocab += [(f"\u2581{w}", -1.0 - i * score_step) for i, w in enumerate(words)]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
@@ -327,7 +330,7 @@ def tiny_pipeline(family: str, seed: int = 0):
         if family == "hunyuanvideo":
             components.update(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
         else:
-            tokenizer = _tiny_tokenizer()
+            tokenizer = word_tokenizer(_TINY_WORDS, score_step=0.01)
             torch.manual_seed(seed + 2)
             components.update(tokenizer=tokenizer, text_encoder=_tiny_text_encoder(family, len(tokenizer)))
         if family == "wan":

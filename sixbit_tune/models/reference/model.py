@@ -51,11 +51,9 @@ MAX_SEQUENCE_LENGTH = 16
 
 def build_tokenizer():
     """A ``T5Tokenizer`` over an in-memory Unigram vocabulary: pad 0, eos 1, unk 2, the word boundary, the words."""
-    from transformers import T5Tokenizer
+    from ..tiny import word_tokenizer
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(f"\u2581{w}", -1.0) for w in data.vocabulary()]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return word_tokenizer(data.vocabulary())
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0):
