@@ -29,6 +29,7 @@ import os
 import torch
 
 from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.formats.common import check_float_input
 
 from ._triton_support import HAS_TRITON, interpreting, triton_usable_on
 
@@ -157,16 +158,7 @@ def kernel_path(fmt: str, device=None, preference: KernelPreference | str | None
     return "reference"
 
 
-# --------------------------------------------------------------------------------------------- validation
-
-
-def _check_input(x: torch.Tensor, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _OUT_DTYPES:
-        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{what} must have at least one dimension (the reduction dim K), got a 0-d tensor")
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +236,7 @@ def quantize_activation(
         Bit-identical to ``sixbit_tune.formats.int8.quantize`` / ``sixbit_tune.formats.nvfp4.quantize``.
     """
     _check_fmt(fmt)
-    _check_input(x, "activation")
+    check_float_input(x, "activation", finite=False)  # NaN/Inf: see check_finite
     path = kernel_path(fmt, x.device, preference)
     x2 = _rows(x)
     if fmt == "int8":
@@ -264,7 +256,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, *, preference: KernelPreference |
         of :func:`quantized_linear`.
     """
     _check_fmt(fmt)
-    _check_input(w, "weight")
+    check_float_input(w, "weight", finite=False)  # NaN/Inf: quantize_activation(check_finite=True) below
     if w.dim() != 2:
         raise ValueError(f"a linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
     return quantize_activation(w, fmt, preference=preference, check_finite=True)
@@ -324,7 +316,7 @@ def quantized_linear(
         float32 accumulation, times both global scales, plus bias, rounded once.
     """
     kind, N, K = _check_qweight(qweight, fmt)
-    _check_input(x, "activation")
+    check_float_input(x, "activation", finite=False)  # NaN/Inf: see check_finite
     if x.shape[-1] != K:
         raise ValueError(f"activation has K={x.shape[-1]} but the weight expects K={K}")
     out_dtype = x.dtype if out_dtype is None else out_dtype
