@@ -13,6 +13,8 @@ from sixbit_tune.runtime.apply import _model_device, device_target
 __all__ = ["make_dynamic_policy", "make_static_policy"]
 
 
+_STATIC_MODES = ("int8", "nvfp4", "none")
+
 def _model_info(adapter, spec: str | None) -> _policy.ModelInfo:
     return _policy.ModelInfo(
         cls=type(adapter.transformer).__name__,
@@ -52,19 +54,11 @@ def make_static_policy(
     Raises:
         PolicyError: an invalid mode, or (nvfp4) an in-block linear whose in_features is not a multiple of 16.
     """
-    if fmt not in ("int8", "nvfp4", "none"):
+    if fmt not in _STATIC_MODES:
         raise PolicyError(f"static mode must be 'int8', 'nvfp4' or 'none', got {fmt!r}", key="dmpq.layers")
-    adapter = get_adapter(model)
-    layers = {
-        name: _policy.LayerPolicy(fmt, lin.in_features, lin.out_features)
-        for name, lin in adapter.all_linears().items()
-    }
-    return _policy.Policy(
-        model=_model_info(adapter, spec),
-        target=_target(adapter, target),
-        dmpq=_policy.DMPQ(threshold=0.0, layers=layers),
-        tdc=_policy.TDC(tolerance=tdc_tolerance, **tdc_options),
-        provenance=provenance or _policy.Provenance(),
+    return make_dynamic_policy(
+        model, {}, 0.0, other_layers=fmt, tdc_tolerance=tdc_tolerance, target=target, spec=spec,
+        provenance=provenance, **tdc_options,
     )
 
 
@@ -95,7 +89,7 @@ def make_dynamic_policy(
     Raises:
         PolicyError: a predictor names a layer the model does not have, or a value is invalid.
     """
-    if other_layers not in ("int8", "nvfp4", "none"):
+    if other_layers not in _STATIC_MODES:
         raise PolicyError(f"other_layers must be 'int8', 'nvfp4' or 'none', got {other_layers!r}", key="dmpq.layers")
     adapter = get_adapter(model)
     linears = adapter.all_linears()
