@@ -11,8 +11,26 @@ def _share(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+class _Shares:
+    """Shares of a record with ``layer_calls`` (by format), ``block_calls`` and ``skipped_blocks``."""
+
+    layer_calls: dict[str, int]
+    block_calls: int
+    skipped_blocks: int
+
+    @property
+    def nvfp4_share(self) -> float | None:
+        """NVFP4 layer-calls / all executed in-block linear calls (None when no layer ran)."""
+        return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
+
+    @property
+    def skip_share(self) -> float | None:
+        """Skipped blocks / blocks reached."""
+        return _share(self.skipped_blocks, self.block_calls)
+
+
 @dataclass(frozen=True)
-class StepStats:
+class StepStats(_Shares):
     """One transformer call: a denoising step in one cache context (one guidance branch, or both when batched).
 
     Attributes:
@@ -32,19 +50,9 @@ class StepStats:
     block_calls: int
     skipped_blocks: int
 
-    @property
-    def nvfp4_share(self) -> float | None:
-        """NVFP4 layer-calls / all executed in-block linear calls (None when no layer ran)."""
-        return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
-
-    @property
-    def skip_share(self) -> float | None:
-        """Skipped blocks / blocks reached."""
-        return _share(self.skipped_blocks, self.block_calls)
-
 
 @dataclass(frozen=True)
-class RunStats:
+class RunStats(_Shares):
     """Statistics of one run (a pipeline call, or the transformer calls since the last reset).
 
     Shares count executed calls: a skipped block's linears do not run, so they count neither as NVFP4 nor INT8;
@@ -75,16 +83,6 @@ class RunStats:
     num_inference_steps: int | None = None
     notes: list[str] = field(default_factory=list)
     completed: bool = False
-
-    @property
-    def nvfp4_share(self) -> float | None:
-        """NVFP4 layer-calls / all executed in-block linear calls."""
-        return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
-
-    @property
-    def skip_share(self) -> float | None:
-        """Skipped blocks / blocks reached."""
-        return _share(self.skipped_blocks, self.block_calls)
 
     def to_dict(self) -> dict:
         """JSON-ready dict, shares included (per step too)."""
