@@ -12,6 +12,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def profiled_tiny_store(tmp_path_factory):
+    """A real profile + fit of tiny:wan (see tests/tiny_profile.py), built once per session: copy it, never write."""
+    from tiny_profile import build_profiled_store
+
+    return build_profiled_store(tmp_path_factory.mktemp("profiled") / "store")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,23 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from dashboard_helpers import MODEL, PROMPTS, STEPS, TRIALS
+from dashboard_helpers import MODEL, PROMPTS, TRIALS
 
 
 @pytest.fixture(scope="session")
-def dash_store(tmp_path_factory) -> Path:
+def dash_store(profiled_tiny_store, tmp_path_factory) -> Path:
     """Profile (2 prompts x 4 steps, CFG) -> fit -> 4-trial search (3 enqueued corners + 1 TPE trial) of tiny:wan."""
-    from sixbit_tune.predictor import fit_store, write_fit
-    from sixbit_tune.profiling.runner import ProfileConfig, profile
     from sixbit_tune.search.config import SearchConfig
     from sixbit_tune.search.study import run_search
-    from sixbit_tune.store import Store
 
     path = tmp_path_factory.mktemp("dash") / "h200"
-    profile(ProfileConfig(model=MODEL, prompts=list(PROMPTS), store=str(path), steps=STEPS, device="cpu",
-                          progress=False))
-    with Store.open(path) as store:
-        write_fit(store.writer(), fit_store(store))
+    shutil.copytree(profiled_tiny_store, path)
     config = SearchConfig(store=str(path), model=MODEL, trials=TRIALS, prompts=(PROMPTS[0],), repeats=1,
                           warmup_runs=0, quality_floor_db=25.0, device="cpu", progress=False, seed=0)
     run_search(config, log=lambda *_: None)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-MODEL = "tiny:wan"
-PROMPTS = ("a red square moving left", "a blue circle moving right")
-STEPS = 4
+from tiny_profile import MODEL, PROMPTS, STEPS  # noqa: F401  (re-exported for the tests)
+
 TRIALS = 4
 PAGES = ("runs", "sensitivity", "predictor", "temporal", "search", "policy", "gpus")
 

@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODEL = "tiny:wan"
-PROMPTS = ("a red square moving left", "a blue circle moving right")
-STEPS = 4
+from tiny_profile import MODEL, PROMPTS, STEPS  # noqa: F401  (re-exported for the tests)
 
 
 def search_config(store: Path, **kw):
