@@ -555,9 +555,10 @@ class TransformerRunner:
                      "cfg": "one call, batch 2 [uncond; cond]" if self.batched else
                      "two calls per step (cond, uncond), batch 1 each"}
         self.wl.notes.append(
-            f"transformer only, random weights; {wl.steps_timed} consecutive steps timed after a warm-up (2 steps; "
-            f"the whole timed loop for contenders that skip blocks, so every path is compiled before timing); "
-            f"per-video latency = mean timed step x {wl.steps} steps")
+            f"transformer only, random weights; {wl.steps_timed} consecutive steps timed after a 2-step warm-up "
+            f"(contenders that replay a skip map: all {wl.steps} steps timed, after a warm-up on the whole loop, "
+            f"so every path is compiled before timing and the map is replayed step for step); per-video latency = "
+            f"mean timed step x {wl.steps} steps")
 
     @property
     def transformer(self):
@@ -583,12 +584,15 @@ class TransformerRunner:
             with tr.cache_context("uncond"):
                 tr(hidden_states=self.hidden, encoder_hidden_states=self.uncond, timestep=t, **self.rest)
 
-    def measure(self, clock, handle=None, full_warmup=False) -> dict:
+    def measure(self, clock, handle=None, all_steps=False) -> dict:
+        """Time ``steps_timed`` consecutive steps after a 2-step warm-up; with ``all_steps`` (contenders that replay
+        a skip map) time all ``steps`` steps after warming up on the whole loop, so the replayed map is the
+        reference's, step for step, and every block path is compiled before timing."""
         import torch
 
-        n = self.wl.steps_timed
+        n = self.wl.steps if all_steps else self.wl.steps_timed
         with torch.no_grad():
-            for i in range(n if full_warmup else min(2, n)):  # warm-up
+            for i in range(n if all_steps else min(2, n)):  # warm-up
                 self.step(i, n)
             if handle is not None:
                 handle.reset()
@@ -602,7 +606,9 @@ class TransformerRunner:
                 pairs.append(clock.stop(a))
             times = [clock.seconds(p) for p in pairs]
         mean = statistics.mean(times)
-        return {"latency_s": mean * self.wl.steps, "latency_step_s": statistics.median(times),
+        # A replayed skip map makes step times cyclic (skipped / computed steps): its per-step figure is the mean.
+        return {"latency_s": mean * self.wl.steps, "latency_step_s": mean if all_steps else statistics.median(times),
+                "latency_step_median_s": statistics.median(times),
                 "latency_step_mean_s": mean, "latency_steps_s": times, "timed_runs": n,
                 "peak_memory_bytes": peak_memory(self.device), "psnr_db": None, "ssim": None}
 
@@ -687,12 +693,12 @@ class Bench:
         self.save()
         return row
 
-    def _measure(self, runner, row, handle=None, on_generation=None, full_warmup=False):
+    def _measure(self, runner, row, handle=None, on_generation=None, all_steps=False):
         """Run the runner's measurement and collect the applied policy's statistics and the weight bytes."""
         if isinstance(runner, PipelineRunner):
             m = runner.measure(self.clock, on_generation, make_refs=row["contender"] == "bf16-eager")
         else:
-            m = runner.measure(self.clock, handle, full_warmup)
+            m = runner.measure(self.clock, handle, all_steps)
         row.update(m)
         if handle is not None:
             st = handle.stats()
@@ -705,7 +711,7 @@ class Bench:
         row["weight_bytes"], row["linear_weight_bytes"] = weight_bytes(runner.transformer, runner.adapter)
 
     def _attempt(self, runner, row, compile_, setup=None, teardown=None, compile_after_setup=False,
-                 full_warmup=False):
+                 all_steps=False):
         """Measure a contender, its blocks compiled when ``compile_`` (falling back to eager, with a note, if
         compiling or the compiled run fails). ``setup()`` installs the contender (policy, cache, quantization) and
         returns ``(handle or None, on_generation or None)``; ``teardown(handle)`` takes it out. Blocks are compiled
@@ -721,7 +727,7 @@ class Bench:
                 if compile_after_setup:
                     compile_blocks(runner.adapter)
                 row["compiled"] = True
-                self._measure(runner, row, handle, on_gen, full_warmup)
+                self._measure(runner, row, handle, on_gen, all_steps)
             except Exception as e:
                 failed = e
                 row["compiled"] = False
@@ -734,7 +740,7 @@ class Bench:
                 return
         handle, on_gen = setup()
         try:
-            self._measure(runner, row, handle, on_gen, full_warmup)
+            self._measure(runner, row, handle, on_gen, all_steps)
         finally:
             teardown(handle)
 
@@ -790,7 +796,8 @@ class Bench:
                     if isinstance(runner, PipelineRunner):
                         h = apply_policy(runner.pipe, policy)
                     else:
-                        h = apply_policy(runner.transformer, policy, num_inference_steps=wl.steps_timed)
+                        steps = wl.steps if replay_map is not None else wl.steps_timed  # the steps measure() runs
+                        h = apply_policy(runner.transformer, policy, num_inference_steps=steps)
                     on_gen = None
                     if replay_map is not None:
                         force_skips(h, replay_map)
@@ -804,7 +811,7 @@ class Bench:
                     return h, on_gen
 
                 self._attempt(runner, row, compile_, setup, lambda h: h.remove(),
-                              full_warmup=replay_map is not None and map_share(replay_map) > 0)
+                              all_steps=replay_map is not None and map_share(replay_map) > 0)
             return fn
 
         def static(fmt, compile_=True):
@@ -964,7 +971,7 @@ class Bench:
         from sixbit_tune.runtime import load_policy
 
         ref_pol = load_policy(pol_dict)
-        blocks, n = len(runner.adapter.blocks()), wl.steps_timed
+        blocks, n = len(runner.adapter.blocks()), wl.steps  # replays time every step (measure(all_steps=True))
         ours_map = scale_map(rp.get("ours_map") or [], n, blocks)
 
         def chosen(row):
@@ -1204,7 +1211,8 @@ def markdown(data: dict) -> str:
             desc.append(f"full pipeline, {w.get('steps')} steps, CFG; latency = median whole-pipeline call")
         else:
             desc.append(f"transformer only, random weights, {w.get('cfg', '')}; per-video = mean of "
-                        f"{w.get('steps_timed')} timed consecutive steps x {w.get('steps')}")
+                        f"{w.get('steps_timed')} timed consecutive steps x {w.get('steps')} (skip-map replays: all "
+                        f"{w.get('steps')} steps timed)")
         if w.get("video_tokens_per_row"):
             desc.append(f"{w['video_tokens_per_row']} video tokens per row, latent {w.get('latent_shape')}")
         if w.get("error"):
