@@ -63,6 +63,13 @@ REFERENCE_PROMPTS = (
     "a green triangle moving up on a plain background",
 )
 README_HEADING = "## Results on the H200"
+#: How a reference skip map (two guidance contexts) becomes the target's, by whether the target calls once per step.
+REPLAY_RULE = {
+    False: "two guidance contexts replayed onto two: per step and block, as many contexts skip as did on the "
+           "reference (same skip share)",
+    True: "one batched call for both guidance rows: a block is skipped only where both reference contexts skipped "
+          "it (the runtime's joint, conservative rule for a batched call), so the share can be below the reference's",
+}
 
 
 def log(msg: str) -> None:
@@ -269,44 +276,58 @@ def skip_fraction_map(rec: dict[str, dict[int, list[bool]]]) -> list[list[float]
     return out
 
 
-def scale_map(fractions: list[list[float]], steps: int, blocks: int, fbc: bool = False) -> list[list[bool]]:
-    """Scale a reference skip map (steps x blocks of skip fractions) to ``steps`` x ``blocks``: target step ``s``
-    covers reference steps [s*S/steps, (s+1)*S/steps), target block ``b`` maps to reference block
-    floor(b*L/blocks) (FirstBlockCache: block 0 always runs, the rest follow the step's decision); a block is
-    skipped when its mean skip fraction over the covered steps is >= 0.5. Nothing is skipped at step 0."""
+def scale_map(fractions: list[list[float]], steps: int, blocks: int, contexts: list[str],
+              fbc: bool = False) -> dict[str, list[list[bool]]]:
+    """Scale a reference skip map (steps x blocks of skip fractions over the reference's guidance contexts) to
+    ``steps`` x ``blocks`` for each of the target's ``contexts``.
+
+    Target step ``s`` covers reference steps [s*S/steps, (s+1)*S/steps) (with ``steps == S``, step for step);
+    target block ``b`` follows reference block floor(b*L/blocks) (FirstBlockCache: block 0 always runs, the rest
+    follow the step's decision). With v the mean skip fraction over the covered steps, context ``c`` of ``n``
+    skips when v*n >= c+1: with the reference's two contexts replayed onto two (separate CFG, Wan), a block that
+    one reference context skipped is skipped in one target context, so the skip share is the reference's; onto
+    one batched call (CogVideoX, both guidance rows in one call) a block is skipped only where every reference
+    context skipped it, the joint and conservative rule the runtime itself applies to a batched call. Nothing is
+    skipped at step 0."""
     S = len(fractions)
+    n = len(contexts)
     if S == 0:
-        return [[False] * blocks for _ in range(steps)]
+        return {c: [[False] * blocks for _ in range(steps)] for c in contexts}
     L = len(fractions[0])
-    out = []
+    out: dict[str, list[list[bool]]] = {c: [] for c in contexts}
     for s in range(steps):
         lo = int(s * S / steps)
         hi = max(lo + 1, int((s + 1) * S / steps))
-        row = []
+        rows: list[list[bool]] = [[] for _ in contexts]
         for b in range(blocks):
-            if fbc:
-                rb = 1 if b > 0 else 0
-            else:
-                rb = min(L - 1, int(b * L / blocks))
+            rb = (1 if b > 0 else 0) if fbc else min(L - 1, int(b * L / blocks))
             vals = [fractions[r][rb] for r in range(lo, min(hi, S))]
-            row.append(s > 0 and (fbc is False or b > 0) and sum(vals) / len(vals) >= 0.5)
-        out.append(row)
+            v = sum(vals) / len(vals)
+            runs = s == 0 or (fbc and b == 0)
+            for ci in range(n):
+                rows[ci].append(not runs and v * n >= ci + 1 - 1e-9)
+        for c, row in zip(contexts, rows):
+            out[c].append(row)
     return out
 
 
-def map_share(m: list[list[bool]]) -> float:
-    n = sum(len(r) for r in m)
-    return sum(sum(r) for r in m) / n if n else 0.0
+def map_share(maps: dict[str, list[list[bool]]]) -> float:
+    """Share of skipped block calls over every context's map."""
+    n = sum(len(r) for m in maps.values() for r in m)
+    return sum(sum(r) for m in maps.values() for r in m) / n if n else 0.0
 
 
-def force_skips(handle, skip_map: list[list[bool]]) -> None:
-    """Make the runtime skip exactly the blocks of ``skip_map`` (step -> blocks) in every context: its own decision
-    runs first (the replay policy's tiny tolerance makes it skip nothing but keep every cache), then is overridden."""
+def force_skips(handle, skip_maps: dict[str, list[list[bool]]]) -> None:
+    """Make the runtime skip exactly the blocks of ``skip_maps[context]`` (step -> blocks): its own decision runs
+    first (the replay policy's tiny tolerance makes it skip nothing but keep every cache), then is overridden."""
     ctrl = handle.controller
     original = ctrl._decide
 
     def decide(state, ctx):
         original(state, ctx)
+        skip_map = skip_maps.get(ctx.name)
+        if skip_map is None:
+            raise KeyError(f"no replayed skip map for cache context {ctx.name!r} (have {sorted(skip_maps)})")
         row = skip_map[state.step] if state.step < len(skip_map) else [False] * len(state.skip)
         for i, want in enumerate(row):
             state.skip[i] = bool(want) and state.cache[i] is not None
@@ -531,6 +552,8 @@ class TransformerRunner:
         self._t = load_transformer(wl.spec, device=device, dtype=dtype)
         self.adapter = get_adapter(self._t)
         self.batched = self.adapter.cfg_mode == "batched"
+        #: the cache contexts of one step, in call order (a replayed skip map is given per context)
+        self.contexts = ["cond_uncond"] if self.batched else ["cond", "uncond"]
         rows = 2 if self.batched else 1
         g = torch.Generator().manual_seed(0)
         if wl.spec.startswith("tiny:"):
@@ -576,12 +599,12 @@ class TransformerRunner:
         t = torch.full((self.hidden.shape[0],), int(999 * (1 - i / n)), device=self.device, dtype=torch.long)
         tr = self._t
         if self.batched:
-            with tr.cache_context("cond_uncond"):
+            with tr.cache_context(self.contexts[0]):
                 tr(hidden_states=self.hidden, encoder_hidden_states=self.text, timestep=t, **self.rest)
         else:
-            with tr.cache_context("cond"):
+            with tr.cache_context(self.contexts[0]):
                 tr(hidden_states=self.hidden, encoder_hidden_states=self.text, timestep=t, **self.rest)
-            with tr.cache_context("uncond"):
+            with tr.cache_context(self.contexts[1]):
                 tr(hidden_states=self.hidden, encoder_hidden_states=self.uncond, timestep=t, **self.rest)
 
     def measure(self, clock, handle=None, all_steps=False) -> dict:
@@ -972,7 +995,7 @@ class Bench:
 
         ref_pol = load_policy(pol_dict)
         blocks, n = len(runner.adapter.blocks()), wl.steps  # replays time every step (measure(all_steps=True))
-        ours_map = scale_map(rp.get("ours_map") or [], n, blocks)
+        ours_map = scale_map(rp.get("ours_map") or [], n, blocks, runner.contexts)
 
         def chosen(row):
             pol, info = replay_policy(runner.transformer, ref_pol, rp.get("ours_nvfp4_share"), map_share(ours_map) > 0)
@@ -981,7 +1004,7 @@ class Bench:
                              "replayed_map_share": map_share(ours_map), "layer_modes": info["modes"],
                              "dynamic_pinned_nvfp4": info["dynamic_pinned_nvfp4"]}
             row["notes"].append("random weights: the reference run's skip map and NVFP4 share are replayed (forced), "
-                                "not decided")
+                                "not decided; " + REPLAY_RULE[len(runner.contexts) == 1])
             return pol
 
         label = (rp.get("source") or "ours-chosen").split(" / ")[-1]
@@ -999,7 +1022,7 @@ class Bench:
             return
         ok = [f for f in fbc if target_q is None or f["psnr_db"] >= target_q]
         pick = max(ok, key=lambda f: f["threshold"]) if ok else max(fbc, key=lambda f: f["psnr_db"])
-        fbc_map = scale_map(pick["map"], n, blocks, fbc=True)
+        fbc_map = scale_map(pick["map"], n, blocks, runner.contexts, fbc=True)
 
         def fbc_fn(row):
             from sixbit_tune.runtime import make_static_policy
@@ -1010,7 +1033,8 @@ class Bench:
                              "reference_skip_share": pick.get("skip_share"),
                              "replayed_map_share": map_share(fbc_map), "matched_to_ours_psnr_db": target_q}
             row["notes"].append("FirstBlockCache's step pattern on the reference (largest threshold with PSNR >= "
-                                "ours) replayed through the sixbit runtime in bf16 (block 0 always runs)")
+                                "ours) replayed through the sixbit runtime in bf16 (block 0 always runs); "
+                                + REPLAY_RULE[len(runner.contexts) == 1])
             return pol
 
         go(f"fbc-{pick['threshold']:g} (replay)", ours(fbc_fn, replay_map=fbc_map), kind="peer")

@@ -117,3 +117,23 @@ def test_render_writes_table_figure_and_readme_section(smoke, tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| ours-chosen |" in text and text.endswith("## Later\n\nkept\n")
     assert json.loads((tmp_path / "e2e-test.json").read_text())["results"]
+
+
+def test_scale_map_keeps_the_reference_share_per_context_and_is_conservative_when_batched():
+    from sixbit_tune.commands.bench import _load
+
+    e2e = _load()
+    # 4 steps x 2 blocks of skip fractions over two reference contexts (0.5: one of the two skipped)
+    frac = [[0.0, 0.0], [1.0, 0.5], [0.5, 0.5], [1.0, 1.0]]
+    two = e2e.scale_map(frac, 4, 2, ["cond", "uncond"])
+    assert two["cond"] == [[False, False], [True, True], [True, True], [True, True]]
+    assert two["uncond"] == [[False, False], [True, False], [False, False], [True, True]]
+    assert e2e.map_share(two) == pytest.approx(sum(map(sum, frac)) / 8)  # the reference's share, exactly
+    one = e2e.scale_map(frac, 4, 2, ["cond_uncond"])
+    assert one["cond_uncond"] == [[False, False], [True, False], [False, False], [True, True]]
+    # more target blocks than reference blocks: each follows its reference block; step 0 never skips
+    wide = e2e.scale_map(frac, 4, 4, ["cond", "uncond"])
+    assert [row[:2] == [row[0]] * 2 for row in wide["cond"]] == [True] * 4
+    assert not any(wide["cond"][0]) and e2e.map_share(wide) == pytest.approx(e2e.map_share(two))
+    fbc = e2e.scale_map(frac, 4, 3, ["cond", "uncond"], fbc=True)
+    assert all(not row[0] for m in fbc.values() for row in m)  # FirstBlockCache's head block always runs
