@@ -105,6 +105,16 @@ def test_rel_l2_rows_matches_direct():
         assert r[i].item() == pytest.approx(want, rel=1e-5)
 
 
+def test_rel_l2_rows_is_delta_changes_change():
+    # The runtime's TDC measures the change with rel_l2_rows (no cosine); the profiler with delta_change. A
+    # tolerance fitted on profiled numbers must mean the same at inference: same bits, degenerate rows included.
+    d0 = torch.randn(5, 3, 33)
+    d1 = d0 + 0.05 * torch.randn(5, 3, 33)
+    d0[3] = 0.0
+    d1[4] = d0[4]
+    assert torch.equal(rel_l2_rows(d1, d0), delta_change(d1, d0)[0])
+
+
 def test_shape_errors_are_specific():
     with pytest.raises(ValueError, match="differ in shape"):
         block_stats([torch.zeros(2, 3)], [torch.zeros(2, 4)])

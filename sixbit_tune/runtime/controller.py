@@ -432,7 +432,7 @@ class Controller:
             if old is not None and old[0].shape[0] == delta.shape[0]:
                 prev = torch.cat([c.reshape(c.shape[0], -1) for c in old], dim=1) if len(old) > 1 \
                     else old[0].reshape(old[0].shape[0], -1)
-                state.change_dev[index] = _stats.delta_change(delta, prev)[0]
+                state.change_dev[index] = _stats.rel_l2_rows(delta, prev)  # delta_change's change, without its cosine
                 state.change_gap[index] = state.step - state.last_compute[index]
             parts, offset = [], 0
             for x in xs:
