@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import glob
 import json
 import math
@@ -336,6 +337,19 @@ def force_skips(handle, skip_maps: dict[str, list[list[bool]]]) -> None:
 
 
 # ================================================================================================ policies
+def policy_args(args) -> list[tuple[str, str]]:
+    """``(contender name, path)`` for every ``--policy`` (comma-separated, named by ``--policy-name``)."""
+    paths = [p.strip() for p in (args.policy or "").split(",") if p.strip()]
+    names = [n.strip() for n in (args.policy_name or "").split(",") if n.strip()]
+    if len(paths) != len(names) or len(set(names)) != len(names):
+        raise SystemExit(f"--policy gives {len(paths)} policies and --policy-name {len(names)} distinct names "
+                         f"({args.policy_name!r}): give one name per policy")
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"--policy {path}: no such file")
+    return list(zip(names, paths))
+
+
 def find_policy(transformer, spec: str) -> tuple[Any, str] | None:
     """The newest policy in ``policies/`` made for this model (class, config hash, block count)."""
     from sixbit_tune.errors import PolicyError
@@ -875,11 +889,12 @@ class Bench:
         if self.args.policy:
             from sixbit_tune.runtime import load_policy
 
-            found = (load_policy(self.args.policy), self.args.policy)
+            given = [(name, (load_policy(path), path)) for name, path in policy_args(self.args)]
         else:
             found = find_policy(runner.transformer, wl.spec)
+            given = [("ours-chosen", found)] if found is not None else []
 
-        def exported(row):
+        def exported(row, found):
             pol, path = found
             note = (f"policy {path} (study {pol.provenance.study}, trial {pol.provenance.trial}, tuned on "
                     f"{pol.target.gpu or 'CPU'}) applied as exported")
@@ -904,11 +919,8 @@ class Bench:
             return policy_fn, made
 
         candidates = []
-        runs = []
-        if found is not None:
-            runs.append((self.args.policy_name if self.args.policy else "ours-chosen", exported))
-        skips = found is not None and found[0].tdc.tolerance > 0 and found[0].tdc.max_skips > 0
-        if found is None or not skips:
+        runs = [(name, functools.partial(exported, found=found)) for name, found in given]
+        if not any(pol.tdc.tolerance > 0 and pol.tdc.max_skips > 0 for _, (pol, _path) in given):
             runs.append(("ours-tuned", tuned))
         for name, make in runs:
             record: dict[str, Any] = {}
@@ -1373,14 +1385,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=2, help="reference workload: prompts (timed + quality)")
     p.add_argument("--budget-s", type=float, default=500.0, help="wall-clock budget of the whole run")
     p.add_argument("--fbc-thresholds", default=None, help="FirstBlockCache thresholds (comma-separated)")
-    p.add_argument("--policy", default=None, help="policy JSON for the pipeline workload (default: newest fitting "
-                   "one in policies/)")
+    p.add_argument("--policy", default=None, help="policy JSON(s) for the pipeline workload, comma-separated "
+                   "(default: newest fitting one in policies/)")
     p.add_argument("--replay-from", default=None, help="results JSON whose reference skip maps the transformer "
                    "workloads replay (when the reference workload is not in this run)")
     p.add_argument("--no-compile", action="store_true", help="measure everything eager")
     p.add_argument("--torchao-compile", action="store_true", help="compile torchao's blocks on the transformer "
                    "workloads too (default: only on the pipeline workload)")
-    p.add_argument("--policy-name", default="ours-chosen", help="contender name of --policy")
+    p.add_argument("--policy-name", default="ours-chosen", help="contender name(s) of --policy, comma-separated, "
+                   "one per policy")
     p.add_argument("--eager-variants", action="store_true", help="also measure our policies with blocks not "
                    "compiled")
     p.add_argument("--contenders", default=None, help="comma-separated name prefixes to run (the compiled bf16 "
@@ -1416,6 +1429,8 @@ def run_args(args) -> int:
         args.contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     if args.smoke and args.device is None:
         args.device = "cpu"
+    if args.policy:
+        policy_args(args)  # bad --policy / --policy-name fail here, before anything runs
     bench = Bench(args)
     import torch
 

@@ -137,3 +137,26 @@ def test_scale_map_keeps_the_reference_share_per_context_and_is_conservative_whe
     assert not any(wide["cond"][0]) and e2e.map_share(wide) == pytest.approx(e2e.map_share(two))
     fbc = e2e.scale_map(frac, 4, 3, ["cond", "uncond"], fbc=True)
     assert all(not row[0] for m in fbc.values() for row in m)  # FirstBlockCache's head block always runs
+
+
+def test_several_policies_each_need_a_distinct_name_and_an_existing_file(tmp_path, capsys):
+    from argparse import Namespace
+
+    from sixbit_tune.commands.bench import _load
+
+    e2e = _load()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("{}")
+    b.write_text("{}")
+    got = e2e.policy_args(Namespace(policy=f"{a}, {b}", policy_name="ours-tuned,ours-bf16-tdc"))
+    assert got == [("ours-tuned", str(a)), ("ours-bf16-tdc", str(b))]
+    for policy, names, match in ((f"{a},{b}", "ours-chosen", "2 policies and --policy-name 1"),
+                                 (f"{a},{b}", "x,x", "distinct names"),
+                                 (str(tmp_path / "missing.json"), "x", "no such file")):
+        with pytest.raises(SystemExit, match=match):
+            e2e.policy_args(Namespace(policy=policy, policy_name=names))
+    # the CLI refuses before loading any model or writing any result
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="one name per policy"):
+        main(["bench", "--smoke", "--policy", f"{a},{b}", "--out", str(out)])
+    assert not out.exists()
