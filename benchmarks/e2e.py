@@ -745,6 +745,8 @@ class Bench:
                 row["execution"] = st.execution
                 row["tdc_cache_peak_bytes"] = st.cache_bytes
                 row["runtime_notes"] = st.notes
+            fused = getattr(handle, "controller", None) and getattr(handle.controller, "_measure", None)
+            row["compile_stats"] = getattr(fused, "failed", "not asked") is None
         row["weight_bytes"], row["linear_weight_bytes"] = weight_bytes(runner.transformer, runner.adapter)
 
     def _attempt(self, runner, row, compile_, setup=None, teardown=None, compile_after_setup=False,
@@ -830,11 +832,13 @@ class Bench:
                 policy = policy_fn(row)
 
                 def setup():
+                    # the runtime's per-block statistics fused with torch.compile wherever the blocks are compiled
+                    fuse = compile_ and not self.args.no_compile and not self.args.no_compile_stats
                     if isinstance(runner, PipelineRunner):
-                        h = apply_policy(runner.pipe, policy)
+                        h = apply_policy(runner.pipe, policy, compile_stats=fuse)
                     else:
                         steps = wl.steps if replay_map is not None else wl.steps_timed  # the steps measure() runs
-                        h = apply_policy(runner.transformer, policy, num_inference_steps=steps)
+                        h = apply_policy(runner.transformer, policy, num_inference_steps=steps, compile_stats=fuse)
                     on_gen = None
                     if replay_map is not None:
                         force_skips(h, replay_map)
@@ -873,6 +877,8 @@ class Bench:
                     go(f"ours-{fmt} (eager)", static(fmt, compile_=False), kind="ours")
             else:
                 self._replays(wl, runner, go, ours, part="eager")
+        if self.args.repeat_baseline:  # drift check: the baseline again, after every other contender
+            self.contender(wl, runner, f"{BASELINE} (repeat)", plain(True), wl_deadline, 0.0, kind="baseline")
         runner = None  # free the model before the next workload
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1394,6 +1400,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "workloads too (default: only on the pipeline workload)")
     p.add_argument("--policy-name", default="ours-chosen", help="contender name(s) of --policy, comma-separated, "
                    "one per policy")
+    p.add_argument("--no-compile-stats", action="store_true", help="keep the runtime's per-block statistics eager "
+                   "(default: fused with torch.compile wherever the blocks are compiled)")
+    p.add_argument("--repeat-baseline", action="store_true", help="measure the compiled bf16 baseline again at the "
+                   "end of each workload (a drift check; ratios stay against the first)")
     p.add_argument("--eager-variants", action="store_true", help="also measure our policies with blocks not "
                    "compiled")
     p.add_argument("--contenders", default=None, help="comma-separated name prefixes to run (the compiled bf16 "

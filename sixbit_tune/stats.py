@@ -16,11 +16,12 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["block_stats", "delta_change", "rel_l2_rows", "safe_ratio", "stream_delta"]
+__all__ = ["Compiled", "block_stats", "delta_change", "rel_l2_rows", "safe_ratio", "stream_delta"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -120,3 +121,23 @@ def _check_streams(x_streams: Sequence[torch.Tensor], y_streams: Sequence[torch.
             raise ValueError(f"stream {i}: input {tuple(x.shape)} and output {tuple(y.shape)} differ in shape")
         if x.shape[0] != b:
             raise ValueError(f"stream {i} has {x.shape[0]} batch rows, stream 0 has {b}")
+
+
+class Compiled:
+    """``torch.compile(fn)`` that falls back to ``fn`` (eager, same numbers) if compilation fails; the reason is
+    kept in :attr:`failed` and warned once. The profiler and the runtime fuse their statistics with it."""
+
+    def __init__(self, fn: Callable):
+        self.eager = fn
+        self.compiled = torch.compile(fn)
+        self.failed: str | None = None
+
+    def __call__(self, *args):
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function is the spec
+                self.failed = f"{type(e).__name__}: {e}"[:500]
+                warnings.warn(f"torch.compile of {self.eager.__name__} failed, using eager: {self.failed}",
+                              stacklevel=2)
+        return self.eager(*args)

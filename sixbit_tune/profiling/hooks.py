@@ -42,7 +42,7 @@ from sixbit_tune.profiling.quant import (
     quantize_activation,
     quantize_weight,
 )
-from sixbit_tune.stats import block_stats, delta_change, stream_delta
+from sixbit_tune.stats import Compiled, block_stats, delta_change, stream_delta
 
 __all__ = ["FALLBACK_CONTEXT", "HOOK_NAME", "Instrumentation", "StepRecords", "block_record", "instrument"]
 
@@ -213,26 +213,6 @@ def _version(x: torch.Tensor) -> int | None:
         return None
 
 
-class _Compiled:
-    """``torch.compile(fn)`` that falls back to ``fn`` (eager, same numbers) if compilation fails; the reason is
-    kept in :attr:`failed` and warned once."""
-
-    def __init__(self, fn):
-        self.eager = fn
-        self.compiled = torch.compile(fn)
-        self.failed: str | None = None
-
-    def __call__(self, *args):
-        if self.failed is None:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager function is the spec
-                self.failed = f"{type(e).__name__}: {e}"[:500]
-                warnings.warn(f"torch.compile of {self.eager.__name__} failed, using eager: {self.failed}",
-                              stacklevel=2)
-        return self.eager(*args)
-
-
 @dataclass
 class StepRecords:
     """Host-side rows of one flush, column-wise, named as the store's ``block_steps``/``layer_steps`` columns.
@@ -291,9 +271,9 @@ class Instrumentation:
             compile_stats = device.type == "cuda"
         self.compile_stats = bool(compile_stats)
         block_fn, act_fn, out_fn = block_record, quantize_activation, output_errors
-        self._compiled: list[_Compiled] = []
+        self._compiled: list[Compiled] = []
         if self.compile_stats:
-            block_fn, act_fn, out_fn = _Compiled(block_record), _Compiled(quantize_activation), _Compiled(output_errors)
+            block_fn, act_fn, out_fn = Compiled(block_record), Compiled(quantize_activation), Compiled(output_errors)
             self._compiled = [block_fn, act_fn, out_fn]
         #: how the NVFP4 product of out_err runs (see sixbit_tune.profiling.quant)
         self.nvfp4_gemm = nvfp4_gemm_path(device)

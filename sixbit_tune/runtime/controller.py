@@ -118,7 +118,8 @@ class Controller:
     """Owns the per-context state and makes every DMPQ/TDC decision. One per applied policy."""
 
     def __init__(self, policy, adapter, blocks: list[BlockInfo], execution: Callable[[], dict[str, str]],
-                 weight_bytes: dict[str, int], pipeline: Any = None, num_inference_steps: int | None = None):
+                 weight_bytes: dict[str, int], pipeline: Any = None, num_inference_steps: int | None = None,
+                 compile_stats: bool = False):
         self.policy = policy
         self.adapter = adapter
         self.blocks = blocks
@@ -142,6 +143,7 @@ class Controller:
         self._new_run_stats()
         self.last_run: RunStats | None = None
         self._hidden_pos, self._timestep_pos = _arg_positions(adapter.transformer)
+        self._measure = _stats.Compiled(measure_block) if compile_stats else measure_block
 
     # ------------------------------------------------------------------------------------------------ runs
     def _new_run_stats(self) -> None:
@@ -424,23 +426,50 @@ class Controller:
             return
         info = self.blocks[index]
         ys = tuple(y.detach() for y in self.adapter.streams_out(info.ref, output))
-        delta = _stats.stream_delta(xs, ys)
-        if state.measure_gamma[index]:
-            state.gamma_dev[index] = _stats.block_stats(xs, ys, delta=delta)["gamma"]
-        if state.measure_delta[index]:
-            old = state.cache[index]
-            if old is not None and old[0].shape[0] == delta.shape[0]:
-                prev = torch.cat([c.reshape(c.shape[0], -1) for c in old], dim=1) if len(old) > 1 \
-                    else old[0].reshape(old[0].shape[0], -1)
-                state.change_dev[index] = _stats.rel_l2_rows(delta, prev)  # delta_change's change, without its cosine
-                state.change_gap[index] = state.step - state.last_compute[index]
-            parts, offset = [], 0
-            for x in xs:
-                n = x[0].numel()
-                parts.append(delta[:, offset : offset + n].reshape(x.shape).to(self.cache_dtype))
-                offset += n
-            self._set_cache(state, index, tuple(parts))
+        want_delta = state.measure_delta[index]
+        old = state.cache[index]
+        prev = old if want_delta and old is not None and old[0].shape[0] == xs[0].shape[0] else None
+        gamma, change, parts = self._measure(xs, ys, prev, state.measure_gamma[index], want_delta, self.cache_dtype)
+        if gamma is not None:
+            state.gamma_dev[index] = gamma
+        if change is not None:
+            state.change_dev[index] = change
+            state.change_gap[index] = state.step - state.last_compute[index]
+        if parts is not None:
+            self._set_cache(state, index, parts)
             state.last_compute[index] = state.step
+
+
+def measure_block(
+    xs: tuple[torch.Tensor, ...],
+    ys: tuple[torch.Tensor, ...],
+    prev: tuple[torch.Tensor, ...] | None,
+    want_gamma: bool,
+    want_delta: bool,
+    cache_dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[torch.Tensor, ...] | None]:
+    """What ``block_end`` measures after a full block computation, as one pure function (``torch.compile`` fuses it
+    into a few kernels when the policy is applied with ``compile_stats``).
+
+    Returns ``(gamma, change, cache)``: Γ per row (``want_gamma``), the change of Δ against the cached ``prev`` per
+    row (``want_delta`` and a ``prev``: ``stats.rel_l2_rows``, which is ``stats.delta_change``'s change), and Δ
+    split back into the input streams' shapes in ``cache_dtype`` (``want_delta``); None where not wanted.
+    """
+    delta = _stats.stream_delta(xs, ys)
+    gamma = _stats.block_stats(xs, ys, delta=delta)["gamma"] if want_gamma else None
+    change = cache = None
+    if want_delta:
+        if prev is not None:
+            flat = torch.cat([c.reshape(c.shape[0], -1) for c in prev], dim=1) if len(prev) > 1 \
+                else prev[0].reshape(prev[0].shape[0], -1)
+            change = _stats.rel_l2_rows(delta, flat)
+        parts, offset = [], 0
+        for x in xs:
+            n = x[0].numel()
+            parts.append(delta[:, offset : offset + n].reshape(x.shape).to(cache_dtype))
+            offset += n
+        cache = tuple(parts)
+    return gamma, change, cache
 
 
 def _arg_positions(transformer: torch.nn.Module) -> tuple[int | None, int | None]:

@@ -67,3 +67,41 @@ def test_inductor_compiled_blocks_match_eager():
         assert compiled_stats.steps == eager_stats.steps
     finally:
         _uncompile_blocks(pipe)
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])  # one stream; two (HunyuanVideo's dual-stream blocks)
+def test_compiled_statistics_make_the_same_decisions(family):
+    """``compile_stats=True`` (inductor fuses Γ, the change of Δ and the cache cast) against the eager statistics:
+    same skip and format decisions at every step, same video up to float32 reduction order."""
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = get_pipe(family)
+    policy = _policy(pipe)
+    with apply_policy(pipe, policy) as h:
+        eager = run_pipe(pipe, family, steps=5)
+        eager_stats = h.stats()
+    with apply_policy(pipe, policy, compile_stats=True) as h:
+        fused = run_pipe(pipe, family, steps=5)
+        fused_stats = h.stats()
+        assert h.controller._measure.failed is None
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    assert eager_stats.skipped_blocks > 0 and 0 < eager_stats.nvfp4_share < 1  # both rules are exercised
+    assert fused_stats.steps == eager_stats.steps
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_compiled_statistics_make_the_same_decisions_on_cuda():
+    from sixbit_tune.models.tiny import tiny_pipeline
+
+    torch._dynamo.reset()
+    pipe = tiny_pipeline("wan").to("cuda")
+    policy = _policy(pipe)
+    runs = {}
+    for fused in (False, True):
+        with apply_policy(pipe, policy, compile_stats=fused) as h:
+            runs[fused] = (run_pipe(pipe, "wan", steps=5), h.stats())
+            assert not fused or h.controller._measure.failed is None
+    assert runs[False][1].skipped_blocks > 0
+    assert runs[True][1].steps == runs[False][1].steps
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
