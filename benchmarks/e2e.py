@@ -1240,7 +1240,7 @@ def markdown(data: dict) -> str:
         f"{m.get('triton')}, diffusers {m.get('diffusers')}, torchao {m.get('torchao')}; kernel paths "
         f"{m.get('kernel_paths')}; {m.get('date')}.",
         "",
-        "Runs: " + "; ".join(f"run {i}: `{r['command']}` ({r.get('date')})"
+        "Runs: " + "; ".join(f"run {i} ({r.get('file', 'this run')}): `{r['command']}` ({r.get('date')})"
                              for i, r in enumerate(data.get("runs", [{"command": m.get("command")}]), start=1))
         + ". Speedups are against the compiled bf16 baseline of the same run (column run).",
         "",
