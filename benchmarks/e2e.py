@@ -267,6 +267,13 @@ def record_fbc_skips(head_block):
     return rec, head_block.register_forward_hook(hook)
 
 
+def fbc_skip_share(rec: dict[str, list[bool]], blocks: int) -> float | None:
+    """Share of skipped block calls from :func:`record_fbc_skips`' record: a call whose remaining blocks came from
+    the cache skipped ``blocks - 1`` of ``blocks`` (the head block always runs). None without calls."""
+    calls = sum(len(v) for v in rec.values())
+    return sum(map(sum, rec.values())) * (blocks - 1) / (calls * blocks) if calls else None
+
+
 def skip_fraction_map(rec: dict[str, dict[int, list[bool]]]) -> list[list[float]]:
     """Per step, per block: the share of contexts in which the block was skipped."""
     steps = sorted({s for per in rec.values() for s in per})
@@ -745,8 +752,6 @@ class Bench:
                 row["execution"] = st.execution
                 row["tdc_cache_peak_bytes"] = st.cache_bytes
                 row["runtime_notes"] = st.notes
-            fused = getattr(handle, "controller", None) and getattr(handle.controller, "_measure", None)
-            row["compile_stats"] = getattr(fused, "failed", "not asked") is None
         row["weight_bytes"], row["linear_weight_bytes"] = weight_bytes(runner.transformer, runner.adapter)
 
     def _attempt(self, runner, row, compile_, setup=None, teardown=None, compile_after_setup=False,
@@ -834,6 +839,7 @@ class Bench:
                 def setup():
                     # the runtime's per-block statistics fused with torch.compile wherever the blocks are compiled
                     fuse = compile_ and not self.args.no_compile and not self.args.no_compile_stats
+                    row["compile_stats"] = fuse  # a failed compile shows in runtime_notes
                     if isinstance(runner, PipelineRunner):
                         h = apply_policy(runner.pipe, policy, compile_stats=fuse)
                     else:
@@ -984,9 +990,8 @@ class Bench:
                 self._attempt(runner, row, True, setup, teardown)
                 seqs = rec_holder.get("steps", {})
                 calls = sum(len(v) for v in seqs.values())
-                skipped = sum(sum(v) for v in seqs.values())
-                row["skip_share"] = skipped * (blocks - 1) / (calls * blocks) if calls else None
-                row["skipped_steps_share"] = skipped / calls if calls else None
+                row["skip_share"] = fbc_skip_share(seqs, blocks)
+                row["skipped_steps_share"] = sum(sum(v) for v in seqs.values()) / calls if calls else None
                 row["notes"].append("skip share = calls whose blocks 1..L-1 were answered from the cache x (L-1)/L")
 
             row = go(f"fbc-{thr:g}", fn, kind="peer", threshold=thr)

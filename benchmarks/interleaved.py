@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         base = name.replace(" (eager stats)", "")
         if base in POLICIES:
             h = apply_policy(pipe, load_policy(str(ROOT / POLICIES[base])), compile_stats=base == name)
-            return lambda: h.remove(), h
+            return h.remove, lambda: h.stats().skip_share
         if base.startswith("fbc-"):
             pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=float(base[4:])))
             rec, hook = e2e.record_fbc_skips(adapter.blocks()[0].module)
@@ -84,14 +84,18 @@ def main(argv=None) -> int:
             def remove():
                 hook.remove()
                 pipe.transformer.disable_cache()
-            return remove, rec
-        return lambda: None, None
+            return remove, lambda: e2e.fbc_skip_share(rec, len(adapter.blocks()))
+        return lambda: None, lambda: None
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def video_seconds() -> float:
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync()
         a = time.perf_counter()
         generate(pipe, prompt, 0, settings)
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        sync()
         return time.perf_counter() - a
 
     rows = {n: {"contender": n, "ms_per_step": [], "quality": None, "skip_share": None} for n in names}
@@ -100,18 +104,13 @@ def main(argv=None) -> int:
         order = names[r % len(names):] + names[: r % len(names)]
         this = {}
         for n in order:
-            remove, h = install(n)
+            remove, skip_share = install(n)
             try:
                 g = generate(pipe, prompt, 0, settings)  # warm-up (compilation, first round) and the quality video
                 if rows[n]["quality"] is None:
                     q = compare(g, ref, with_lpips=False)
                     rows[n]["quality"] = {"psnr_db": q["psnr_db"], "ssim": q["ssim"]}
-                    if isinstance(h, dict):  # FirstBlockCache: same skip share as e2e.py
-                        calls = sum(len(v) for v in h.values())
-                        blocks = len(adapter.blocks())
-                        rows[n]["skip_share"] = sum(map(sum, h.values())) * (blocks - 1) / (calls * blocks)
-                    elif h is not None:
-                        rows[n]["skip_share"] = h.stats().skip_share
+                    rows[n]["skip_share"] = skip_share()
                 ts = [video_seconds() * 1e3 / args.steps for _ in range(args.videos)]
             finally:
                 remove()

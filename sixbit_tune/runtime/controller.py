@@ -161,10 +161,14 @@ class Controller:
                 totals[k] += v
             blocks += r.block_calls
             skipped += r.skipped_blocks
+        notes = list(self._notes)
+        failed = getattr(self._measure, "failed", None)  # compile_stats asked, torch.compile failed
+        if failed:
+            notes.append(f"block statistics ran eager: torch.compile failed ({failed})")
         return RunStats(
             steps=list(self._records), layer_calls=totals, block_calls=blocks, skipped_blocks=skipped,
             execution=self.execution(), weight_bytes=dict(self.weight_bytes), cache_bytes=self._peak_cache,
-            num_inference_steps=self._run_steps, notes=list(self._notes), completed=completed,
+            num_inference_steps=self._run_steps, notes=notes, completed=completed,
         )
 
     def end_run(self, completed: bool) -> None:

@@ -83,9 +83,9 @@ def test_compiled_statistics_make_the_same_decisions(family):
     with apply_policy(pipe, policy, compile_stats=True) as h:
         fused = run_pipe(pipe, family, steps=5)
         fused_stats = h.stats()
-        assert h.controller._measure.failed is None
     assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
     assert eager_stats.skipped_blocks > 0 and 0 < eager_stats.nvfp4_share < 1  # both rules are exercised
+    assert not any("torch.compile failed" in n for n in fused_stats.notes), fused_stats.notes
     assert fused_stats.steps == eager_stats.steps
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
 
@@ -101,7 +101,32 @@ def test_compiled_statistics_make_the_same_decisions_on_cuda():
     for fused in (False, True):
         with apply_policy(pipe, policy, compile_stats=fused) as h:
             runs[fused] = (run_pipe(pipe, "wan", steps=5), h.stats())
-            assert not fused or h.controller._measure.failed is None
+    assert not any("torch.compile failed" in n for n in runs[True][1].notes), runs[True][1].notes
     assert runs[False][1].skipped_blocks > 0
     assert runs[True][1].steps == runs[False][1].steps
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_statistics_compile_falls_back_to_eager_and_says_so(monkeypatch):
+    """A compiler that cannot build the fused statistics (simulated: the compiled callable raises) must cost
+    nothing but speed: a warning, a note in the run's statistics, and the eager decisions."""
+    import sixbit_tune.stats as stats_mod
+
+    def broken_compile(fn):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    pipe = get_pipe("wan")
+    policy = _policy(pipe)
+    with apply_policy(pipe, policy) as h:
+        eager = run_pipe(pipe, "wan", steps=4)
+        eager_stats = h.stats()
+    monkeypatch.setattr(stats_mod.torch, "compile", broken_compile)
+    with apply_policy(pipe, policy, compile_stats=True) as h:
+        with pytest.warns(UserWarning, match="torch.compile of measure_block failed, using eager"):
+            got = run_pipe(pipe, "wan", steps=4)
+        st = h.stats()
+    assert any("block statistics ran eager: torch.compile failed (RuntimeError: no C++ compiler)" in n
+               for n in st.notes), st.notes
+    assert st.steps == eager_stats.steps and torch.equal(got, eager)
