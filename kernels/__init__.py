@@ -2,28 +2,56 @@
 
 Importing this package never needs Triton: the kernel modules are imported lazily by :mod:`.dispatch`, and
 without Triton every operation uses the reference numerics of :mod:`sixbit_tune.formats`.
+
+This folder sits at the top of the repository, so a process started there (``python -m pytest``, ``python -c``)
+finds it as a top-level package named ``kernels`` before the installed distribution of that name, which
+transformers imports. Imported under that name, it hands the import over to the installed distribution (see
+:func:`_hand_over`) and defines nothing of its own.
 """
 
-from ._triton_support import HAS_TRITON
-from .dispatch import (
-    PATHS,
-    KernelPreference,
-    get_kernel_preference,
-    kernel_path,
-    quantize_activation,
-    quantize_weight,
-    quantized_linear,
-    set_kernel_preference,
-)
+import sys
 
-__all__ = [
-    "HAS_TRITON",
-    "PATHS",
-    "KernelPreference",
-    "get_kernel_preference",
-    "kernel_path",
-    "quantize_activation",
-    "quantize_weight",
-    "quantized_linear",
-    "set_kernel_preference",
-]
+
+def _hand_over() -> None:
+    """Replace this module in ``sys.modules`` by the installed top-level ``kernels``, or raise ImportError."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ folder is "
+                                  "sixbit_tune.kernels, not a top-level package)", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import statement returns what sys.modules holds once this file ran
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over()
+else:
+    from ._triton_support import HAS_TRITON
+    from .dispatch import (
+        PATHS,
+        KernelPreference,
+        get_kernel_preference,
+        kernel_path,
+        quantize_activation,
+        quantize_weight,
+        quantized_linear,
+        set_kernel_preference,
+    )
+
+    __all__ = [
+        "HAS_TRITON",
+        "PATHS",
+        "KernelPreference",
+        "get_kernel_preference",
+        "kernel_path",
+        "quantize_activation",
+        "quantize_weight",
+        "quantized_linear",
+        "set_kernel_preference",
+    ]

@@ -1,6 +1,6 @@
 """Quantized GEMM and quantizer benchmark on the DiT linear shapes, correctness first (run on the H200).
 
-    python benchmarks/kernels.py --out DIR [--shapes all|key] [--variants all|main]
+    python benchmarks/kernel_bench.py --out DIR [--shapes all|key] [--variants all|main]
 
 For each linear shape of CogVideoX-2B/5B (49 frames 480x720, CFG batch 2: 35,552 tokens) and Wan 2.1 1.3B/14B
 (81 frames 480x832, CFG batch 2: 65,520 tokens) it first checks our kernels against sixbit_tune.formats (whole
