@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -284,6 +285,45 @@ class PolicyHandle:
         if c._records:
             return c.run_stats(completed=False)
         return c.last_run
+
+    def record_skips(self) -> dict[str, dict[int, list[bool]]]:
+        """Start recording the Temporal Delta Cache's skip decisions; returns the live record.
+
+        The record is ``{cache-context name: {step: [skipped? per block]}}``, filled after the decision of every
+        transformer call (the final one, :meth:`force_skips` included); a later run overwrites the steps it
+        repeats. Each call starts a new, empty record (the previous one is no longer filled).
+        """
+        if self.controller is None:
+            raise PolicyError("this handle holds no applied policy", key="model")
+        self.controller.skip_record = {}
+        return self.controller.skip_record
+
+    def force_skips(self, skip_maps: Mapping[str, Sequence[Sequence[bool]]] | None) -> None:
+        """Override which blocks are skipped (benchmarks replaying another run's skip pattern); None clears it.
+
+        After the runtime's own decision at each transformer call, block ``i`` of cache context ``c`` at step ``t``
+        is skipped iff ``skip_maps[c][t][i]`` is true and the block holds a cached Δ (so the policy's tolerance
+        must let the runtime keep caches, e.g. a tiny positive one). Steps past the end of a map, and blocks past
+        the end of its row, skip nothing. A block the map does not skip runs fully with its DMPQ formats.
+
+        Raises:
+            KeyError: at a transformer call whose cache context has no map (the message names the known ones).
+            TypeError: ``skip_maps`` is not a mapping of sequences of sequences.
+        """
+        if self.controller is None:
+            raise PolicyError("this handle holds no applied policy", key="model")
+        if skip_maps is None:
+            self.controller.forced_skips = None
+            return
+        if not isinstance(skip_maps, Mapping):
+            raise TypeError(f"skip_maps must map cache-context names to steps x blocks, got {type(skip_maps).__name__}")
+        forced: dict[str, list[list[bool]]] = {}
+        for name, steps in skip_maps.items():
+            if isinstance(steps, str | bytes) or not isinstance(steps, Sequence) or any(
+                    isinstance(row, str | bytes) or not isinstance(row, Sequence) for row in steps):
+                raise TypeError(f"skip_maps[{name!r}] must be a sequence of steps, each a sequence of bools")
+            forced[str(name)] = [[bool(v) for v in row] for row in steps]
+        self.controller.forced_skips = forced
 
     def reset(self) -> None:
         """Drop all per-run state now (the next call starts a new run)."""

@@ -144,6 +144,9 @@ class Controller:
         self.last_run: RunStats | None = None
         self._hidden_pos, self._timestep_pos = _arg_positions(adapter.transformer)
         self._measure = _stats.Compiled(measure_block) if compile_stats else measure_block
+        # PolicyHandle.record_skips / force_skips: {context: {step: [skip per block]}} and {context: [[skip]]}.
+        self.skip_record: dict[str, dict[int, list[bool]]] | None = None
+        self.forced_skips: dict[str, list[list[bool]]] | None = None
 
     # ------------------------------------------------------------------------------------------------ runs
     def _new_run_stats(self) -> None:
@@ -351,18 +354,31 @@ class Controller:
         end = n_steps - tdc.cooldown if n_steps is not None else None
         in_window = tdc_on and t >= tdc.warmup and (end is None or t < end)
         future_window = tdc_on and (end is None or t + 1 < end)
-        tau = self.threshold
+        # The runtime's own decision: per block, the new accumulated change if it is skipped, else None.
+        decided: list[list[float] | None] = []
         for i, info in enumerate(self.blocks):
-            skip = False
+            new_acc = None
             if in_window and info.cacheable and state.cache[i] is not None and state.rate[i] is not None \
                     and state.consec[i] < tdc.max_skips and len(state.rate[i]) == rows:
                 acc = state.acc[i] or [0.0] * rows
                 new_acc = [a + r for a, r in zip(acc, state.rate[i])]
-                if all(v <= self.tolerance for v in new_acc):
-                    skip = True
-                    state.acc[i] = new_acc
-                    state.consec[i] += 1
-            if not skip:
+                if not all(v <= self.tolerance for v in new_acc):
+                    new_acc = None
+            decided.append(new_acc)
+        skips = [a is not None for a in decided]
+        if self.forced_skips is not None:
+            skips = self._forced_row(ctx.name, t, state)
+        tau = self.threshold
+        for i, info in enumerate(self.blocks):
+            skip = skips[i]
+            if skip:
+                acc = decided[i]
+                if acc is None:  # forced: accumulate the measured change where there is one
+                    rate = state.rate[i] if state.rate[i] is not None and len(state.rate[i]) == rows else [0.0] * rows
+                    acc = [a + r for a, r in zip(state.acc[i] or [0.0] * rows, rate)]
+                state.acc[i] = acc
+                state.consec[i] += 1
+            else:
                 state.acc[i] = [0.0] * rows
                 state.consec[i] = 0
                 if info.dynamic:
@@ -380,6 +396,23 @@ class Controller:
             state.measure_delta[i] = keep_cache
             if not keep_cache and state.cache[i] is not None and not skip:
                 self._set_cache(state, i, None)
+        if self.skip_record is not None:
+            self.skip_record.setdefault(ctx.name, {})[t] = list(state.skip)
+
+    def _forced_row(self, name: str, step: int, state: ContextState) -> list[bool]:
+        """The forced skips of context ``name`` at ``step`` (see ``PolicyHandle.force_skips``): block i is skipped
+        iff the map says so and the block holds a cached Δ for this call's rows."""
+        maps = self.forced_skips
+        if name not in maps:
+            raise KeyError(f"force_skips has no skip map for cache context {name!r}; it has {sorted(maps)}")
+        steps = maps[name]
+        row = steps[step] if step < len(steps) else ()
+        rows = state.rows or 1
+        out = []
+        for i in range(len(self.blocks)):
+            cache = state.cache[i]
+            out.append(i < len(row) and bool(row[i]) and cache is not None and cache[0].shape[0] == rows)
+        return out
 
     # ------------------------------------------------------------------------------------------------ blocks
     def _set_cache(self, state: ContextState, i: int, value: tuple[torch.Tensor, ...] | None) -> None:
