@@ -1,6 +1,6 @@
 """The precision/cache policy: typed dataclasses, versioned JSON, strict validation, JSON Schema.
 
-A policy is what the search exports and the runtime loads (DESIGN §7)::
+A policy is what the search exports and the runtime loads::
 
     {"schema_version": 1,
      "model":  {"class": "WanTransformer3DModel", "family": "wan", "config_hash": "…", "blocks": 8},
@@ -14,14 +14,27 @@ A policy is what the search exports and the runtime loads (DESIGN §7)::
 
 Every class below validates itself on construction, so a ``Policy`` built in Python is as checked as one loaded
 from a file. Every failure is a :class:`~sixbit_tune.errors.PolicyError` whose ``key`` is the JSON path of the
-offending value (``"tdc.tolerance"``, ``"dmpq.layers.blocks.0.attn1.to_q.mode"``).
+offending value (``"tdc.tolerance"``, ``"dmpq.layers.blocks.0.attn1.to_q.mode"``) and whose ``str()`` is one line.
+Nothing else escapes :func:`load`, :func:`loads` or :meth:`Policy.from_dict`, whatever the input: bad encodings,
+bad JSON, deep nesting, huge numbers, non-string keys, missing or unreadable files.
+
+Limits (each a module constant, each published in ``policies/schema.json`` where JSON Schema can say it):
+
+* a policy file or text is at most ``MAX_POLICY_BYTES`` (4 MiB), checked before parsing;
+* ``tdc.warmup``, ``tdc.cooldown`` and ``tdc.max_skips`` are at most ``MAX_STEPS`` (10,000 denoising steps);
+* ``model.blocks`` is at most ``MAX_BLOCKS`` (10,000); ``in_features``/``out_features`` at most ``MAX_FEATURES``;
+  counts of bytes, pairs and trials at most ``MAX_COUNT`` (2**63 - 1, a signed 64-bit integer);
+* strings are non-empty; ``target.compute_capability`` is ``"<major>.<minor>"``; ``model.config_hash`` is a sha256
+  hex digest; ``tdc.blocks`` holds no index twice.
 
 Numbers must be finite, with one exception: ``dmpq.threshold`` may be ±infinity (every dynamic layer always NVFP4
-or always INT8), written in JSON as the strings ``"inf"`` and ``"-inf"`` because JSON has no infinity.
+or always INT8), written in JSON as the strings ``"inf"`` and ``"-inf"`` because JSON has no infinity. The JSON
+literals ``NaN``, ``Infinity`` and numbers beyond the float range (``1e400``) are rejected, naming their key.
 
 The field tables (``_FIELDS``) are the single source for parsing, serialisation and :func:`json_schema`; the
 committed ``policies/schema.json`` is generated from them (``python -m sixbit_tune.policy --schema``) and a test
-fails when it is stale.
+fails when it is stale. Each field kind is checked by one function (``_KIND_CHECKS``) and described in the schema
+by one branch of :func:`_schema_of`.
 
 This module imports the standard library only: the runtime loads policies in serving processes.
 """
@@ -33,6 +46,9 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import os
+import re
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +63,16 @@ LAYER_MODES = ("dynamic", "nvfp4", "int8", "none")
 FORMATS = ("nvfp4", "int8")
 NVFP4_PATHS = ("emulated", "native", "reference")
 CACHE_DTYPES = ("bfloat16", "float16", "float32")
+
+# Limits. A real policy is tens of kilobytes (one entry of ~200 bytes per linear layer inside the blocks), so 4 MiB
+# leaves room for models with ~20,000 such layers while keeping the parse of the largest accepted input well under a
+# second.
+MAX_POLICY_BYTES = 4 * 1024 * 1024
+MAX_STEPS = 10_000  # denoising steps a run can have, as far as the TDC step windows are concerned
+MAX_BLOCKS = 10_000  # transformer blocks in a model
+MAX_FEATURES = 1 << 20  # in_features / out_features of one linear layer
+MAX_COUNT = 2**63 - 1  # bytes, fitted pairs, trial numbers: what a signed 64-bit store column holds
+_MAX_INT_DIGITS = 309  # an integer literal with more digits is beyond every limit above and the float range
 
 # Migrations of older schema versions: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
 # Version 1 is the first released schema, so there is nothing to migrate yet. When version 2 is introduced,
@@ -69,6 +95,8 @@ class _Field:
     minimum: float | None = None
     maximum: float | None = None
     allow_inf: bool = False
+    pattern: str | None = None  # "str": a regular expression the whole string must match (also valid in JSON Schema)
+    unique: bool = False  # lists: no item twice
     cls: str | None = None  # class name for "obj" and "map" values
     doc: str = ""
 
@@ -77,82 +105,195 @@ class _Field:
         return self.attr or self.key
 
 
-def _fail(key: str, message: str) -> PolicyError:
-    return PolicyError(message, key=key)
+# --------------------------------------------------------------------------------------------------------------
+# Error messages: one line, bounded length, whatever the offending value is.
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with control and other unprintable characters escaped, cut to ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)
+
+
+def _show(value: Any) -> str:
+    """A short description of any value, safe for huge integers, long strings and deeply nested containers."""
+    if isinstance(value, _BadNumber):
+        return f"the literal {_one_line(value.text, 40)}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if value.bit_length() > 128:
+            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        shown = repr(value[:60]) + (f"… ({len(value)} characters)" if len(value) > 60 else "")
+        return f"the string {shown}"
+    if isinstance(value, Mapping):
+        return f"an object of {len(value)} keys"
+    if isinstance(value, list | tuple):
+        return f"a list of {len(value)} items"
+    return f"a {type(value).__name__}"
+
+
+def _fail(key: str | None, message: str) -> PolicyError:
+    return PolicyError(_one_line(message, 600), key=None if key is None else _one_line(key, 200))
+
+
+def _with_context(err: PolicyError, context: str) -> PolicyError:
+    """``err`` with ``context`` (a file name) in front of its message; the key is kept."""
+    out = PolicyError(f"{_one_line(context, 200)}: {err}")
+    out.key = err.key
+    return out
+
+
+class _BadNumber:
+    """A JSON number no finite float can hold (``NaN``, ``Infinity``, ``1e400``, an integer of hundreds of digits).
+
+    The JSON reader keeps it as text instead of failing at once, so that the check of the key it stands at can name
+    the key; no field accepts it.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def message(self, f: _Field) -> str:
+        if self.text in ("NaN", "Infinity", "-Infinity"):
+            msg = f"JSON literal {self.text} is not allowed (numbers must be finite)"
+        else:
+            msg = f"the number {_one_line(self.text, 40)} is out of range (numbers must be finite, |x| < 1.8e308)"
+        if f.allow_inf:
+            msg += '; write the string "inf" or "-inf" for an infinite value'
+        return msg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One check per field kind.
 
 
 def _check_value(f: _Field, value: Any, key: str) -> Any:
     """Check (and normalise) one value against its field description; return the Python value."""
+    if isinstance(value, _BadNumber):
+        raise _fail(key, value.message(f))
     if value is None:
         if f.nullable:
             return None
         raise _fail(key, "must not be null")
-    kind = f.kind
-    if kind == "str":
-        if not isinstance(value, str):
-            raise _fail(key, f"expected a string, got {type(value).__name__} {value!r}")
-        return value
-    if kind == "enum":
-        if not isinstance(value, str) or value not in f.choices:
-            raise _fail(key, f"must be one of {list(f.choices)}, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, f"expected an integer, got {type(value).__name__} {value!r}")
-        _check_range(f, value, key)
-        return value
-    if kind == "float":
-        if f.allow_inf and isinstance(value, str) and value in ("inf", "-inf"):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _fail(key, f"expected a number, got {type(value).__name__} {value!r}")
+    return _KIND_CHECKS[f.kind](f, value, key)
+
+
+def _check_str(f: _Field, value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, f"expected a string, got {_show(value)}")
+    if not value:
+        raise _fail(key, "must not be an empty string" + (" (use null)" if f.nullable else ""))
+    if f.pattern is not None and not re.fullmatch(f.pattern, value):
+        raise _fail(key, f"must match {f.pattern}" + (f" ({f.doc})" if f.doc else "") + f", got {_show(value)}")
+    return value
+
+
+def _check_enum(f: _Field, value: Any, key: str) -> str:
+    if not isinstance(value, str) or value not in f.choices:
+        raise _fail(key, f"must be one of {list(f.choices)}, got {_show(value)}")
+    return value
+
+
+def _check_int(f: _Field, value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(key, f"expected an integer, got {_show(value)}")
+    _check_range(f, value, key)
+    return value
+
+
+def _check_float(f: _Field, value: Any, key: str) -> float:
+    if f.allow_inf and isinstance(value, str) and value in ("inf", "-inf"):
         value = float(value)
-        if math.isnan(value):
-            raise _fail(key, "must not be NaN")
-        if math.isinf(value) and not f.allow_inf:
-            raise _fail(key, "must be finite")
-        _check_range(f, value, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(key, f"expected a number, got {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise _fail(key, f"{_show(value)} is out of range (numbers must be finite, |x| < 1.8e308)") from None
+    if math.isnan(value):
+        raise _fail(key, "must not be NaN")
+    if math.isinf(value) and not f.allow_inf:
+        raise _fail(key, "must be finite")
+    _check_range(f, value, key)
+    return value
+
+
+def _check_list(f: _Field, value: Any, key: str) -> list:
+    if not isinstance(value, list | tuple):
+        raise _fail(key, f"expected a list, got {_show(value)}")
+    item = dataclasses.replace(f, kind=f.kind[5:-1], nullable=False, unique=False)
+    out = [_check_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if f.unique:
+        seen: set = set()
+        twice = sorted({v for v in out if v in seen or seen.add(v)})
+        if twice:
+            raise _fail(key, f"each entry may appear once; repeated: {twice[:10]}")
+    return out
+
+
+def _check_obj(f: _Field, value: Any, key: str) -> Any:
+    cls = _CLASSES[f.cls]
+    if isinstance(value, cls):
         return value
-    if kind in ("list[str]", "list[int]"):
-        if not isinstance(value, list | tuple):
-            raise _fail(key, f"expected a list, got {type(value).__name__}")
-        item = _Field(key=f.key, kind=kind[5:-1], minimum=f.minimum)
-        return [_check_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if kind == "obj":
-        cls = _CLASSES[f.cls]
-        if isinstance(value, cls):
-            return value
-        return _parse(cls, value, key)
-    if kind == "map":
-        if not isinstance(value, Mapping):
-            raise _fail(key, f"expected an object, got {type(value).__name__}")
-        cls = _CLASSES[f.cls]
-        out = {}
-        for name, v in value.items():
-            if not isinstance(name, str) or not name:
-                raise _fail(key, f"keys must be non-empty strings, got {name!r}")
-            out[name] = v if isinstance(v, cls) else _parse(cls, v, f"{key}.{name}")
-        return out
-    raise AssertionError(f"unknown field kind {kind}")  # pragma: no cover - programming error
+    return _parse(cls, value, key)
+
+
+def _check_map(f: _Field, value: Any, key: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"expected an object, got {_show(value)}")
+    cls = _CLASSES[f.cls]
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not name:
+            raise _fail(key, f"keys must be non-empty strings, got {_show(name)}")
+        out[name] = v if isinstance(v, cls) else _parse(cls, v, f"{key}.{name}")
+    return out
+
+
+_KIND_CHECKS: dict[str, Callable[[_Field, Any, str], Any]] = {
+    "str": _check_str,
+    "enum": _check_enum,
+    "int": _check_int,
+    "float": _check_float,
+    "list[str]": _check_list,
+    "list[int]": _check_list,
+    "obj": _check_obj,
+    "map": _check_map,
+}
 
 
 def _check_range(f: _Field, value: float, key: str) -> None:
     if f.minimum is not None and value < f.minimum:
-        raise _fail(key, f"must be >= {f.minimum:g}, got {value!r}")
+        raise _fail(key, f"must be >= {f.minimum:g}, got {_show(value)}")
     if f.maximum is not None and value > f.maximum:
-        raise _fail(key, f"must be <= {f.maximum:g}, got {value!r}")
+        raise _fail(key, f"must be <= {f.maximum:g}, got {_show(value)}")
 
 
 def _parse(cls: type, data: Any, prefix: str) -> Any:
     """Build ``cls`` from a JSON-like mapping, rejecting unknown and missing keys."""
     where = prefix or "policy"
     if not isinstance(data, Mapping):
-        raise _fail(where, f"expected an object, got {type(data).__name__}")
+        raise _fail(where, f"expected an object, got {_show(data)}")
     fields = cls._FIELDS
     known = {f.key for f in fields}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise _fail(_join(prefix, unknown[0]), f"unknown key (allowed here: {sorted(known)})")
+    for k in data:
+        if not isinstance(k, str):
+            raise _fail(where, f"keys must be strings, got {_show(k)}")
+        if k not in known:
+            raise _fail(_join(prefix, k), f"unknown key (allowed here: {sorted(known)})")
     kwargs = {}
     for f in fields:
         key = _join(prefix, f.key)
@@ -244,12 +385,12 @@ class LayerPolicy(_Checked):
 
     _FIELDS: ClassVar = (
         _Field("mode", "enum", choices=LAYER_MODES, doc="dynamic | nvfp4 | int8 | none"),
-        _Field("in_features", "int", minimum=1),
-        _Field("out_features", "int", minimum=1),
+        _Field("in_features", "int", minimum=1, maximum=MAX_FEATURES),
+        _Field("out_features", "int", minimum=1, maximum=MAX_FEATURES),
         _Field("alpha", "float", required=False, nullable=True, doc="predictor slope"),
         _Field("beta", "float", required=False, nullable=True, doc="predictor intercept"),
         _Field("r2", "float", required=False, nullable=True, maximum=1.0 + 1e-9, doc="fit R^2"),
-        _Field("n", "int", required=False, nullable=True, minimum=0, doc="number of fitted pairs"),
+        _Field("n", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT, doc="number of fitted pairs"),
     )
 
     def _check_more(self, prefix: str) -> None:
@@ -283,8 +424,8 @@ class ModelInfo(_Checked):
     _FIELDS: ClassVar = (
         _Field("class", "str", attr="cls", doc="transformer class name, e.g. WanTransformer3DModel"),
         _Field("family", "str"),
-        _Field("config_hash", "str", doc="sha256 of the class name and the model config"),
-        _Field("blocks", "int", minimum=1),
+        _Field("config_hash", "str", pattern="^[0-9a-f]{64}$", doc="sha256 hex of the class name and the model config"),
+        _Field("blocks", "int", minimum=1, maximum=MAX_BLOCKS),
         _Field("spec", "str", required=False, nullable=True, doc="model spec the policy was searched on"),
     )
 
@@ -299,7 +440,7 @@ class Target(_Checked):
 
     _FIELDS: ClassVar = (
         _Field("gpu", "str", nullable=True, doc="NVML/torch device name; null = CPU"),
-        _Field("compute_capability", "str", nullable=True, doc='e.g. "9.0"'),
+        _Field("compute_capability", "str", nullable=True, pattern=r"^[0-9]+\.[0-9]+$", doc='"<major>.<minor>", e.g. "9.0"'),
         _Field("nvfp4_path", "enum", choices=NVFP4_PATHS),
     )
 
@@ -321,7 +462,11 @@ class DMPQ(_Checked):
 
 @dataclass(frozen=True)
 class TDC(_Checked):
-    """Temporal Delta Cache knobs (DESIGN §2). ``tolerance == 0`` never skips; ``blocks=None`` lets every block cache."""
+    """Temporal Delta Cache knobs: when a block may reuse its cached update instead of running.
+
+    ``tolerance == 0`` never skips; ``blocks=None`` lets every block cache. The step windows and the skip run are
+    counted in denoising steps, so they are at most ``MAX_STEPS``.
+    """
 
     tolerance: float = 0.0
     warmup: int = 3
@@ -332,11 +477,12 @@ class TDC(_Checked):
 
     _FIELDS: ClassVar = (
         _Field("tolerance", "float", minimum=0.0, doc="delta: max accumulated relative change of a block's update"),
-        _Field("warmup", "int", minimum=0, doc="no skips in the first steps"),
-        _Field("cooldown", "int", minimum=0, doc="no skips in the last steps"),
-        _Field("max_skips", "int", minimum=0, doc="max consecutive skips of one block"),
+        _Field("warmup", "int", minimum=0, maximum=MAX_STEPS, doc="no skips in the first steps"),
+        _Field("cooldown", "int", minimum=0, maximum=MAX_STEPS, doc="no skips in the last steps"),
+        _Field("max_skips", "int", minimum=0, maximum=MAX_STEPS, doc="max consecutive skips of one block"),
         _Field("cache_dtype", "enum", choices=CACHE_DTYPES),
-        _Field("blocks", "list[int]", nullable=True, minimum=0, doc="block indices allowed to cache; null = all"),
+        _Field("blocks", "list[int]", nullable=True, minimum=0, maximum=MAX_BLOCKS - 1, unique=True,
+               doc="block indices allowed to cache, each once; null = all"),
     )
 
 
@@ -360,9 +506,9 @@ class Measured(_Checked):
     _FIELDS: ClassVar = (
         _Field("latency_ms", "float", required=False, nullable=True, minimum=0.0),
         _Field("speedup", "float", required=False, nullable=True, minimum=0.0),
-        _Field("peak_memory_bytes", "int", required=False, nullable=True, minimum=0),
-        _Field("weight_bytes", "int", required=False, nullable=True, minimum=0),
-        _Field("cache_bytes", "int", required=False, nullable=True, minimum=0),
+        _Field("peak_memory_bytes", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT),
+        _Field("weight_bytes", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT),
+        _Field("cache_bytes", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT),
         _Field("psnr_db", "float", required=False, nullable=True),
         _Field("ssim", "float", required=False, nullable=True, minimum=-1.0, maximum=1.0),
         _Field("nvfp4_share", "float", required=False, nullable=True, **_SHARE),
@@ -386,7 +532,7 @@ class Provenance(_Checked):
 
     _FIELDS: ClassVar = (
         _Field("study", "str", required=False, nullable=True),
-        _Field("trial", "int", required=False, nullable=True, minimum=0),
+        _Field("trial", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT),
         _Field("profile_runs", "list[str]", required=False),
         _Field("created", "str", required=False, doc="ISO 8601 time of export"),
         _Field("tool_version", "str", required=False),
@@ -448,14 +594,15 @@ _CLASSES: dict[str, type] = {
 # Versions, files.
 
 
+_VERSION = _Field("schema_version", "int")  # any integer here; older ones are migrated, newer ones refused
+
+
 def _migrate(data: Any) -> dict:
     if not isinstance(data, Mapping):
-        raise _fail("policy", f"expected a JSON object, got {type(data).__name__}")
+        raise _fail("policy", f"expected a JSON object, got {_show(data)}")
     if "schema_version" not in data:
         raise _fail("schema_version", "missing required key")
-    version = data["schema_version"]
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise _fail("schema_version", f"expected an integer, got {version!r}")
+    version = _check_value(_VERSION, data["schema_version"], "schema_version")
     if version > SCHEMA_VERSION:
         raise _fail(
             "schema_version",
@@ -471,50 +618,145 @@ def _migrate(data: Any) -> dict:
     return data
 
 
-def _reject_constant(name: str) -> float:
-    raise PolicyError(f"JSON constant {name} is not allowed in a policy (numbers must be finite)")
+# Reading JSON. The hooks keep numbers no float can hold as _BadNumber, so that the check of their key rejects them
+# by name; an integer of more than _MAX_INT_DIGITS digits is never converted (Python refuses, or takes quadratic
+# time, on very long ones).
 
 
-def loads(text: str) -> Policy:
-    """Parse a policy from JSON text (rejecting NaN/Infinity literals and duplicate keys)."""
+def _read_int(text: str) -> int | _BadNumber:
+    return _BadNumber(text) if len(text) > _MAX_INT_DIGITS + 1 else int(text)
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-        out: dict = {}
-        for k, v in pairs:
-            if k in out:
-                raise PolicyError(f"duplicate key {k!r} in policy JSON", key=k)
-            out[k] = v
-        return out
 
+def _read_float(text: str) -> float | _BadNumber:
+    value = float(text)
+    return value if math.isfinite(value) else _BadNumber(text)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _fail(k, "duplicate key in policy JSON")
+        out[k] = v
+    return out
+
+
+def _check_size(size: int, unit: str, what: str) -> None:
+    if size > MAX_POLICY_BYTES:
+        raise _fail(
+            None,
+            f"{what} is {size:,} {unit}, more than the limit on a policy ({MAX_POLICY_BYTES:,} bytes, "
+            f"MAX_POLICY_BYTES); a real policy is tens of kilobytes",
+        )
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 text of a policy file (a leading byte-order mark is dropped); anything else is a PolicyError."""
+    encoding = json.detect_encoding(raw)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        raise _fail(None, f"the policy is {encoding.upper()} text; a policy file must be UTF-8 (re-save it as UTF-8)")
     try:
-        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=no_duplicates)
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise _fail(
+            None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} is invalid (re-save it as UTF-8)"
+        ) from None
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(
+            text,
+            parse_int=_read_int,
+            parse_float=_read_float,
+            parse_constant=_BadNumber,
+            object_pairs_hook=_no_duplicates,
+        )
     except json.JSONDecodeError as e:
-        raise PolicyError(f"not valid JSON: {e}") from None
-    return Policy.from_dict(data)
+        raise _fail(None, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise _fail(None, "not a policy: JSON nested too deeply (a policy is 4 objects deep)") from None
 
 
-def load(source: str | Path | Mapping | Policy) -> Policy:
-    """Load a policy from a path, a JSON string, a dict or a Policy (returned as is).
+def loads(text: str | bytes) -> Policy:
+    """Parse a policy from JSON text or UTF-8 bytes (rejecting NaN/Infinity literals, out-of-range numbers and
+    duplicate keys); at most ``MAX_POLICY_BYTES``, checked before parsing.
 
     Raises:
-        PolicyError: malformed, newer schema, or invalid values; the message names the JSON key.
-        FileNotFoundError: a path that does not exist.
+        PolicyError: anything wrong with the text; nothing else.
+    """
+    if isinstance(text, bytes | bytearray):
+        _check_size(len(text), "bytes", "the policy")
+        text = _decode(bytes(text))
+    elif not isinstance(text, str):
+        raise _fail("policy", f"expected JSON text, got {_show(text)}")
+    _check_size(len(text), "characters", "the policy text")
+    return Policy.from_dict(_parse_json(text.removeprefix("\ufeff")))
+
+
+def _read_file(path: Path, text: str | None) -> Policy:
+    """Load a policy file; ``text`` is the string the path came from, if any (it may be JSON that is not an object)."""
+    shown = _one_line(str(path), 200)
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        if text is not None:
+            try:
+                data = _parse_json(text.lstrip("\ufeff"))
+            except PolicyError:
+                pass
+            else:  # JSON, but not an object: "null", "5", '"x"', ...
+                raise _fail("policy", f"expected a JSON object or the path of a policy file, got {_show(data)}")
+        raise _fail(None, f"policy file not found: {shown}") from None
+    except (OSError, ValueError) as e:  # name too long, embedded NUL byte, permission denied on a parent, ...
+        raise _fail(None, f"cannot read policy file {shown}: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise _fail(None, f"{shown} is a directory, not a policy file")
+    if stat.S_ISREG(st.st_mode):
+        _check_size(st.st_size, "bytes", shown)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)  # bounded even where the size is unknown (pipes, devices)
+    except OSError as e:
+        raise _fail(None, f"cannot read policy file {shown}: {e.strerror or e}") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        _check_size(len(raw), "bytes or more", shown)
+    try:
+        return loads(raw)
+    except PolicyError as e:
+        raise _with_context(e, shown) from None
+
+
+def load(source: str | bytes | os.PathLike | Mapping | Policy) -> Policy:
+    """Load a policy from a path, JSON text (a string starting with ``{``), UTF-8 bytes, a dict or a Policy
+    (returned as is).
+
+    Raises:
+        PolicyError: for every failure and nothing else: a missing, unreadable, oversized (``MAX_POLICY_BYTES``)
+            or non-UTF-8 file, bad JSON, a newer schema, invalid values. ``str()`` is one line naming the file and
+            the JSON key where there is one; ``.key`` is the key.
     """
     if isinstance(source, Policy):
         return source
     if isinstance(source, Mapping):
         return Policy.from_dict(source)
-    if isinstance(source, str) and source.lstrip().startswith("{"):
+    if isinstance(source, bytes | bytearray):
         return loads(source)
-    if not isinstance(source, str | Path):
-        raise PolicyError(f"expected a JSON object, a path or a Policy, got {type(source).__name__}", key="policy")
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"policy file not found: {path}")
-    try:
-        return loads(path.read_text(encoding="utf-8"))
-    except PolicyError as e:
-        raise PolicyError(f"{path}: {e}", key=e.key) from None
+    if isinstance(source, str):
+        _check_size(len(source), "characters", "the policy string")
+        stripped = source.lstrip(" \t\r\n\ufeff")
+        if stripped.startswith(("{", "[")):
+            return loads(source)
+        if not stripped:
+            raise _fail(None, "empty policy: expected the path of a policy file or JSON text")
+        return _read_file(Path(source), source)
+    if isinstance(source, os.PathLike):
+        try:
+            path = Path(source)
+        except TypeError as e:  # a bytes path
+            raise _fail("policy", f"expected a str path, got {_show(source)}: {e}") from None
+        return _read_file(path, None)
+    raise _fail("policy", f"expected a JSON object, a path or a Policy, got {_show(source)}")
 
 
 def to_json(policy: Policy) -> str:
@@ -537,31 +779,31 @@ def save(policy: Policy, path: str | Path) -> Path:
 
 
 def _schema_of(f: _Field) -> dict:
+    """The JSON Schema of one field: one branch per field kind, mirroring ``_KIND_CHECKS``."""
     kind = f.kind
     if kind == "str":
-        s: dict = {"type": "string"}
+        s: dict = {"type": "string", "minLength": 1}
+        if f.pattern is not None:
+            s["pattern"] = f.pattern
     elif kind == "enum":
         s = {"enum": list(f.choices)}
-    elif kind == "int":
-        s = {"type": "integer"}
-    elif kind == "float":
-        s = {"type": "number"}
-    elif kind in ("list[str]", "list[int]"):
-        item = {"type": "string"} if kind == "list[str]" else {"type": "integer"}
-        if f.minimum is not None:
-            item["minimum"] = f.minimum
-        s = {"type": "array", "items": item}
-    elif kind == "obj":
-        s = {"$ref": f"#/$defs/{f.cls}"}
-    elif kind == "map":
-        s = {"type": "object", "additionalProperties": {"$ref": f"#/$defs/{f.cls}"}}
-    else:  # pragma: no cover
-        raise AssertionError(kind)
-    if kind in ("int", "float"):
+    elif kind in ("int", "float"):
+        s = {"type": "integer" if kind == "int" else "number"}
         if f.minimum is not None:
             s["minimum"] = f.minimum
         if f.maximum is not None:
             s["maximum"] = f.maximum
+    elif kind in ("list[str]", "list[int]"):
+        item = dataclasses.replace(f, kind=kind[5:-1], nullable=False, unique=False, doc="")
+        s = {"type": "array", "items": _schema_of(item)}
+        if f.unique:
+            s["uniqueItems"] = True
+    elif kind == "obj":
+        s = {"$ref": f"#/$defs/{f.cls}"}
+    elif kind == "map":
+        s = {"type": "object", "propertyNames": {"minLength": 1}, "additionalProperties": {"$ref": f"#/$defs/{f.cls}"}}
+    else:  # pragma: no cover
+        raise AssertionError(kind)
     if f.allow_inf:
         s = {"anyOf": [s, {"enum": ["inf", "-inf"]}]}
     if f.nullable:
@@ -614,8 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             load(path)
             print(f"{path}: ok")
-        except (PolicyError, FileNotFoundError) as e:
-            print(f"{path}: {e}", file=sys.stderr)
+        except PolicyError as e:
+            print(e, file=sys.stderr)
             status = 1
     if not args.schema and not args.check:
         parser.print_help()

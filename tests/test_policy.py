@@ -114,6 +114,25 @@ BAD = [
     ("newer-version", "schema_version", P.SCHEMA_VERSION + 1, "schema_version", "upgrade sixbit-tune"),
     ("older-version-no-migration", "schema_version", 0, "schema_version", "no migration"),
     ("version-not-int", "schema_version", "1", "schema_version", "integer"),
+    # Values that are legal JSON of the right type but cannot be meant.
+    ("warmup-2-to-64", "tdc/warmup", 2**64, "tdc.warmup", f"<= {P.MAX_STEPS}"),
+    ("cooldown-beyond-steps", "tdc/cooldown", P.MAX_STEPS + 1, "tdc.cooldown", f"<= {P.MAX_STEPS}"),
+    ("max-skips-2-to-64", "tdc/max_skips", 2**64, "tdc.max_skips", f"<= {P.MAX_STEPS}"),
+    ("duplicate-tdc-blocks", "tdc/blocks", [0, 3, 3], "tdc.blocks", "repeated: [3]"),
+    ("tdc-block-beyond-cap", "tdc/blocks", [P.MAX_BLOCKS], "tdc.blocks[0]", f"<= {P.MAX_BLOCKS - 1}"),
+    ("empty-compute-capability", "target/compute_capability", "", "target.compute_capability", "empty"),
+    ("bad-compute-capability", "target/compute_capability", "sm90", "target.compute_capability", "must match"),
+    ("empty-gpu", "target/gpu", "", "target.gpu", "use null"),
+    ("empty-family", "model/family", "", "model.family", "empty"),
+    ("config-hash-not-sha256", "model/config_hash", "abc", "model.config_hash", "must match"),
+    ("blocks-beyond-cap", "model/blocks", P.MAX_BLOCKS + 1, "model.blocks", f"<= {P.MAX_BLOCKS}"),
+    ("in-features-2-to-64", "dmpq/layers/blocks.0.ffn.net.2/in_features", 2**64, "in_features", "<="),
+    ("bytes-beyond-int64", "measured/weight_bytes", 2**63, "measured.weight_bytes", "<="),
+    ("trial-beyond-int64", "provenance/trial", 2**64, "provenance.trial", "<="),
+    ("empty-profile-run", "provenance/profile_runs", ["r1", ""], "provenance.profile_runs[1]", "empty"),
+    ("empty-layer-name", "dmpq/layers", {"": {"mode": "none", "in_features": 16, "out_features": 16}},
+     "dmpq.layers", "non-empty"),
+    ("float-beyond-range", "dmpq/layers/blocks.0.attn1.to_q/alpha", 10**400, "alpha", "out of range"),
 ]
 
 
@@ -133,6 +152,23 @@ def test_json_nan_and_infinity_literals_rejected(literal):
         P.loads(text)
 
 
+@pytest.mark.parametrize("literal", ["1e400", "-1e400", "1" * 400])
+def test_out_of_range_number_literals_name_their_key(literal):
+    # 1e400 used to be read as an infinite threshold; an infinite threshold is written as the string "inf".
+    text = P.to_json(make_policy()).replace('"threshold": 0.12', f'"threshold": {literal}')
+    with pytest.raises(PolicyError, match="out of range") as e:
+        P.loads(text)
+    assert e.value.key == "dmpq.threshold" and '"inf"' in str(e.value)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_literal_names_its_key(literal):
+    text = P.to_json(make_policy()).replace('"r2": 0.93', f'"r2": {literal}')
+    with pytest.raises(PolicyError, match=f"literal {literal} is not allowed") as e:
+        P.loads(text)
+    assert e.value.key == "dmpq.layers.blocks.0.attn1.to_q.r2"
+
+
 def test_duplicate_keys_and_bad_json_rejected(tmp_path):
     text = P.to_json(make_policy()).replace('"warmup": 3', '"warmup": 3, "warmup": 4')
     with pytest.raises(PolicyError, match="duplicate key"):
@@ -141,7 +177,7 @@ def test_duplicate_keys_and_bad_json_rejected(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(PolicyError, match="bad.json: not valid JSON"):
         P.load(bad)
-    with pytest.raises(FileNotFoundError, match="policy file not found"):
+    with pytest.raises(PolicyError, match="policy file not found"):
         P.load(tmp_path / "missing.json")
     with pytest.raises(PolicyError, match="expected a JSON object"):
         P.load([1, 2])  # type: ignore[arg-type]
@@ -211,9 +247,16 @@ def test_check_cli(tmp_path, capsys):
     assert "tdc.tolerance" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "path", sorted(p for p in (ROOT / "policies").glob("*.json") if p.name != "schema.json"), ids=lambda p: p.name
+COMMITTED = sorted(p for p in (ROOT / "policies").glob("*.json") if p.name != "schema.json") + sorted(
+    (ROOT / "benchmarks" / "results").glob("*policy*.json")
 )
+
+
+def test_committed_policies_are_found():
+    assert any(p.parent.name == "policies" for p in COMMITTED) and any(p.parent.name == "results" for p in COMMITTED)
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_policies_load_and_match_the_schema(path):
     policy = P.load(path)
     jsonschema.Draft202012Validator(P.json_schema()).validate(json.loads(path.read_text()))
