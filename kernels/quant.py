@@ -6,8 +6,9 @@
 * :func:`quantize_nvfp4`: per-tensor amax (one atomic-max kernel over the float32 bit patterns, no host sync),
   then one kernel for block scales and packed codes (the tile is loaded once and split into even and odd
   elements, so that the two nibbles of a byte meet in one thread). The E4M3 rounding of the block scales is done with integer
-  arithmetic on the float32 bits (the values are always normal, in [2**-6, 448]), not with Triton's fp8 cast,
-  which the CPU interpreter gets wrong (FACTS f). The block kernel can also write the dequantized-without-global-
+  arithmetic on the float32 bits (the values are always normal, in [2**-6, 448]), not with Triton's fp8 cast:
+  Triton 3.9's CPU interpreter rounds about 2.4% of float32 -> float8e4nv casts wrongly (it loses the exponent
+  carry, e.g. 1.958 -> 1.0). The block kernel can also write the dequantized-without-global-
   scale values ``E2M1[code] * b`` as bf16 (exact: at most 6 significant bits) for the emulated NVFP4 GEMM.
 
 Non-finite input is not detected here (that would cost a host sync); :mod:`.dispatch` checks the scales.

@@ -1,23 +1,29 @@
-"""Reference numerics of the two quantized formats (DESIGN §3), in plain PyTorch.
+"""Reference numerics of the quantized formats NVFP4, INT8 and FP8 E4M3, in plain PyTorch.
 
 This package is the specification: every kernel in ``sixbit_tune.kernels`` is tested against it bit for bit
-(codes, scales) and the runtime's emulated paths call it. Submodules: :mod:`.nvfp4`, :mod:`.int8`.
+(codes, scales) and the runtime's emulated paths call it. Submodules: :mod:`.nvfp4`, :mod:`.int8`, :mod:`.fp8`.
 Works on any device; imports torch only.
+
+:data:`FORMATS` are the formats the profiler records and the search chooses among; :data:`ALL_FORMATS` adds FP8,
+which every function here and ``sixbit_tune.kernels`` accept.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sixbit_tune.formats import int8, nvfp4
+from sixbit_tune.formats import fp8, int8, nvfp4
 from sixbit_tune.formats.common import check_finite
 
 FORMATS = ("nvfp4", "int8")
+ALL_FORMATS = ("nvfp4", "int8", "fp8")
 
 __all__ = [
+    "ALL_FORMATS",
     "FORMATS",
     "check_finite",
     "fake_quant",
+    "fp8",
     "int8",
     "nvfp4",
     "quantized_linear_reference",
@@ -27,15 +33,15 @@ __all__ = [
 
 
 def _check_fmt(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; expected one of {ALL_FORMATS}")
 
 
 def fake_quant(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Quantize ``x`` over its last dim in ``fmt`` and dequantize back; same shape and dtype as ``x``.
 
     nvfp4: one global scale for the whole tensor, 16-element blocks along the last dim.
-    int8: one scale per row (slice along the last dim).
+    int8, fp8: one scale per row (slice along the last dim).
 
     Raises:
         ValueError: unknown ``fmt``; for nvfp4, a last dim that is not a multiple of 16.
@@ -44,6 +50,9 @@ def fake_quant(x: torch.Tensor, fmt: str) -> torch.Tensor:
     _check_fmt(fmt)
     if fmt == "nvfp4":
         return nvfp4.quantize(x).dequantize(x.dtype)
+    if fmt == "fp8":
+        q, s = fp8.quantize(x, axis=-1)
+        return fp8.dequantize(q, s, axis=-1, dtype=x.dtype)
     q, s = int8.quantize(x, axis=-1)
     return int8.dequantize(q, s, axis=-1, dtype=x.dtype)
 
@@ -59,13 +68,17 @@ def quantized_linear_reference(
       accumulation ``acc = qx @ qw.T`` is exact (computed in float64, exact for K < 2**37 since every partial sum is
       an integer below 2**53); then ``acc.float() * (sx[..., None] * sw[None, :])`` in float32. ``acc.float()`` is
       the same round-to-nearest-even conversion as an int32 accumulator's ``.float()``.
+    * ``"fp8"`` (W8A8 E4M3): per-token ``x`` scales ``sx`` and per-output-channel weight scales ``sw``; the code
+      products are accumulated exactly (float64, exact for K <= 2**17, see :func:`fp8.exact_matmul`) and rounded
+      once to float32, then ``acc * (sx[..., None] * sw[None, :])`` in float32: the dequantized operands multiplied
+      with an exact accumulation, scales applied in the epilogue as ``torch._scaled_mm`` does.
     * ``bias`` (``[N]`` or None) is added last as ``+ bias.float()``.
 
     Args:
         x: ``[..., K]`` activation, float32/float16/bfloat16.
         weight: ``[N, K]``.
         bias: ``[N]`` or None.
-        fmt: ``"nvfp4"`` or ``"int8"``.
+        fmt: ``"nvfp4"``, ``"int8"`` or ``"fp8"``.
 
     Raises:
         ValueError: unknown ``fmt``, mismatched shapes, or (nvfp4) K not a multiple of 16.
@@ -83,6 +96,10 @@ def quantized_linear_reference(
         xd = nvfp4.quantize(x).dequantize(torch.float32)
         wd = nvfp4.quantize(weight).dequantize(torch.float32)
         y = torch.matmul(xd, wd.t())
+    elif fmt == "fp8":
+        qx, sx = fp8.quantize(x, axis=-1)
+        qw, sw = fp8.quantize(weight, axis=-1)
+        y = fp8.exact_matmul(qx, qw) * (sx[..., None] * sw[None, :])
     else:
         qx, sx = int8.quantize(x, axis=-1)
         qw, sw = int8.quantize(weight, axis=-1)
@@ -116,7 +133,7 @@ def weight_bytes(fmt: str, N: int, K: int) -> int:
     """Storage bytes of an ``[N, K]`` weight in ``fmt``, scales included.
 
     nvfp4: ``N*K/2`` code bytes + ``N*K/16`` E4M3 block scales + 4 (the float32 global scale).
-    int8: ``N*K`` + ``4*N`` (one float32 scale per output channel).
+    int8, fp8: ``N*K`` + ``4*N`` (one float32 scale per output channel).
 
     Raises:
         ValueError: unknown ``fmt``, negative sizes, or (nvfp4) K not a multiple of 16.

@@ -49,6 +49,6 @@ def ieee_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
     """``t / divisor`` as a correctly rounded IEEE float32 division on every device.
 
     PyTorch's CUDA kernels turn a division by a Python (CPU) scalar into a multiplication by its reciprocal, which
-    rounds differently; a same-device tensor divisor keeps the true division that DESIGN §3 specifies.
+    rounds differently; a same-device tensor divisor keeps the true division that the formats specify.
     """
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)

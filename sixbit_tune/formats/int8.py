@@ -1,4 +1,4 @@
-"""Symmetric INT8 reference numerics (DESIGN §3): the specification every INT8 kernel is tested against.
+"""Symmetric INT8 reference numerics: the specification every INT8 kernel is tested against.
 
 For each slice along ``axis`` (activations: one scale per token, ``axis=-1``; weights ``[N, K]``: one scale per
 output channel, also ``axis=-1``, i.e. reduced over K), all in float32:

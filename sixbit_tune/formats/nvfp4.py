@@ -1,4 +1,4 @@
-"""NVFP4 reference numerics (DESIGN §3): the bit-level specification every NVFP4 kernel is tested against.
+"""NVFP4 reference numerics: the bit-level specification every NVFP4 kernel is tested against.
 
 Layout of a quantized tensor ``x`` of shape ``[..., K]`` (``K % 16 == 0``):
 

@@ -11,14 +11,15 @@ import torch
 
 from sixbit_tune import formats
 from sixbit_tune.errors import NonFiniteError
-from sixbit_tune.formats import int8, nvfp4
+from sixbit_tune.formats import fp8, int8, nvfp4
 
 
 def test_formats_tuple():
     assert formats.FORMATS == ("nvfp4", "int8")
+    assert formats.ALL_FORMATS == ("nvfp4", "int8", "fp8")
 
 
-@pytest.mark.parametrize("fmt", formats.FORMATS)
+@pytest.mark.parametrize("fmt", formats.ALL_FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_fake_quant_shape_dtype_and_definition(fmt, dtype):
     x = torch.randn(2, 3, 48).to(dtype)
@@ -26,21 +27,24 @@ def test_fake_quant_shape_dtype_and_definition(fmt, dtype):
     assert y.shape == x.shape and y.dtype == dtype
     if fmt == "nvfp4":
         expected = nvfp4.dequantize(nvfp4.quantize(x), dtype)
+    elif fmt == "fp8":
+        q, s = fp8.quantize(x)
+        expected = fp8.dequantize(q, s, dtype=dtype)
     else:
         q, s = int8.quantize(x)
         expected = int8.dequantize(q, s, dtype=dtype)
     assert torch.equal(y, expected)
-    assert float(formats.relative_l2(y, x)) < (0.15 if fmt == "nvfp4" else 0.02)
+    assert float(formats.relative_l2(y, x)) < {"nvfp4": 0.15, "fp8": 0.05, "int8": 0.02}[fmt]
 
 
 def test_fake_quant_errors():
     with pytest.raises(ValueError, match="unknown quantization format"):
-        formats.fake_quant(torch.randn(2, 16), "fp8")
+        formats.fake_quant(torch.randn(2, 16), "fp4")
     with pytest.raises(ValueError, match="K=24"):
         formats.fake_quant(torch.randn(2, 24), "nvfp4")
     x = torch.randn(2, 16)
     x[0, 0] = float("nan")
-    for fmt in formats.FORMATS:
+    for fmt in formats.ALL_FORMATS:
         with pytest.raises(NonFiniteError):
             formats.fake_quant(x, fmt)
 
@@ -137,7 +141,7 @@ def test_linear_errors():
         formats.quantized_linear_reference(torch.randn(3, 24), torch.randn(8, 24), None, "nvfp4")
     w_bad = w.clone()
     w_bad[1, 1] = float("inf")
-    for fmt in formats.FORMATS:
+    for fmt in formats.ALL_FORMATS:
         with pytest.raises(NonFiniteError):
             formats.quantized_linear_reference(x, w_bad, None, fmt)
 
@@ -172,11 +176,14 @@ def test_check_finite():
 def test_weight_bytes_match_real_storage(N, K):
     assert formats.weight_bytes("nvfp4", N, K) == N * K // 2 + N * K // 16 + 4
     assert formats.weight_bytes("int8", N, K) == N * K + 4 * N
+    assert formats.weight_bytes("fp8", N, K) == N * K + 4 * N
     if N * K <= 24 * 64:
         w = torch.randn(N, K)
         assert formats.weight_bytes("nvfp4", N, K) == nvfp4.quantize(w).nbytes
         q, s = int8.quantize(w)
         assert formats.weight_bytes("int8", N, K) == q.numel() * q.element_size() + s.numel() * s.element_size()
+        q, s = fp8.quantize(w)
+        assert formats.weight_bytes("fp8", N, K) == q.numel() * q.element_size() + s.numel() * s.element_size()
 
 
 def test_weight_bytes_errors():
