@@ -26,12 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sixbit_tune.formats import fp8
 from sixbit_tune.formats.attention import check_attention_inputs
 
 from ._triton_support import interpreting
 from .quant import _int8_codes
 
-E4M3_MAX = 448.0
+E4M3_MAX: tl.constexpr = tl.constexpr(fp8.E4M3_MAX)
 LOG2_E = 1.4426950408889634
 
 
@@ -97,7 +98,8 @@ def _quant_v_kernel(
     v = tl.load(v_ptr + b * stride_b + h * stride_h + offs_s[:, None] * stride_s + offs_d[None, :] * stride_d,
                 mask=s_ok[:, None], other=0.0).to(tl.float32)
     inv = tl.load(inv_ptr + bh * D + offs_d)
-    y = _round_e4m3(tl.clamp(v * inv[None, :], -E4M3_MAX, E4M3_MAX)).to(tl.float8e4nv)
+    y = tl.where(inv[None, :] == 0, 0.0, tl.clamp(v * inv[None, :], -E4M3_MAX, E4M3_MAX))  # +0 for zero channels
+    y = _round_e4m3(y).to(tl.float8e4nv)
     # channel-major output: codes[bh, d, s]
     tl.store(codes_ptr + bh * D * S + offs_d[None, :] * S + offs_s[:, None], y, mask=s_ok[:, None])
 
@@ -205,8 +207,8 @@ def quantize_qk_rows(x: torch.Tensor, mean: torch.Tensor | None = None) -> tuple
 def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 codes, channel-major ``(B, H, D, S)``, and float32 scales ``(B, H, D)`` of ``v``."""
     B, H, S, D = v.shape
-    scale = v.float().abs().amax(dim=-2) / E4M3_MAX
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)).contiguous()
+    scale, inv = fp8.scales_from_amax(v.float().abs().amax(dim=-2))
+    inv = inv.contiguous()
     codes = torch.empty((B, H, D, S), dtype=torch.float8_e4m3fn, device=v.device)
     block_s = 16 if interpreting() else 64
     _quant_v_kernel[(triton.cdiv(S, block_s), B * H)](v, inv, codes, S, H, *v.stride(), D=D, BLOCK_S=block_s)

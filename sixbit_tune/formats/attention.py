@@ -13,8 +13,8 @@ measured 2-3x less error on the scores):
 3. **Scores** ``S = (Q_code·K_codeᵀ) · s_q · s_kᵀ / √D``: an exact integer product, then float32.
 4. **Probabilities.** ``P = exp(S − m)`` with ``m`` the row maximum; ``P·448`` (values in (0, 448]) is cast to
    e4m3 for the second product; the row sum ``l = Σ P`` stays float32.
-5. **V** is quantized to E4M3 per channel (one scale per (batch, head, channel), over all tokens):
-   ``s_v = amax/448``, ``code = e4m3(v · (1/s_v))`` with PyTorch's round-to-nearest-even cast, saturating at ±448.
+5. **V** is quantized to E4M3 per channel (one scale per (batch, head, channel), over all tokens) exactly as
+   :func:`sixbit_tune.formats.fp8.quantize` quantizes a slice.
 6. ``O = (P_code·V_code) · s_v / 448 / l``, cast to the input dtype.
 
 The kernel (``sixbit_tune.kernels.attention``) computes the softmax online, one block of keys at a time: its
@@ -29,22 +29,11 @@ import math
 
 import torch
 
-from sixbit_tune.formats import int8
-from sixbit_tune.formats.common import check_float_input, ieee_div
+from sixbit_tune.formats import fp8, int8
+from sixbit_tune.formats.common import check_float_input
+from sixbit_tune.formats.fp8 import E4M3_MAX
 
-E4M3_MAX = 448.0
-
-__all__ = ["E4M3_MAX", "attention_fp8_reference", "check_attention_inputs", "quantize_rows_e4m3", "quantize_qkv",
-           "smooth_k"]
-
-
-def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 E4M3 codes and float32 scales (amax/448) of ``x`` over its last dim."""
-    xf = x.float()
-    scale = ieee_div(xf.abs().amax(dim=-1), E4M3_MAX)
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = (xf * inv.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
+__all__ = ["attention_fp8_reference", "check_attention_inputs", "quantize_qkv", "smooth_k"]
 
 
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
@@ -61,7 +50,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """
     q_codes, q_scale = int8.quantize(q, check=False)
     k_codes, k_scale = int8.quantize(smooth_k(k), check=False)
-    v_codes, v_scale = quantize_rows_e4m3(v.transpose(-1, -2))
+    v_codes, v_scale = fp8.quantize(v.transpose(-1, -2), check=False)
     return q_codes, q_scale, k_codes, k_scale, v_codes, v_scale
 
 
