@@ -5,22 +5,31 @@ Layout and why
 A store is a FOLDER of Parquet part files, one sub-folder per table, plus ``meta.json`` holding the schema
 version::
 
-    <store>/meta.json                       {"format": "sixbit-tune-store", "schema_version": 1, ...}
+    <store>/meta.json                       {"format": "sixbit-tune-store", "schema_version": 2, ...}
     <store>/<table>/00000000000000000000-schema.parquet     zero-row seed: the table's exact column types
-    <store>/<table>/<time_ns>-<worker>-<seq>-<rand>.parquet  one part per write_* call
+    <store>/<table>/<time_ns>-<worker>-<seq>-<rand>.sha256-<hex>.parquet   one part per write_* call; <hex> is
+                                            the SHA-256 of the file's bytes
     <store>/.tmp/                           parts being written (never read; a killed writer's leftovers are
                                             removed by compact() after an hour)
+    <store>/quarantine/<table>/             damaged parts set aside by a reader, each with a <name>.why.txt
 
-A DuckDB database file admits one read-write process and no readers while it is held (FACTS (c)); the
-requirements (dashboard reading while runs write, several workers at once, a crash loses at most the unit in
-flight, several machines in one view) all follow from never sharing a writable file instead:
+A DuckDB database file admits one read-write process at a time, and other processes cannot even read it while
+that process holds it; the requirements (dashboard reading while runs write, several workers at once, a crash
+loses at most the unit in flight, several machines in one view) all follow from never sharing a writable file
+instead:
 
-- each ``write_*`` call writes one part file under ``.tmp/`` and ``os.replace``s it into the table folder:
-  readers see the whole part or nothing, a killed writer leaves whole files only (the part in flight is lost);
+- each ``write_*`` call writes one part file under ``.tmp/``, fsyncs it, hashes it and ``os.replace``s it into
+  the table folder under a name that carries the hash: readers see the whole part or nothing, a killed writer
+  leaves whole files only (the part in flight is lost), and a part is never visible before its checksum is;
 - writers never lock and never touch each other's files, so any number of processes may write at once;
-- readers open an in-memory DuckDB with one view per table over ``read_parquet('<store>/<table>/*.parquet',
-  union_by_name=true)``; the glob is expanded by every query, so a reader sees parts that appeared after it
-  opened, and the seed file keeps empty tables queryable with their types;
+- readers open an in-memory DuckDB with one view per table over ``read_parquet([<the table's parts>],
+  union_by_name=true)``; every query first lists the table folders again, so a reader sees parts that appeared
+  after it opened. The code's own empty table fixes every column's type (empty tables are queryable);
+- integrity: a reader checks each part before it first reads it (the SHA-256 in its name, once per process while
+  the file's stat is unchanged). A damaged part (truncated, overwritten, a flipped bit) is named in a
+  ``StoreDamageWarning``, moved to ``quarantine/<table>/`` (nothing is deleted) and left out of every query; where
+  the folder cannot be written it is left in place and skipped. The rest of the store stays readable.
+  ``Store.damaged_parts()`` and ``python -m sixbit_tune.store verify <store>`` list them;
 - combining machines: :meth:`Store.open_many` reads several folders as one (a ``store`` column tells them
   apart), which gives the same result as copying their part files into one folder.
 
@@ -44,7 +53,15 @@ Several processes may call ``Store.create(path, exist_ok=True)`` at once (one cr
 Versions: ``SCHEMA_VERSION`` is kept in ``meta.json``. Opening a store of another version raises
 ``sixbit_tune.errors.StoreSchemaError`` naming both versions and the remedy (``python -m sixbit_tune.store
 migrate <store>`` when a migration exists, upgrading sixbit-tune for a newer store, re-creating it otherwise).
-See ``sixbit_tune.store.migrations``.
+See ``sixbit_tune.store.migrations``. Version 1 stores (parts without checksums) stay readable without migrating:
+``Store.open(path, read_only=True)`` reads them with a ``StoreChecksumWarning``, checking each part by decoding it
+completely (this finds truncated and garbage parts, not every changed value); writing to them needs the
+migration (1 -> 2 renames each part to carry its SHA-256, setting aside parts that do not decode).
+
+Writable opens (``Store.open(path)``, ``Store.create``) first create and remove a probe file in every folder
+writers use, and raise ``StoreReadOnlyError`` (a ``StoreError`` and a ``PermissionError``) when the store cannot be
+written: profile, fit, search and export open their store before any work, so a read-only store stops them
+at once. Permission bits alone would not tell (root ignores them; a read-only mount does not show in them).
 
 Public API
 ----------
@@ -53,7 +70,7 @@ Public API
     from sixbit_tune.store import Store, gpu_info, versions
 
     store = Store.create(path, exist_ok=False)       # -> Store; FileExistsError if already a store
-    store = Store.open(path, read_only=False)        # FileNotFoundError / StoreSchemaError
+    store = Store.open(path, read_only=False)        # FileNotFoundError / StoreSchemaError / StoreReadOnlyError
     both  = Store.open_many([dir_a, dir_b])          # or {"machine-a": dir_a, ...}; read-only union
 
     w = store.writer(worker_id=None)                 # one per process/worker; PermissionError if read-only
@@ -75,6 +92,8 @@ Public API
     store.layer_steps(run_ids=None, *, formats=None); store.predictors(fit_id=None); store.latest_fit_id()
     store.trials(study=None); store.policies()
     store.compact() -> dict[str, int]                    # merge entity-table parts; safe beside readers/writers
+    store.damaged_parts() -> list[DamagedPart]           # (table, path, reason, moved_to) of parts set aside
+    check_part(path) -> str | None                       # what is wrong with one part file, or None
 
     gpu_info(cuda_index=0) -> dict | None   # {"name","driver","memory_bytes","compute_capability","uuid"}
     versions() -> dict                      # torch, diffusers, triton, ..., sixbit_tune, python
@@ -122,10 +141,21 @@ from sixbit_tune.store.schema import (
     TABLES,
     TRIAL_STATES,
 )
-from sixbit_tune.store.store import GPU_KEYS, Store, StoreWriter
+from sixbit_tune.store.store import (
+    GPU_KEYS,
+    DamagedPart,
+    Store,
+    StoreChecksumWarning,
+    StoreDamageWarning,
+    StoreError,
+    StoreReadOnlyError,
+    StoreWriter,
+    check_part,
+)
 
 __all__ = [
     "BRANCHES",
+    "DamagedPart",
     "GPU_KEYS",
     "LAYER_FORMATS",
     "MIGRATIONS",
@@ -134,9 +164,14 @@ __all__ = [
     "RUN_STATUSES",
     "SCHEMA_VERSION",
     "Store",
+    "StoreChecksumWarning",
+    "StoreDamageWarning",
+    "StoreError",
+    "StoreReadOnlyError",
     "StoreWriter",
     "TABLES",
     "TRIAL_STATES",
+    "check_part",
     "gpu_info",
     "migrate",
     "versions",

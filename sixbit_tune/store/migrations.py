@@ -44,8 +44,20 @@ class Migration:
     apply: Callable[[Path], None]
 
 
-MIGRATIONS: dict[int, Migration] = {}
-"""``from_version -> Migration``. Empty: version 1 is the first released schema."""
+def _checksum_parts(root: Path) -> None:
+    from sixbit_tune.store.store import checksum_parts  # import cycle
+
+    checksum_parts(root)
+
+
+MIGRATIONS: dict[int, Migration] = {
+    1: Migration(
+        1,
+        "name every part with the SHA-256 of its bytes (parts that do not decode are moved to quarantine/)",
+        _checksum_parts,
+    ),
+}
+"""``from_version -> Migration``. Version 1 is the first released schema."""
 
 
 def migration_path(
@@ -67,16 +79,25 @@ def migrate(root: str | Path, *, migrations: Mapping[int, Migration] | None = No
     """Bring the store folder ``root`` to ``SCHEMA_VERSION`` in place. Stop every writer first.
 
     Applies each step, recording the new version in ``meta.json`` after each one, then rewrites the seed
-    (schema) file of every table. Re-running after a crash continues where it stopped.
+    (schema) file of every table and checksums any part that still has no checksum (e.g. copied in from an older
+    store). Re-running after a crash continues where it stopped.
 
     Returns:
-        The descriptions of the steps applied (empty when the store was already current).
+        The descriptions of the steps applied (empty when the store was already current and every part had its
+        checksum).
 
     Raises:
         FileNotFoundError: ``root`` is not a store.
         StoreSchemaError: no path of migrations leads from the store's version to ``SCHEMA_VERSION``.
+        StoreReadOnlyError: the store folder cannot be written.
     """
-    from sixbit_tune.store.store import _ensure_seeds, _read_meta, _write_meta  # import cycle
+    from sixbit_tune.store.store import (  # import cycle
+        _ensure_seeds,
+        _read_meta,
+        _require_writable,
+        _write_meta,
+        checksum_parts,
+    )
 
     root = Path(root)
     meta = _read_meta(root)
@@ -94,6 +115,7 @@ def migrate(root: str | Path, *, migrations: Mapping[int, Migration] | None = No
                 f"({meta.get('created_by', 'unknown')})"
             )
         )
+    _require_writable(root)
     done = []
     for step in steps:
         step.apply(root)
@@ -101,6 +123,9 @@ def migrate(root: str | Path, *, migrations: Mapping[int, Migration] | None = No
         _write_meta(root, meta)
         done.append(f"{step.from_version} -> {step.from_version + 1}: {step.description}")
     _ensure_seeds(root, rewrite=True)
+    n, damaged = checksum_parts(root)
+    if n or damaged:
+        done.append(f"checksummed {n} parts that had none" + (f"; set aside {len(damaged)} damaged" if damaged else ""))
     return done
 
 

@@ -15,8 +15,9 @@ import pyarrow.compute as pc
 
 from sixbit_tune.errors import NonFiniteError
 
-SCHEMA_VERSION = 1
-"""Version of the on-disk layout and of every table below (kept in ``<store>/meta.json``)."""
+SCHEMA_VERSION = 2
+"""Version of the on-disk layout and of every table below (kept in ``<store>/meta.json``). Version 2: every part's
+name carries the SHA-256 of its bytes (version 1 parts carry none; the tables are the same)."""
 
 RUN_KINDS = ("profile", "search", "bench", "fit")
 RUN_STATUSES = ("running", "finished", "failed")
@@ -34,7 +35,7 @@ class Column:
     """One column of a table.
 
     Attributes:
-        name: column name (DESIGN §2 names where they exist).
+        name: column name (the statistics keep their defined names: gamma, delta_change, out_err, ...).
         type: Arrow type of the stored column; JSON columns are ``pa.string()`` with ``json=True``.
         required: a NULL (or missing column) is rejected on write.
         allowed: the only values accepted (enumerations), or None.
@@ -142,7 +143,7 @@ BLOCK_STEPS = Table(
         _c("timestep", pa.float64(), "scheduler timestep at this step"),
         _c("block_index", pa.int32(), required=True),
         _c("block", pa.string(), "block module name, e.g. transformer_blocks.3"),
-        _c("gamma", pa.float64(), "||Y-X||_1/||X||_1 (DESIGN §2)", required=True),
+        _c("gamma", pa.float64(), "||Y-X||_1/||X||_1, X the block's input hidden states, Y its output", required=True),
         _c("delta_change", pa.float64(), "||D_t-D_{t-1}||_2/||D_{t-1}||_2; NULL at the first step"),
         _c("delta_cos", pa.float64(), "cos(D_t, D_{t-1}); NULL at the first step"),
         _c("delta_norm", pa.float64(), "||D_t||_2"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -10,7 +11,9 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
-from sixbit_tune.errors import StoreSchemaError
+from sixbit_tune.errors import SixbitError, StoreSchemaError
 from sixbit_tune.store.schema import (
     BLOCK_STEPS,
     LAYER_STEPS,
@@ -44,6 +47,48 @@ SEED = "00000000000000000000-schema.parquet"
 _GLOB_CHARS = set("*?[]{}")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _RETRIES = 4
+QUARANTINE = "quarantine"
+_CHECKSUM = re.compile(r"\.sha256-([0-9a-f]{64})\.parquet$")
+"""A part's name ends with ``.sha256-<hex>.parquet``: the SHA-256 of the whole file, computed after it was written
+and fsynced, before it was renamed into its table folder. Parts named without it (schema version 1 wrote them) are
+"unchecksummed"."""
+_LEGACY_READABLE = frozenset({1})
+"""Older schema versions that :meth:`Store.open` still reads (read-only) without a migration: version 1 differs
+only in carrying no checksums."""
+
+
+class StoreError(SixbitError, RuntimeError):
+    """The store cannot do what was asked (e.g. it is not writable); the message says what to do."""
+
+
+class StoreReadOnlyError(StoreError, PermissionError):
+    """The store folder cannot be written (permissions, a read-only mount); raised on opening it for writing."""
+
+
+class StoreDamageWarning(UserWarning):
+    """A damaged part file was found: it is named, set aside and left out of every query."""
+
+
+class StoreChecksumWarning(UserWarning):
+    """Parts without checksums were read (an older store): they are checked by decoding them only."""
+
+
+@dataclass(frozen=True)
+class DamagedPart:
+    """A part file that failed its check.
+
+    Attributes:
+        table: the table folder it was found in.
+        path: where it was found.
+        reason: what failed (checksum mismatch, or why it could not be decoded).
+        moved_to: where it was moved (``<store>/quarantine/<table>/``), or None when the folder could not be
+            written: it was then left in place and is skipped by this reader.
+    """
+
+    table: str
+    path: Path
+    reason: str
+    moved_to: Path | None
 
 GPU_KEYS = ("name", "driver", "memory_bytes", "compute_capability", "uuid")
 """Keys of the ``gpu`` dict :meth:`StoreWriter.begin_run` accepts (what :func:`sixbit_tune.store.env.gpu_info`
@@ -119,25 +164,183 @@ def _stale_seeds(root: Path) -> list[str]:
     return stale
 
 
-def _atomic_parquet(data: pa.Table, tmp_dir: Path, dest: Path) -> None:
-    """Write ``data`` to ``dest`` so that ``dest`` either does not exist or is a whole file (kill-safe)."""
+def _atomic_parquet(data: pa.Table, tmp_dir: Path, dest: Path, *, checksum: bool = False) -> Path:
+    """Write ``data`` to ``dest`` so that ``dest`` either does not exist or is a whole file (kill-safe).
+
+    With ``checksum``, ``dest`` names the part without its ending (``<name>``): the file lands as
+    ``<name>.sha256-<hex>.parquet``, the SHA-256 of the file as written. Returns the final path.
+    """
     tmp = tmp_dir / f"{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
             pq.write_table(data, f, compression="zstd")
             f.flush()
             os.fsync(f.fileno())
+        if checksum:
+            dest = dest.with_name(f"{dest.name}.sha256-{_sha256(tmp)}.parquet")
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return dest
 
 
-def _check_version(root: Path, meta: Mapping[str, Any]) -> None:
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_part(path: str | os.PathLike) -> str | None:
+    """Check one part file: None when it is whole, else what is wrong with it (one line).
+
+    A part whose name carries a SHA-256 must hash to it: any changed, missing or added byte is found. A part
+    without one (written by schema version 1) must decode completely (footer, every page of every column):
+    this finds truncated and garbage files, and most damage inside them, but not every changed value.
+
+    Raises:
+        FileNotFoundError: the file is gone (a compaction removed it, another reader set it aside).
+    """
+    path = Path(path)
+    m = _CHECKSUM.search(path.name)
+    if m:
+        found = _sha256(path)
+        if found != m.group(1):
+            return (
+                f"its SHA-256 is {found[:16]}..., not the {m.group(1)[:16]}... recorded in its name when it was "
+                f"written: its bytes changed on disk"
+            )
+        return None
+    try:
+        pq.ParquetFile(path).read()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pyarrow raises many types (ArrowInvalid, OSError, ValueError, ...) for bad bytes
+        return f"it is not a readable Parquet file ({type(e).__name__}: {str(e)[:300]})"
+    return None
+
+
+_VERIFIED: dict[str, tuple[int, int, int, int]] = {}
+"""Parts this process checked, ``path -> (inode, size, mtime_ns, ctime_ns)`` when checked: a part is immutable
+once in place, so an unchanged stat means an unchanged file (writing to a file in place changes its ctime, which no
+tool can set back)."""
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _list_parts(folder: Path) -> list[Path]:
+    """The part files of a table folder (every ``*.parquet`` but the seed), sorted by name."""
+    try:
+        with os.scandir(folder) as it:
+            names = [e.name for e in it if e.name.endswith(".parquet") and e.name != SEED and e.is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in sorted(names)]
+
+
+def _set_aside(root: Path, table: str, path: Path, reason: str) -> tuple[Path | None, bool]:
+    """Move a damaged part to ``<root>/quarantine/<table>/`` with a ``.why.txt`` note beside it.
+
+    Returns ``(new path or None if it could not be moved, gone)``; ``gone`` is True when the file had already
+    disappeared (another process set it aside or a compaction removed it).
+    """
+    qdir = root / QUARANTINE / table
+    try:
+        qdir.mkdir(parents=True, exist_ok=True)
+        dest = qdir / path.name
+        if dest.exists():
+            dest = qdir / f"{path.name}.{uuid.uuid4().hex[:8]}"
+        os.rename(path, dest)
+    except FileNotFoundError:
+        return None, not path.exists()
+    except OSError:
+        return None, False
+    try:
+        dest.with_name(dest.name + ".why.txt").write_text(
+            f"{path}\nset aside {_now().isoformat()} by {_tool_version()} (host {socket.gethostname()}, "
+            f"pid {os.getpid()}):\n{reason}\n"
+        )
+    except OSError:
+        pass  # the part itself is set aside; the note is a courtesy
+    return dest, False
+
+
+def checksum_parts(root: str | os.PathLike) -> tuple[int, list[DamagedPart]]:
+    """Give every part of the store folder ``root`` that has no checksum one (schema version 1 -> 2).
+
+    Each such part is first checked by decoding it completely (:func:`check_part`); a whole one is renamed to carry
+    its SHA-256 (``<name>.sha256-<hex>.parquet``: the name keeps its write order), a damaged one is set aside in
+    ``quarantine/`` with a :class:`StoreDamageWarning`. Safe to re-run after a crash (parts already named with a
+    checksum are left alone). Stop every writer first.
+
+    Returns:
+        ``(number of parts checksummed, damaged parts set aside)``.
+    """
+    root = Path(root)
+    done, damaged = 0, []
+    for name in TABLES:
+        for part in _list_parts(root / name):
+            if _CHECKSUM.search(part.name):
+                continue
+            try:
+                reason = check_part(part)
+                if reason is None:
+                    os.rename(part, part.with_name(f"{part.name[: -len('.parquet')]}.sha256-{_sha256(part)}.parquet"))
+                    done += 1
+                    continue
+            except FileNotFoundError:
+                continue
+            moved, gone = _set_aside(root, name, part, reason)
+            if gone:
+                continue
+            damaged.append(DamagedPart(name, part, reason, moved))
+            warnings.warn(
+                StoreDamageWarning(f"damaged part of table {name!r}: {part}: {reason}. It was moved to {moved}."),
+                stacklevel=2,
+            )
+    return done, damaged
+
+
+def _require_writable(root: Path) -> None:
+    """Raise :class:`StoreReadOnlyError` unless a file can really be created in every folder writers use.
+
+    Permission bits alone do not tell (root ignores them; a read-only mount or an immutable folder does not show
+    in them), so each folder gets a real probe file, removed at once.
+    """
+    for folder in (root, root / TMP, *(root / name for name in TABLES)):
+        if not folder.is_dir():
+            continue
+        probe = folder / f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            raise StoreReadOnlyError(
+                f"the store at {root} is not writable: creating a file in {folder} failed ({e.strerror}). "
+                f"Commands that record results (profile, fit, search, export) need to write there: make the folder "
+                f"writable, or copy the store to a writable place (cp -r {root} NEW_FOLDER) and pass that folder. "
+                f"Reading works as it is (Store.open(path, read_only=True), the dashboard)."
+            ) from None
+
+
+def _check_version(root: Path, meta: Mapping[str, Any], *, read_only: bool = False) -> None:
     from sixbit_tune.store.migrations import migration_path
 
     found = meta["schema_version"]
     if found == SCHEMA_VERSION:
+        return
+    if read_only and found in _LEGACY_READABLE:
+        warnings.warn(
+            StoreChecksumWarning(
+                f"the store at {root} has schema version {found}: its parts carry no checksums, so reading checks "
+                f"them by decoding them only (a changed value inside a part can go unnoticed). Stop every process "
+                f"writing to it and run `python -m sixbit_tune.store migrate {root}` to add checksums (writing to "
+                f"it needs that too)."
+            ),
+            stacklevel=4,
+        )
         return
     by = meta.get("created_by", "an unknown sixbit-tune")
     if found > SCHEMA_VERSION:
@@ -177,6 +380,11 @@ class Store:
 
     Reading never takes a lock: every query sees the part files that were complete when it started. A ``Store``
     may be shared by threads (each call uses its own DuckDB cursor).
+
+    Every part is checked before it is first read (:func:`check_part`; once per process while the file is
+    unchanged). A damaged part is moved to ``<store>/quarantine/<table>/`` (with a ``.why.txt`` note; nothing is
+    deleted) and a :class:`StoreDamageWarning` names it; where the folder cannot be written it is left in place and
+    skipped. Either way the other parts stay readable, and :meth:`damaged_parts` lists what was set aside.
     """
 
     def __init__(self, roots: Mapping[str, Path], *, read_only: bool) -> None:
@@ -186,7 +394,16 @@ class Store:
         self._con = duckdb.connect(":memory:")
         self._con.execute("SET TimeZone = 'UTC'")
         self._lock = threading.Lock()
-        self._create_views()
+        self._files: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
+        self._damaged: list[DamagedPart] = []
+        self._skipped: set[str] = set()
+        self._unchecksummed: set[Path] = set()
+        for table in TABLES.values():
+            # The code's own empty table fixes every column's type, whatever the part files hold.
+            empty = table.arrow_schema.empty_table()  # noqa: F841 (read by DuckDB by name)
+            self._con.execute(f"CREATE TABLE {_ident('_schema_' + table.name)} AS SELECT * FROM empty")
+        with self._lock:
+            self._refresh()
 
     # -- opening ------------------------------------------------------------------------------------------
 
@@ -201,6 +418,7 @@ class Store:
         Raises:
             FileExistsError: ``path`` is a store and ``exist_ok`` is False, or a non-empty folder that is no store.
             StoreSchemaError: ``exist_ok`` and the existing store has another schema version.
+            StoreReadOnlyError: the folder (or, for a new store, its parent) cannot be written.
         """
         root = Path(path).absolute()
         _check_path(root)
@@ -212,8 +430,13 @@ class Store:
 
         if (root / META).exists():
             return existing()
-        root.mkdir(parents=True, exist_ok=True)
-        layout = {*TABLES, TMP, META}
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except PermissionError as e:
+            raise StoreReadOnlyError(
+                f"cannot create the store folder {root}: {e.strerror}; choose a folder you can write to"
+            ) from None
+        layout = {*TABLES, TMP, META, QUARANTINE}
         foreign = sorted(p.name for p in root.iterdir() if p.name not in layout and not p.name.startswith(META))
         if foreign:
             raise FileExistsError(
@@ -244,24 +467,25 @@ class Store:
 
         Args:
             path: the store folder.
-            read_only: forbid :meth:`writer` (a dashboard opens read-only). Reading never locks either way.
+            read_only: forbid :meth:`writer` (a dashboard opens read-only). Reading never locks either way. A
+                read-only open also reads a store of schema version 1 (no checksums) without migrating it, with a
+                :class:`StoreChecksumWarning`.
 
         Raises:
             FileNotFoundError: no store at ``path``.
             StoreSchemaError: the store has another schema version; the message says what to run.
+            StoreReadOnlyError: not ``read_only`` and the folder cannot be written (checked by really creating a
+                file in it, before any work is done).
         """
         root = Path(path).absolute()
         _check_path(root)
         meta = _read_meta(root)
-        _check_version(root, meta)
-        stale = _stale_seeds(root)
-        if stale:
-            if read_only:
-                raise StoreSchemaError(
-                    f"the store at {root} lacks current schema files for tables {stale}; open it once writable "
-                    f"(Store.open(path)) or run `python -m sixbit_tune.store migrate {root}` to restore them"
-                )
-            _ensure_seeds(root, rewrite=True)
+        _check_version(root, meta, read_only=read_only)
+        if not read_only:
+            _require_writable(root)
+            if _stale_seeds(root):
+                _ensure_seeds(root, rewrite=True)
+        # Read-only opens need no seed files: the views take every column's type from the code's schema.
         return cls({str(root): root}, read_only=read_only)
 
     @classmethod
@@ -348,10 +572,13 @@ class Store:
             raise PermissionError("this Store is read-only (open it with Store.open(path) to compact)")
         root = self.path
         merged: dict[str, int] = {}
+        with self._lock:
+            self._refresh()  # checks every part: a damaged one is set aside, never merged into a new part
+            files = {name: [Path(p) for _, paths in f for p in paths] for name, f in self._files.items()}
         for table in TABLES.values():
             if not table.key:
                 continue
-            parts = sorted(p for p in (root / table.name).glob("*.parquet") if p.name != SEED)
+            parts = files[table.name]
             if len(parts) < 2:
                 continue
             pieces = []
@@ -379,18 +606,83 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def _create_views(self) -> None:
-        for table in TABLES.values():
-            self._con.execute(f"CREATE VIEW {_ident(table.name)} AS {self._view_sql(table)}")
+    def damaged_parts(self) -> list[DamagedPart]:
+        """The damaged parts this Store found and set aside (or skipped), oldest first."""
+        with self._lock:
+            self._refresh()
+            return list(self._damaged)
 
-    def _view_sql(self, table: Table) -> str:
+    def _refresh(self) -> None:
+        """List every table's parts, check the new ones, and point the views at the whole ones. Hold ``_lock``."""
+        for table in TABLES.values():
+            files = []
+            for label, root in self._roots.items():
+                good = tuple(str(p) for p in _list_parts(root / table.name) if self._part_ok(root, table.name, p))
+                files.append((label, good))
+            current = tuple(files)
+            if self._files.get(table.name) != current:
+                self._con.execute(f"CREATE OR REPLACE VIEW {_ident(table.name)} AS {self._view_sql(table, current)}")
+                self._files[table.name] = current
+
+    def _part_ok(self, root: Path, table: str, path: Path) -> bool:
+        key = str(path)
+        if key in self._skipped:
+            return False
+        try:
+            st = os.stat(path)
+            with _VERIFIED_LOCK:
+                if _VERIFIED.get(key) == _stat_key(st):
+                    return True
+            if not _CHECKSUM.search(path.name) and root not in self._unchecksummed:
+                self._unchecksummed.add(root)
+                if _read_meta(root)["schema_version"] == SCHEMA_VERSION:  # older stores were told at open
+                    warnings.warn(
+                        StoreChecksumWarning(
+                            f"{path} carries no checksum (a part copied from an older store?): it is checked by "
+                            f"decoding it only. Run `python -m sixbit_tune.store migrate {root}` to add checksums."
+                        ),
+                        stacklevel=5,
+                    )
+            reason = check_part(path)
+        except FileNotFoundError:
+            return False  # removed by a compaction or set aside by another reader since the listing
+        if reason is None:
+            with _VERIFIED_LOCK:
+                _VERIFIED[key] = _stat_key(st)
+            return True
+        moved, gone = _set_aside(root, table, path, reason)
+        if gone:
+            return False
+        if moved is None:
+            self._skipped.add(key)
+        self._damaged.append(DamagedPart(table, path, reason, moved))
+        where = (
+            f"moved to {moved}" if moved is not None
+            else "left in place (the store folder cannot be written) and skipped by this reader"
+        )
+        warnings.warn(
+            StoreDamageWarning(
+                f"damaged part of table {table!r}: {path}: {reason}. It was {where}; every query leaves its rows "
+                f"out and the rest of the store stays readable. Restore the file from a copy, or re-run what wrote "
+                f"it (a profile prompt, a search trial)."
+            ),
+            stacklevel=5,
+        )
+        return False
+
+    def _view_sql(self, table: Table, files: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
         parts = []
-        for label, root in self._roots.items():
-            glob = str(root / table.name / "*.parquet")
-            parts.append(
-                f"SELECT *, {_lit(label)} AS store "
-                f"FROM read_parquet({_lit(glob)}, union_by_name = true, filename = true)"
-            )
+        for label, paths in files:
+            if paths:
+                listed = "[" + ", ".join(_lit(p) for p in paths) + "]"
+                parts.append(
+                    f"SELECT *, {_lit(label)} AS store "
+                    f"FROM read_parquet({listed}, union_by_name = true, filename = true)"
+                )
+        parts.append(
+            f"SELECT *, CAST(NULL AS VARCHAR) AS filename, CAST(NULL AS VARCHAR) AS store "
+            f"FROM {_ident('_schema_' + table.name)}"
+        )
         union = " UNION ALL BY NAME ".join(parts)
 
         def col(c) -> str:
@@ -419,22 +711,22 @@ class Store:
             sql: DuckDB SQL. Put every value in ``params`` (``?`` or ``$name`` placeholders), never in ``sql``.
             params: positional (sequence) or named (mapping) parameters.
         """
-        with self._lock:
-            cur = self._con.cursor()
-        try:
-            for attempt in range(_RETRIES):
-                try:
-                    rel = cur.sql(sql, params=params) if params else cur.sql(sql)
-                    return rel.to_arrow_table()
-                except duckdb.IOException:
-                    # A part listed by the glob was removed by a concurrent compaction before it was read; the
-                    # rows are in the compacted part, so simply read again.
-                    if attempt == _RETRIES - 1:
-                        raise
-                    time.sleep(0.05 * (attempt + 1))
-            raise AssertionError("unreachable")
-        finally:
-            cur.close()
+        for attempt in range(_RETRIES):
+            with self._lock:
+                self._refresh()
+                cur = self._con.cursor()
+            try:
+                rel = cur.sql(sql, params=params) if params else cur.sql(sql)
+                return rel.to_arrow_table()
+            except duckdb.IOException:
+                # A listed part was removed before it was read: by a concurrent compaction (its rows are in the
+                # compacted part) or set aside by another reader; list the parts again and re-run.
+                if attempt == _RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            finally:
+                cur.close()
+        raise AssertionError("unreachable")
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pd.DataFrame:
         """:meth:`to_arrow` as a pandas DataFrame (timestamps in UTC; empty results keep their columns)."""
@@ -513,8 +805,9 @@ def _check_path(root: Path) -> None:
 class StoreWriter:
     """Writes part files into one store folder; obtained from :meth:`Store.writer`.
 
-    Every ``write_*`` call persists its rows as one new Parquet part file, written under a temporary name and
-    renamed into place: readers see all of it or nothing, and a killed process leaves only whole files. Nothing
+    Every ``write_*`` call persists its rows as one new Parquet part file, written under a temporary name, fsynced,
+    hashed (SHA-256, recorded in the final name) and renamed into place: readers see all of it or nothing, a killed
+    process leaves only whole files, and a part is never checked before it is whole. Nothing
     is buffered between calls, so call once per finished unit of work (a prompt, a trial). Writers never lock;
     any number of processes may write to one store at once.
     """
@@ -540,14 +833,13 @@ class StoreWriter:
             self._last_ns = ns
             self._seq += 1
             seq = self._seq
-        return f"{ns:020d}-{self.worker_id}-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        return f"{ns:020d}-{self.worker_id}-{seq:06d}-{uuid.uuid4().hex[:8]}"
 
     def _write(self, table: Table, data: pa.Table) -> Path:
         dest = self.root / table.name / self._part_name()
         tmp_dir = self.root / TMP
         tmp_dir.mkdir(exist_ok=True)
-        _atomic_parquet(data, tmp_dir, dest)
-        return dest
+        return _atomic_parquet(data, tmp_dir, dest, checksum=True)
 
     def _who(self) -> dict[str, Any]:
         return {"host": self.host, "worker_id": self.worker_id, "written": _now()}

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -16,7 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from sixbit_tune.errors import StoreSchemaError
-from sixbit_tune.store import MIGRATIONS, SCHEMA_VERSION, Migration, Store, migrate
+from sixbit_tune.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TABLES,
+    Migration,
+    Store,
+    StoreChecksumWarning,
+    StoreDamageWarning,
+    migrate,
+)
 from sixbit_tune.store.__main__ import main as store_cli
 
 
@@ -89,9 +99,26 @@ def _make_v0_store(tmp_path: Path) -> Path:
         seed.unlink()
     (part,) = [p for p in (path / "block_steps").glob("*.parquet")]
     t = pq.read_table(part)
-    pq.write_table(t.rename_columns(["Gamma" if n == "gamma" else n for n in t.column_names]), part)
+    part.unlink()
+    _strip_checksums(path)
+    pq.write_table(t.rename_columns(["Gamma" if n == "gamma" else n for n in t.column_names]),
+                   part.with_name(_CHECKSUM.sub(".parquet", part.name)))
     _set_version(path, 0)
     return path
+
+
+_CHECKSUM = re.compile(r"\.sha256-[0-9a-f]{64}\.parquet$")
+
+
+def _strip_checksums(path: Path) -> list[Path]:
+    """Rename every part as schema version 1 named it: without the SHA-256."""
+    out = []
+    for part in sorted(path.glob("*/*.parquet")):
+        if _CHECKSUM.search(part.name):
+            new = part.with_name(_CHECKSUM.sub(".parquet", part.name))
+            os.rename(part, new)
+            out.append(new)
+    return out
 
 
 def test_older_store_with_a_migration_names_the_command_and_migrates(tmp_path, monkeypatch):
@@ -124,13 +151,78 @@ def test_parts_carry_the_schema_version(tmp_path):
     assert isinstance(pq.read_schema(path / "runs" / "00000000000000000000-schema.parquet"), pa.Schema)
 
 
-def test_missing_or_stale_seed_files_are_refused_read_only_and_repaired_writable(tmp_path):
+def test_missing_stale_or_damaged_seed_files_do_not_block_reading_and_are_repaired_writable(tmp_path):
     path = _make_store(tmp_path)
     seed = path / "trials" / "00000000000000000000-schema.parquet"
     pq.write_table(pa.table({"study": pa.array([], pa.string())}), seed)  # a seed that lost columns
     (path / "policies" / "00000000000000000000-schema.parquet").unlink()
-    with pytest.raises(StoreSchemaError, match=r"tables \['trials', 'policies'\].*open it once writable"):
-        Store.open(path, read_only=True)
+    (path / "runs" / "00000000000000000000-schema.parquet").write_bytes(b"garbage, not Parquet")
+    with Store.open(path, read_only=True) as s:  # the views take the columns' types from the code
+        assert s.trials().empty and s.policies().empty and "latency_ms" in s.trials().columns
+        assert s.runs()["run_id"].tolist() == ["r0"] and s.block_steps()["gamma"].tolist() == [0.25]
     with Store.open(path) as s:
         assert s.trials().empty and s.policies().empty and "latency_ms" in s.trials().columns
-    Store.open(path, read_only=True).close()
+    for name in ("trials", "policies", "runs"):  # the writable open rewrote them
+        seed = path / name / "00000000000000000000-schema.parquet"
+        assert pq.read_schema(seed).remove_metadata().equals(TABLES[name].arrow_schema.remove_metadata())
+
+
+def _make_v1_store(tmp_path: Path) -> Path:
+    """A store as schema version 1 wrote it: the same tables, parts named without a checksum."""
+    path = _make_store(tmp_path)
+    with Store.open(path) as s:
+        w = s.writer("v1")
+        w.write_trial("st", 0, state="COMPLETE", latency_ms=5.0)
+        w.write_trial("st", 1, state="COMPLETE", latency_ms=6.0)
+    assert len(_strip_checksums(path)) == 4
+    _set_version(path, 1)
+    return path
+
+
+def test_version_1_store_reads_without_migrating_and_migrates_to_checksums(tmp_path):
+    path = _make_v1_store(tmp_path)
+    with pytest.warns(StoreChecksumWarning, match=rf"schema version 1.*no checksums.*migrate {re.escape(str(path))}"):
+        s = Store.open(path, read_only=True)
+    with s:
+        assert s.block_steps()["gamma"].tolist() == [0.25]
+        assert s.trials("st")["latency_ms"].tolist() == [5.0, 6.0]
+    for opener in (lambda: Store.open(path), lambda: Store.create(path, exist_ok=True)):
+        with pytest.raises(StoreSchemaError) as e:  # writing needs the migration: the message names the command
+            opener()
+        assert f"schema version 1; sixbit-tune 0.1.0 reads version {SCHEMA_VERSION}" in str(e.value)
+        assert f"`python -m sixbit_tune.store migrate {path}`" in str(e.value)
+
+    # A truncated version-1 part is found by decoding it; the migration sets it aside and checksums the rest.
+    (bad,) = sorted(p for p in (path / "trials").glob("*.parquet") if not p.name.startswith("0000"))[1:]  # trial 1
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.warns(StoreDamageWarning, match=re.escape(str(bad))):
+        steps = migrate(path)
+    assert steps[0].startswith("1 -> 2: name every part with the SHA-256")
+    assert (path / "quarantine" / "trials" / bad.name).read_bytes() == data[: len(data) // 2]
+    parts = [p for p in path.glob("*/*.parquet") if not p.name.startswith("0000")]
+    assert len(parts) == 3 and all(_CHECKSUM.search(p.name) for p in parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # current, every part whole: nothing to warn about
+        with Store.open(path) as s:
+            assert s.block_steps()["gamma"].tolist() == [0.25]
+            assert s.trials("st")["latency_ms"].tolist() == [5.0]
+            s.writer().write_trial("st", 1, state="COMPLETE", latency_ms=7.0)
+            assert s.trials("st")["latency_ms"].tolist() == [5.0, 7.0]
+    assert migrate(path) == []
+
+
+def test_unchecksummed_part_copied_into_a_current_store_is_read_and_migrate_checksums_it(tmp_path):
+    path = _make_store(tmp_path)
+    (part,) = [p for p in (path / "block_steps").glob("*.parquet") if _CHECKSUM.search(p.name)]
+    os.rename(part, part.with_name(_CHECKSUM.sub(".parquet", part.name)))
+    with pytest.warns(StoreChecksumWarning, match="carries no checksum"):
+        with Store.open(path, read_only=True) as s:
+            assert s.block_steps()["gamma"].tolist() == [0.25]
+    assert migrate(path) == ["checksummed 1 parts that had none"]
+    (part,) = [p for p in (path / "block_steps").glob("*.parquet") if not p.name.startswith("0000")]
+    assert _CHECKSUM.search(part.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Store.open(path, read_only=True) as s:
+            assert s.block_steps()["gamma"].tolist() == [0.25]
