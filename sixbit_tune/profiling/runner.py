@@ -3,9 +3,10 @@ statistics written into a store one prompt at a time.
 
 ``profile(ProfileConfig(...)) -> run_id`` is the Python API; ``sixbit-tune profile`` takes its defaults from the
 same dataclass. Prompts are sharded over worker processes (one per GPU with several GPUs, CPU processes
-otherwise); every worker writes its own part files into the store. A prompt's rows are written when the prompt
-has finished (``layer_steps`` first, then ``block_steps``), so a killed run loses at most the prompts in flight;
-a run that ends normally is marked ``finished``, one that raises ``failed`` with the error.
+otherwise); every worker writes its own part files into the store, and ends when the parent process ends, however
+it ends. A prompt's rows are written when the prompt has finished (``layer_steps`` first, then ``block_steps``), so
+a killed run loses at most the prompts in flight; a run that ends normally is marked ``finished``, one that raises
+``failed`` with the error.
 
 Seeds do not depend on sharding: prompt ``i`` always runs with generator seed ``seed + i``.
 """
@@ -253,7 +254,7 @@ def _pipeline_prompt(pipe, inst, config: ProfileConfig, prompt_index: int, devic
         with torch.inference_mode():
             pipe(**kwargs)
     finally:
-        # diffusers resets stateful hooks only after a successful call (FACTS a4).
+        # diffusers resets its stateful hooks only after a call that succeeded: reset them here after a failure too.
         inst.reset()
     return records, timesteps
 
@@ -357,9 +358,12 @@ def _shape_prompt(model, inst, config: ProfileConfig, prompt_index: int, device:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def _worker_main(config: ProfileConfig, shard, run_id, device, worker_index, q, begun) -> None:
+def _worker_main(config: ProfileConfig, shard, run_id, device, worker_index, q, begun, parent_pid) -> None:
     import torch
 
+    from sixbit_tune.profiling.lifeline import die_with_parent
+
+    die_with_parent(parent_pid)  # a killed parent leaves no worker running and writing
     try:
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
@@ -386,7 +390,7 @@ def _run_workers(config, shards, run_id, devices, begin, on_step, state) -> None
     q = ctx.Queue()
     begun = ctx.Event()
     procs = [
-        ctx.Process(target=_worker_main, args=(config, shard, run_id, dev, i, q, begun), daemon=True)
+        ctx.Process(target=_worker_main, args=(config, shard, run_id, dev, i, q, begun, os.getpid()), daemon=True)
         for i, (shard, dev) in enumerate(zip(shards, devices))
     ]
     for p in procs:

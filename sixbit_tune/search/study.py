@@ -17,17 +17,33 @@ Trial count. ``trials`` is the study's total. Each worker runs trials while the 
 independent ``search`` commands on one RDB study (several hosts) may overshoot by at most one trial per extra host:
 a trial numbered beyond the total is pruned at once (state PRUNED, ``user_attrs["surplus"]``).
 
-Resumption. A study is created with ``load_if_exists``. Its search space and settings are kept in the study's
-user attributes at creation and must match on resume (else: a clear error asking for another ``--study``). A trial
-left RUNNING by a process that died is marked FAIL before new trials start: on this host when its recorded pid is
-gone; on an RDB storage also through Optuna's heartbeat (``fail_stale_trials``).
+Creation and resumption. A study's search space and settings are kept in the study's user attributes and must
+match on resume (else: a clear error asking for another ``--study``). Creating a study (the Optuna study, its
+settings, the enqueued corners) runs under a creation lock — a lock file next to a journal, an advisory lock on
+PostgreSQL, a lock file next to an SQLite database — and ends by setting ``user_attrs["settings_recorded"]``. A
+process that finds a study without that mark (its creator was killed half-way) finishes the creation: it records
+the settings still missing, checks those present, and enqueues the corners not yet enqueued, so each corner is
+enqueued exactly once however many workers start together. A trial left RUNNING by a process that died is marked
+FAIL before new trials start: on this host when its recorded pid is gone; on an RDB storage also through Optuna's
+heartbeat (``fail_stale_trials``).
+
+Journal files are opened through :class:`~sixbit_tune.search.journal.RecoveringJournalBackend`: the partial last
+line a writer killed mid-write leaves is moved aside to a named backup (with a warning), never glued to.
+
+Workers. ``--workers N`` spawns ``python -m sixbit_tune.search.worker`` processes, which end when the parent
+process ends (however it ends). A worker that dies (killed, or an error) does not stop the others; when they are
+done, the dead worker's RUNNING trial is marked FAIL and :class:`WorkerDiedError` names the worker, its pid and its
+exit code or signal in one line. The study stays usable: running the same command again resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +54,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from sixbit_tune.errors import SixbitError
 from sixbit_tune.search.config import DIRECTIONS, OBJECTIVES, SearchConfig
 from sixbit_tune.search.runner import CORNERS, TRIAL_FAILURES, SearchContext, memory_metric
 from sixbit_tune.search.space import SearchSpace, derive_space, profile_quantiles
@@ -46,6 +63,12 @@ HEARTBEAT_S = 20
 GRACE_S = 60
 #: Keys of the study's user attributes that must agree when a study is resumed.
 _FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device")
+#: The study's user attribute set last when a study is created: without it, the creation was cut short.
+SETTINGS_RECORDED = "settings_recorded"
+
+
+class WorkerDiedError(SixbitError, RuntimeError):
+    """A search worker process ended with an error or was killed; the message names it and how it ended."""
 
 
 # ----------------------------------------------------------------------------------------------- storages
@@ -58,11 +81,58 @@ def open_storage(url_or_path: str) -> optuna.storages.BaseStorage:
                 url_or_path, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                 engine_kwargs={"pool_pre_ping": True},
             )
-    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.storages.journal import JournalStorage
+
+    from sixbit_tune.search.journal import RecoveringJournalBackend
 
     path = Path(url_or_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(RecoveringJournalBackend(str(path)))
+
+
+@contextlib.contextmanager
+def creation_lock(storage: optuna.storages.BaseStorage, url_or_path: str, study_name: str):
+    """Hold the lock under which a study is created, across processes (and hosts, on PostgreSQL).
+
+    A journal file: ``flock`` on ``<journal>.create.lock``. PostgreSQL: ``pg_advisory_lock`` on a key derived from the
+    study name. SQLite: ``flock`` on ``<database>.create.lock``. Other databases: no lock (two processes creating
+    the same study at the same moment may then enqueue the corners twice). The kernel or the database server
+    releases these locks when the process holding them dies.
+    """
+    if isinstance(storage, optuna.storages.RDBStorage):
+        engine = storage.engine
+        if engine.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            digest = hashlib.sha256(f"sixbit-tune study {study_name}".encode()).digest()
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        if not database or database == ":memory:":
+            yield
+            return
+        lock_path = Path(database).absolute().with_name(Path(database).name + ".create.lock")
+    else:
+        lock_path = Path(url_or_path).absolute().with_name(Path(url_or_path).name + ".create.lock")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def make_sampler(config: SearchConfig, worker: int = 0) -> optuna.samplers.TPESampler:
@@ -97,44 +167,89 @@ def study_attrs(config: SearchConfig, ctx: SearchContext, space: SearchSpace) ->
 
 
 def create_or_load(config: SearchConfig, ctx: SearchContext, worker: int = 0) -> optuna.Study:
-    """Create the study (space from the profile, corners enqueued, baseline measured) or load it and check it."""
+    """Create the study (space from the profile, corners enqueued, baseline measured) or load it and check it.
+
+    Creation (or finishing a creation cut short) runs under :func:`creation_lock`; loading a study whose settings
+    are recorded takes no lock.
+    """
     storage = open_storage(config.storage_url)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=config.study_name,
-        directions=list(DIRECTIONS),
-        sampler=make_sampler(config, worker),
-        load_if_exists=True,
-    )
-    attrs = study.user_attrs
-    if "space" not in attrs:
-        tau_q, delta_q = profile_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
-        space = derive_space(tau_q, delta_q, ctx.generation.steps)
-        for k, v in study_attrs(config, ctx, space).items():
-            study.set_user_attr(k, v)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(OBJECTIVES))
-        if config.reference_corners:
-            # DMPQ without the cache at the first quartile of the predicted errors: a conservative mix (about a
-            # quarter of the dynamic layer-calls in NVFP4), between the two static corners.
-            q = (space.tau_quantiles or {}).get("q25")
-            dmpq_tau = q if q is not None else 0.5 * (space.tau_low + space.tau_high)
-            taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": dmpq_tau}
-            for corner in CORNERS:
-                study.enqueue_trial(space.corner(taus[corner], 0.0), user_attrs={"reference": corner})
+    sampler = make_sampler(config, worker)
+    study = _load_recorded(storage, config.study_name, sampler)
+    if study is not None:
+        _check_settings(study, config, ctx)
     else:
-        mine = study_attrs(config, ctx, SearchSpace.from_dict(attrs["space"]))
-        diffs = [k for k in _FROZEN_KEYS if k != "space" and _norm(attrs.get(k)) != _norm(mine.get(k))]
-        if diffs:
-            detail = "; ".join(f"{k}: study {attrs.get(k)!r} vs now {mine.get(k)!r}" for k in diffs)
-            raise ValueError(
-                f"study {config.study_name!r} in {config.storage_url} was created with other settings ({detail}); "
-                "resume it with the same settings or pass another --study"
+        with creation_lock(storage, config.storage_url, config.study_name):
+            study = optuna.create_study(
+                storage=storage,
+                study_name=config.study_name,
+                directions=list(DIRECTIONS),
+                sampler=sampler,
+                load_if_exists=True,
             )
+            if study.user_attrs.get(SETTINGS_RECORDED):  # recorded by another process meanwhile
+                _check_settings(study, config, ctx)
+            else:
+                _record_settings(study, config, ctx)
     if "baseline" not in study.user_attrs:
         study.set_user_attr("baseline", ctx.measure_baseline().to_dict())
     return study
+
+
+def _load_recorded(storage, study_name: str, sampler) -> optuna.Study | None:
+    """The study when it exists with its settings recorded, else None."""
+    try:
+        storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    return study if study.user_attrs.get(SETTINGS_RECORDED) else None
+
+
+def _settings_diffs(config: SearchConfig, attrs: dict, mine: dict) -> None:
+    """Raise when a frozen setting recorded in the study differs from this run's (settings not recorded pass)."""
+    diffs = [k for k in _FROZEN_KEYS if k != "space" and k in attrs and _norm(attrs.get(k)) != _norm(mine.get(k))]
+    if diffs:
+        detail = "; ".join(f"{k}: study {attrs.get(k)!r} vs now {mine.get(k)!r}" for k in diffs)
+        raise ValueError(
+            f"study {config.study_name!r} in {config.storage_url} was created with other settings ({detail}); "
+            "resume it with the same settings or pass another --study"
+        )
+
+
+def _check_settings(study: optuna.Study, config: SearchConfig, ctx: SearchContext) -> None:
+    attrs = study.user_attrs
+    _settings_diffs(config, attrs, study_attrs(config, ctx, SearchSpace.from_dict(attrs["space"])))
+
+
+def _record_settings(study: optuna.Study, config: SearchConfig, ctx: SearchContext) -> None:
+    """Record the settings, metric names and corners a study is created with; idempotent, so that it also finishes
+    a creation cut short: settings present are checked and kept, corners already enqueued are not enqueued again.
+    """
+    attrs = study.user_attrs
+    if "space" in attrs:
+        space = SearchSpace.from_dict(attrs["space"])
+    else:
+        tau_q, delta_q = profile_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
+        space = derive_space(tau_q, delta_q, ctx.generation.steps)
+    mine = study_attrs(config, ctx, space)
+    _settings_diffs(config, attrs, mine)
+    for k, v in mine.items():
+        if k not in attrs:
+            study.set_user_attr(k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVES))
+    if config.reference_corners:
+        # DMPQ without the cache at the first quartile of the predicted errors: a conservative mix (about a
+        # quarter of the dynamic layer-calls in NVFP4), between the two static corners.
+        q = (space.tau_quantiles or {}).get("q25")
+        dmpq_tau = q if q is not None else 0.5 * (space.tau_low + space.tau_high)
+        taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": dmpq_tau}
+        enqueued = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
+        for corner in CORNERS:
+            if corner not in enqueued:
+                study.enqueue_trial(space.corner(taus[corner], 0.0), user_attrs={"reference": corner})
+    study.set_user_attr(SETTINGS_RECORDED, True)
 
 
 def _norm(v):
@@ -355,11 +470,19 @@ def quotas(missing: int, workers: int) -> list[int]:
 
 
 def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=None) -> None:
-    """Spawn one process per worker (``python -m sixbit_tune.search.worker``), pinning a GPU each when any."""
+    """Spawn one process per worker (``python -m sixbit_tune.search.worker``), pinning a GPU each when any.
+
+    The workers end when this process ends, however it ends. A worker that dies does not stop the others; when all
+    have ended, the RUNNING trials of dead workers are marked FAIL and :class:`WorkerDiedError` names each dead
+    worker in one line.
+
+    Raises:
+        WorkerDiedError: a worker exited with an error or was killed.
+    """
     import torch
 
     n_gpus = torch.cuda.device_count() if config.resolved_device == "cuda" else 0
-    procs = []
+    procs: list[tuple[int, subprocess.Popen]] = []
     for i, q in enumerate(quotas(missing, config.workers)):
         if q == 0:
             continue
@@ -371,23 +494,51 @@ def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=Non
             ids = visible.split(",") if visible else [str(k) for k in range(n_gpus)]
             env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
         cmd = [sys.executable, "-m", "sixbit_tune.search.worker", "--config", config.replace(progress=False).to_json(),
-               "--quota", str(q), "--worker", str(i)]
-        procs.append(subprocess.Popen(cmd, env=env))
+               "--quota", str(q), "--worker", str(i), "--parent-pid", str(os.getpid())]
+        procs.append((i, subprocess.Popen(cmd, env=env)))
     try:
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for _, p in procs):
             time.sleep(1.0)
             if bar is not None:
                 bar.n = min(count_trials(study), config.trials)
                 bar.set_postfix(pareto=pareto_size(study))
                 bar.refresh()
     except BaseException:
-        for p in procs:
+        for _, p in procs:
             if p.poll() is None:
                 p.terminate()
+        for _, p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)
         raise
-    bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        raise RuntimeError(f"search worker(s) exited with errors: {bad}")
+    dead = [(i, p) for i, p in procs if p.returncode != 0]
+    if dead:
+        raise WorkerDiedError(_dead_workers_message(config, study, dead))
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode} (its error is printed above)"
+
+
+def _dead_workers_message(config: SearchConfig, study: optuna.Study, dead) -> str:
+    """One line: which workers died and how, the trials marked FAIL, and how to resume."""
+    from sixbit_tune.store import Store
+
+    with Store.open(config.store) as st:
+        failed = fail_dead_trials(study, st.writer(worker_id=f"{socket.gethostname()}-{os.getpid()}-coord"))
+    workers = "; ".join(f"search worker {i} (pid {p.pid}) {_how_it_ended(p.returncode)}" for i, p in dead)
+    marked = f"; its running trial(s) {failed} marked FAIL" if failed else ""
+    have = count_trials(study)
+    return (
+        f"{workers}{marked}; study {config.study_name!r} holds {have} of {config.trials} trials: "
+        "run the same command again to resume it"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- results
