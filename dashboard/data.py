@@ -5,7 +5,7 @@ the fact tables (``block_steps``, ``layer_steps``) runs in DuckDB with ``GROUP B
 whose size is bounded by (layers or blocks) × steps, or by the number of trials. Every value a user selects reaches
 DuckDB as a bound parameter, never inside the SQL text.
 
-Names follow DESIGN §2 (``gamma``, ``delta_change``, ``delta_cos``, ``out_err``, ``act_err``).
+Names are the store's column names (``gamma``, ``delta_change``, ``delta_cos``, ``out_err``, ``act_err``).
 """
 
 from __future__ import annotations
@@ -160,13 +160,18 @@ def profile_runs(store: Store) -> pd.DataFrame:
 
 def layer_error_grid(store: Store, run_id: str, fmt: str, branch: str | None = None) -> pd.DataFrame:
     """Mean ``out_err``/``act_err`` per (layer, step) of one run and format, over prompts (and branches unless
-    ``branch`` picks one). Columns: layer, block_index, step, out_err, act_err, n; ordered by block, layer, step."""
+    ``branch`` picks one). Columns: layer, block_index, step, out_err, act_err, n; ordered by block, layer, step.
+
+    Only prompts whose rows are complete count: the profiler writes a prompt's layer rows before its block rows,
+    so layer rows of a prompt without block rows belong to a prompt still in flight (or one whose profile failed).
+    """
     return store.query(
         """
         SELECT layer, min(block_index) AS block_index, step, avg(out_err) AS out_err, avg(act_err) AS act_err,
                count(*) AS n
         FROM layer_steps
         WHERE run_id = $run AND format = $fmt AND ($branch IS NULL OR branch = $branch)
+          AND prompt_index IN (SELECT DISTINCT prompt_index FROM block_steps WHERE run_id = $run)
         GROUP BY layer, step
         ORDER BY block_index, layer, step
         """,
@@ -181,14 +186,17 @@ def run_branches(store: Store, run_id: str) -> list[str]:
 
 
 def format_summary(store: Store, run_id: str) -> pd.DataFrame:
-    """Per format: median, mean and max ``out_err`` over every recorded (layer, step, prompt, branch)."""
+    """Per format: median, mean and max ``out_err`` over every recorded (layer, step, prompt, branch) of the
+    prompts whose rows are complete (see :func:`layer_error_grid`)."""
     return store.query(
         """
         SELECT format, median(out_err) AS median_out_err, avg(out_err) AS mean_out_err, max(out_err) AS max_out_err,
                count(*) AS n
-        FROM layer_steps WHERE run_id = ? GROUP BY format ORDER BY format
+        FROM layer_steps
+        WHERE run_id = $run AND prompt_index IN (SELECT DISTINCT prompt_index FROM block_steps WHERE run_id = $run)
+        GROUP BY format ORDER BY format
         """,
-        [run_id],
+        {"run": run_id},
     )
 
 
@@ -444,113 +452,147 @@ def matching_profile_runs(store: Store, config_hash: str | None) -> pd.DataFrame
 def policy_maps(store: Store, policy: Mapping[str, Any], run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Replay a policy's DMPQ and TDC rules on one profile run's block statistics.
 
-    The rules are the runtime's (``sixbit_tune.runtime.controller``), applied per (prompt, guidance branch) to the
-    profiled Γ and Δ-change series: a block is skipped at step t when the TDC window allows it, it was skipped fewer
-    than ``max_skips`` times in a row, and its accumulated change plus its last per-step change stays within the
-    tolerance; a dynamic layer runs NVFP4 when α·Γ + β ≤ τ with Γ of its block's last full computation (first
-    step: ``first_step_format``). The profile computed every block at every step, so after a skip the replay uses
-    the mean profiled per-step change over the gap as the change rate; at inference, skipped blocks also change
-    later inputs. The maps are therefore the policy's decisions on the profiled trajectories, not a recording.
+    The decisions are made by the runtime's own rule functions (:mod:`sixbit_tune.rules`), once per transformer call
+    as the runtime would make them: for a batched-CFG model (the run's ``cfg_mode``) one call holds a prompt's
+    guidance branches together and decides for all of them jointly (a layer runs NVFP4 only if every branch's
+    prediction allows it, a block is skipped only if every branch's accumulated change allows it); otherwise each
+    (prompt, branch) is a call of its own. Each call runs through the run's steps with its own TDC state: a skip
+    adds the block's last per-step change rate to its accumulated change, and a full computation resets it. The
+    profile computed every block at every step, so the change rate after a full computation at step t is the sum
+    of the profiled per-step changes since the last full computation spread over the gap
+    (:func:`sixbit_tune.rules.tdc_rate`); at inference, skipped blocks also change later inputs. The maps are
+    therefore the policy's decisions on the profiled trajectories, not a recording.
+
+    Layers are placed on blocks by the block index the profiler recorded for them (``layer_steps``), else by the
+    block names recorded in ``block_steps`` (a layer belongs to the block whose name prefixes it); the indices
+    are the model adapter's (HunyuanVideo's single-stream blocks follow the dual-stream ones). Layers of blocks
+    the run did not record are left out.
 
     Returns:
-        ``(precision, skips)``: precision has columns layer, block_index, step, mode, nvfp4_share (share of the
-        (prompt, branch) rows that ran the layer in NVFP4 among those that computed the block; NaN where every row
-        skipped it or the layer stays in the model dtype), computed_share; skips has block_index, step, skip_share.
+        ``(precision, skips)``: precision has columns layer, block_index, block, step, mode, nvfp4_share (share of
+        the (prompt, branch) rows that ran the layer in NVFP4 among those that computed the block; NaN where every
+        row skipped it or the layer stays in the model dtype), computed_share; skips has block_index, block, step,
+        skip_share.
+
+    Raises:
+        ValueError: the run has no block statistics.
     """
     from sixbit_tune import policy as P
+    from sixbit_tune import rules
 
     pol = P.Policy.from_dict(dict(policy))
     series = store.query(
-        "SELECT prompt_index, branch, block_index, step, gamma, delta_change FROM block_steps WHERE run_id = ? "
-        "ORDER BY prompt_index, branch, block_index, step",
+        "SELECT prompt_index, branch, block_index, block, step, gamma, delta_change FROM block_steps "
+        "WHERE run_id = ? ORDER BY prompt_index, branch, block_index, step",
         [run_id],
     )
     if series.empty:
         raise ValueError(f"run {run_id!r} has no block statistics")
     rows = series[["prompt_index", "branch"]].drop_duplicates().reset_index(drop=True)
-    blocks = np.sort(series["block_index"].unique())
+    blocks = [int(b) for b in np.sort(series["block_index"].unique())]
+    names = series.dropna(subset=["block"]).drop_duplicates("block_index").set_index("block_index")["block"]
+    block_name = {b: (str(names[b]) if b in names.index else None) for b in blocks}
     steps = int(series["step"].max()) + 1
-    r_idx = pd.MultiIndex.from_frame(rows)
     shape = (len(rows), len(blocks), steps)
     gamma = np.full(shape, np.nan)
     change = np.full(shape, np.nan)
-    ri = r_idx.get_indexer(pd.MultiIndex.from_frame(series[["prompt_index", "branch"]]))
+    ri = pd.MultiIndex.from_frame(rows).get_indexer(pd.MultiIndex.from_frame(series[["prompt_index", "branch"]]))
     bi = np.searchsorted(blocks, series["block_index"].to_numpy())
     si = series["step"].to_numpy()
     gamma[ri, bi, si] = series["gamma"].to_numpy(dtype=float)
     change[ri, bi, si] = pd.to_numeric(series["delta_change"], errors="coerce").to_numpy(dtype=float)
 
+    # One call = the rows decided together.
+    if run_settings(store, run_id).get("cfg_mode") == "batched":
+        calls = [list(g.index) for _, g in rows.groupby("prompt_index", sort=True)]
+    else:
+        calls = [[i] for i in range(len(rows))]
+
     tdc = pol.tdc
-    cacheable = np.ones(len(blocks), dtype=bool) if tdc.blocks is None else np.isin(blocks, list(tdc.blocks))
+    allowed = None if tdc.blocks is None else set(tdc.blocks)
+    window = [rules.tdc_in_window(t, tdc.warmup, tdc.cooldown, steps) for t in range(steps)]
     skip = np.zeros(shape, dtype=bool)
-    gamma_last = np.full(shape, np.nan)  # Γ of the last full computation before step t
-    acc = np.zeros(shape[:2])
-    consec = np.zeros(shape[:2], dtype=int)
-    rate = np.full(shape[:2], np.nan)
-    last = np.full(shape[:2], -1)  # step of the last full computation
-    g_prev = np.full(shape[:2], np.nan)
-    csum = np.cumsum(np.nan_to_num(change), axis=2)
-    for t in range(steps):
-        gamma_last[:, :, t] = g_prev
-        in_window = tdc.tolerance > 0 and tdc.warmup <= t < steps - tdc.cooldown
-        s = np.zeros(shape[:2], dtype=bool)
-        if in_window:
-            s = cacheable[None, :] & (last >= 0) & np.isfinite(rate) & (consec < tdc.max_skips) & (
-                acc + rate <= tdc.tolerance
-            )
-        skip[:, :, t] = s
-        acc = np.where(s, acc + np.nan_to_num(rate), 0.0)
-        consec = np.where(s, consec + 1, 0)
-        run = ~s
-        # full computation: the new change rate is the mean profiled per-step change since the last computation
-        if t > 0:
-            start = np.maximum(last + 1, 1)  # steps start..t lie between the two computations
-            before = np.take_along_axis(csum, (start - 1)[..., None], axis=2)[..., 0]
-            new_rate = (csum[:, :, t] - before) / (t - start + 1)
-            ok = (last >= 0) & np.isfinite(change[:, :, t])
-            rate = np.where(run & ok, new_rate, np.where(run, np.nan, rate))
-        last = np.where(run, t, last)
-        g_prev = np.where(run, gamma[:, :, t], g_prev)
+    # gamma_prev[c][j][t]: per row of call c, Γ of block j at its last full computation before step t (None: none)
+    gamma_prev: list[list[list[list[float] | None]]] = []
+    for call in calls:
+        per_block = []
+        for j, b in enumerate(blocks):
+            acc: list[float] | None = None
+            consec, rate, last = 0, None, None
+            g_last: list[float] | None = None
+            seen: list[list[float] | None] = []
+            for t in range(steps):
+                seen.append(g_last)
+                new = rules.tdc_skip(acc, rate, consec, tolerance=tdc.tolerance, max_skips=tdc.max_skips,
+                                     in_window=window[t], has_cache=last is not None,
+                                     cacheable=allowed is None or b in allowed, rows=len(call))
+                if new is not None:
+                    skip[call, j, t] = True
+                    acc, consec = new, consec + 1
+                    continue
+                acc, consec = None, 0
+                if last is not None:
+                    total = change[call, j, last + 1 : t + 1].sum(axis=1)
+                    if np.isfinite(total).all():
+                        rate = rules.tdc_rate(total.tolist(), t - last)
+                last, g_last = t, gamma[call, j, t].tolist()
+            per_block.append(seen)
+        gamma_prev.append(per_block)
 
     computed = ~skip
     skips = pd.DataFrame(
         [
-            {"block_index": int(b), "step": t, "skip_share": float(skip[:, j, t].mean())}
+            {"block_index": b, "block": block_name[b], "step": t, "skip_share": float(skip[:, j, t].mean())}
             for j, b in enumerate(blocks)
             for t in range(steps)
-        ]
+        ],
+        columns=["block_index", "block", "step", "skip_share"],
     )
-    prec = []
+    layer_blocks = _layer_blocks(store, run_id, pol.dmpq.layers, block_name)
+    block_pos = {b: j for j, b in enumerate(blocks)}
     tau = pol.dmpq.threshold
     first = pol.dmpq.first_step_format
-    block_pos = {int(b): j for j, b in enumerate(blocks)}
+    n_rows = len(rows)
+    prec = []
     for name, lp in pol.dmpq.layers.items():
-        j = block_pos.get(_block_of(name))
-        if j is None:
+        b = layer_blocks.get(name)
+        if b not in block_pos:
             continue
-        comp = computed[:, j, :]
-        if lp.mode == "dynamic":
-            g = gamma_last[:, j, :]
-            nv = np.where(np.isnan(g), first == "nvfp4", lp.alpha * g + lp.beta <= tau)
-        else:
-            nv = np.full(comp.shape, lp.mode == "nvfp4")
-        n_comp = comp.sum(axis=0)
-        share = np.where(n_comp > 0, (nv & comp).sum(axis=0) / np.maximum(n_comp, 1), np.nan)
-        if lp.mode == "none":
-            share = np.full(steps, np.nan)
+        j = block_pos[b]
         for t in range(steps):
-            prec.append({"layer": name, "block_index": int(blocks[j]), "step": t, "mode": lp.mode,
-                         "nvfp4_share": float(share[t]), "computed_share": float(n_comp[t] / comp.shape[0])})
-    precision = pd.DataFrame(prec, columns=["layer", "block_index", "step", "mode", "nvfp4_share", "computed_share"])
+            n_comp = int(computed[:, j, t].sum())
+            n_fast = 0
+            for c, call in enumerate(calls):
+                if not computed[call[0], j, t]:
+                    continue
+                if lp.mode == "dynamic":
+                    fast = rules.dmpq_format(lp.alpha, lp.beta, gamma_prev[c][j][t], tau, first) == rules.FAST_FORMAT
+                else:
+                    fast = lp.mode == rules.FAST_FORMAT
+                n_fast += len(call) if fast else 0
+            share = n_fast / n_comp if n_comp and lp.mode != "none" else math.nan
+            prec.append({"layer": name, "block_index": b, "block": block_name[b], "step": t, "mode": lp.mode,
+                         "nvfp4_share": share, "computed_share": n_comp / n_rows})
+    precision = pd.DataFrame(
+        prec, columns=["layer", "block_index", "block", "step", "mode", "nvfp4_share", "computed_share"]
+    )
     return precision, skips
 
 
-def _block_of(layer: str) -> int | None:
-    """Block index of a full linear name (``transformer_blocks.3.attn1.to_q`` -> 3)."""
-    for part in layer.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
+def _layer_blocks(store: Store, run_id: str, layers: Sequence[str], block_name: Mapping[int, str | None]) -> dict:
+    """Block index of each policy layer: the one the profiler recorded for it in the run's ``layer_steps`` (the
+    model adapter's), else that of the recorded block whose name prefixes the layer name (``block + "."``)."""
+    recorded = store.query("SELECT DISTINCT layer, block_index FROM layer_steps WHERE run_id = ?", [run_id])
+    out = {str(n): int(b) for n, b in zip(recorded["layer"], recorded["block_index"])}
+    by_name = {name: b for b, name in block_name.items() if name}
+    for layer in layers:
+        if layer in out:
+            continue
+        for name, b in by_name.items():
+            if layer.startswith(name + "."):
+                out[layer] = b
+                break
+    return out
 
 
 def policy_summary(policy: Mapping[str, Any]) -> pd.DataFrame:
@@ -585,6 +627,27 @@ def measured_vs_baseline(trial: Mapping[str, Any]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["figure", "baseline", "policy"])
     df["ratio"] = [p / b if (b and p is not None and i < 2) else None for i, (_, b, p) in enumerate(rows)]
     return df
+
+
+def speed_delta(speedup: float | None) -> dict[str, Any]:
+    """How a policy's speed-up against its baseline reads as the ``delta`` of a latency metric: keyword arguments
+    for ``st.metric`` (``delta``, ``delta_color``).
+
+    A speed-up above 1 reads as a gain (``"+80% speed (1.80× faster than baseline)"``: green, arrow up), one below 1
+    as a loss (``"-55% speed (2.22× slower than baseline)"``: the leading minus makes it red with the arrow down),
+    one that rounds to 1.00× as no change (grey). None or NaN gives no delta.
+    """
+    if speedup is None or (isinstance(speedup, float) and math.isnan(speedup)):
+        return {"delta": None, "delta_color": "off"}
+    sp = float(speedup)
+    if sp <= 0 or not math.isfinite(sp):
+        raise ValueError(f"a speed-up must be a positive finite number, got {speedup!r}")
+    if round(sp, 2) == 1.0:
+        return {"delta": "same speed as baseline (1.00×)", "delta_color": "off"}
+    pct = (sp - 1.0) * 100.0
+    if sp > 1.0:
+        return {"delta": f"+{pct:.0f}% speed ({sp:.2f}× faster than baseline)", "delta_color": "normal"}
+    return {"delta": f"-{-pct:.0f}% speed ({1.0 / sp:.2f}× slower than baseline)", "delta_color": "normal"}
 
 
 def sample_media(store_root: str | os.PathLike, study: str, number: int) -> list[Path]:

@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 
 FORMAT_LABEL = {"nvfp4": "NVFP4", "int8": "INT8"}
 PRECISION_SCALE = [[0.0, "#3b6fb6"], [1.0, "#e8833a"]]  # INT8 blue -> NVFP4 orange
+FASTER, SLOWER = "#2e8b57", "#c0392b"  # speed-up bars: green at or above 1x, red below (a slow-down)
 
 
 def _empty(title: str, message: str) -> go.Figure:
@@ -200,10 +201,12 @@ def skip_map_figure(skips: pd.DataFrame) -> go.Figure:
     if skips.empty:
         return _empty(title, "no block statistics")
     g = _grid(skips, "block_index", "step", "skip_share")
+    names = skips.drop_duplicates("block_index").set_index("block_index")["block"] if "block" in skips else None
+    label = [[str(names.get(i) or i) if names is not None else str(i)] * g.shape[1] for i in g.index]
     fig = go.Figure(go.Heatmap(
         z=g.to_numpy(dtype=float), x=[int(c) for c in g.columns], y=[int(i) for i in g.index], zmin=0.0, zmax=1.0,
-        colorscale=[[0.0, "#e8eef7"], [1.0, "#1f3b73"]], colorbar={"title": "skip share"},
-        hovertemplate="block %{y}<br>step %{x}<br>skipped in %{z:.0%} of rows<extra></extra>",
+        colorscale=[[0.0, "#e8eef7"], [1.0, "#1f3b73"]], colorbar={"title": "skip share"}, customdata=label,
+        hovertemplate="block %{y} (%{customdata})<br>step %{x}<br>skipped in %{z:.0%} of rows<extra></extra>",
     ))
     fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="block",
                       yaxis={"autorange": "reversed", "dtick": 1})
@@ -211,14 +214,21 @@ def skip_map_figure(skips: pd.DataFrame) -> go.Figure:
 
 
 def gpu_comparison_figure(comparison: pd.DataFrame) -> go.Figure:
-    """Speedup, PSNR, NVFP4 and skip shares of each store's chosen policy, side by side."""
+    """Speedup, PSNR, NVFP4 and skip shares of each store's chosen policy, side by side. Speed-up bars below 1×
+    (the policy is slower than its baseline) are red and labelled "slower"; a dashed line marks 1×."""
     title = "Chosen policy per store (GPU)"
     rows = comparison.dropna(subset=["latency_ms"]) if not comparison.empty else comparison
     if rows.empty:
         return _empty(title, "no store has a completed search trial")
     fig = make_subplots(rows=1, cols=3, subplot_titles=("speedup vs baseline", "PSNR (dB)", "shares"))
     x = [f"{s}<br>{g}" for s, g in zip(rows["store"], rows["gpu"])]
-    fig.add_trace(go.Bar(x=x, y=rows["speedup"], name="speedup"), row=1, col=1)
+    speed = pd.to_numeric(rows["speedup"], errors="coerce")
+    fig.add_trace(go.Bar(
+        x=x, y=speed, name="speedup", marker_color=[SLOWER if v < 1 else FASTER for v in speed.fillna(1.0)],
+        text=[("" if pd.isna(v) else f"{v:.2f}×" + (" (slower)" if v < 1 else "")) for v in speed],
+        hovertemplate="%{x}<br>speed-up %{y:.2f}× vs baseline (below 1: slower)<extra></extra>",
+    ), row=1, col=1)
+    fig.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="baseline 1×", row=1, col=1)
     fig.add_trace(go.Bar(x=x, y=rows["psnr_db"], name="PSNR"), row=1, col=2)
     fig.add_trace(go.Bar(x=x, y=rows["nvfp4_share"], name="NVFP4 share"), row=1, col=3)
     fig.add_trace(go.Bar(x=x, y=rows["skip_share"], name="skip share"), row=1, col=3)

@@ -322,7 +322,7 @@ def policy_page() -> None:
     st.subheader("Measured against the unquantized baseline")
     c = st.columns(4)
     sp = trial["speedup"]
-    c[0].metric("latency", f"{trial['latency_ms']:.1f} ms", None if pd.isna(sp) else f"{sp:.2f}× speedup")
+    c[0].metric("latency", f"{trial['latency_ms']:.1f} ms", **data.speed_delta(None if pd.isna(sp) else float(sp)))
     c[1].metric("memory", _fmt_bytes(trial["memory_bytes"]), help=str(trial.get("memory_metric") or ""))
     c[2].metric("PSNR vs baseline", f"{trial['psnr_db']:.2f} dB")
     c[3].metric("NVFP4 / skipped", f"{_share(trial['nvfp4_share'])} / {_share(trial['skip_share'])}")

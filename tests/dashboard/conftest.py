@@ -61,7 +61,7 @@ def empty_store(tmp_path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_streamlit_caches():
-    """cache_resource and cache_data outlive AppTest instances in one process (FACTS d): start each test clean."""
+    """cache_resource and cache_data outlive AppTest instances in one process: start each test clean."""
     import streamlit as st
 
     st.cache_data.clear()
