@@ -29,6 +29,17 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
+def _same_bits(name, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Assert bit equality; the message counts the differing elements and shows the first few."""
+    assert a.shape == b.shape, (name, a.shape, b.shape)
+    diff = _bytes(a) != _bytes(b)
+    if diff.any():
+        idx = diff.nonzero()[:5].tolist()
+        shown = [(i, a[tuple(i)].float().item(), b[tuple(i)].float().item()) for i in idx]
+        raise AssertionError(f"{name}: {int(diff.sum())} of {diff.numel()} differ; first (index, reference, "
+                             f"kernel): {shown}")
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -59,8 +70,7 @@ def test_kernel_quantizers_are_bit_exact(interp, shape):
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided input, as diffusers hands it over
     for name, a, b in zip(("q codes", "q scale", "k codes", "k scale", "v codes", "v scale"),
                           ref.quantize_qkv(q, k, v), kern.quantize_qkv(q, k, v)):
-        assert a.shape == b.shape, (name, shape)
-        assert torch.equal(_bytes(a), _bytes(b)), (name, shape)
+        _same_bits(f"{name} {shape}", a, b)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -97,7 +107,7 @@ def test_kernel_on_gpu(shape):
     q, k, v = _inputs(shape, seed=7, dtype=torch.bfloat16, device="cuda")
     for name, a, b in zip(("q codes", "q scale", "k codes", "k scale", "v codes", "v scale"),
                           ref.quantize_qkv(q, k, v), kern.quantize_qkv(q, k, v)):
-        assert torch.equal(_bytes(a), _bytes(b)), (name, shape)
+        _same_bits(f"{name} {shape}", a, b)
     out = kern.attention_fp8(q, k, v)
     assert _rel(out, ref.attention_fp8_reference(q, k, v)) < 3e-2
     assert _rel(out, F.scaled_dot_product_attention(q, k, v)) < 6e-2
