@@ -32,6 +32,20 @@ def triton_usable_on(device) -> bool:
     return dev_type == "cpu" and interpreting()
 
 
+def launcher(kernel):
+    """``kernel`` itself for an eager launch; ``torch.library.wrap_triton(kernel)`` while PyTorch traces the code
+    around it (a fake, functional or proxy dispatch mode is active, as when ``torch.compile`` decomposes a
+    ``triton_op``), so that the launch is recorded in the graph instead of running on fake tensors."""
+    import torch
+
+    keys = torch._C._TorchDispatchModeKey
+    if any(torch._C._get_dispatch_mode(k) is not None for k in (keys.PROXY, keys.FUNCTIONAL, keys.FAKE)):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
 _ALLOCATOR_SET = False
 
 

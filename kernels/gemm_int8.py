@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import ensure_tma_allocator, interpreting, num_sms
+from ._triton_support import ensure_tma_allocator, interpreting, launcher, num_sms
 
 _TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 256, 128, 8, 3),
@@ -259,12 +259,12 @@ def int8_gemm(
             return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
         if variant == "tma-auto":
-            _int8_gemm_tma_kernel[grid](
+            launcher(_int8_gemm_tma_kernel)[grid](
                 a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms
             )
         else:
             epi_tma, epi_sub, flatten = TMA_VARIANTS[variant]
-            _int8_gemm_tma_fixed[grid](
+            launcher(_int8_gemm_tma_fixed)[grid](
                 a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), c.stride(0), HAS_BIAS=has_bias, NUM_SMS=sms,
                 EPI_TMA=epi_tma, EPI_SUBTILE=epi_sub, FLATTEN=flatten,
             )
@@ -275,7 +275,7 @@ def int8_gemm(
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        _int8_gemm_kernel[grid](
+        launcher(_int8_gemm_kernel)[grid](
             a, b, c, sa, sb, bias_arg, M, N, K, _m_bucket(M), a.stride(0), b.stride(0), c.stride(0),
             HAS_BIAS=has_bias,
         )

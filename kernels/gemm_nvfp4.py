@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import ensure_tma_allocator, interpreting
+from ._triton_support import ensure_tma_allocator, interpreting, launcher
 from .gemm_int8 import _tile_coords, autotune_bench, store_rounded
 
 _GPU_CONFIGS = [
@@ -193,9 +193,9 @@ def _launch(a, a_scale, b, b_scale, ga, gb, bias, M, N, K, out_dtype, a_packed, 
     if swap is None or tma:
         ensure_tma_allocator()
     if swap is None:
-        _nvfp4_gemm_auto[grid](*args, A_PACKED=a_packed, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
+        launcher(_nvfp4_gemm_auto)[grid](*args, A_PACKED=a_packed, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype)
     else:
-        _nvfp4_gemm_kernel[grid](*args, A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
+        launcher(_nvfp4_gemm_kernel)[grid](*args, A_PACKED=a_packed, SWAP=swap, HAS_BIAS=has_bias, DOT_DTYPE=dot_dtype,
                                  TMA=tma)
     return c
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_support import interpreting
+from ._triton_support import interpreting, launcher
 
 try:  # libdevice's rint is round-half-even on the GPU; the CPU interpreter lacks it
     from triton.language.extra import libdevice
@@ -134,12 +134,12 @@ def quantize_int8_rows(x: torch.Tensor, elems=None, num_warps=None, loop_k=None)
             nw = max(nw, 8)
         if interpreting():
             nw = 1
-        _int8_rows_kernel[(triton.cdiv(M, rows),)](
+        launcher(_int8_rows_kernel)[(triton.cdiv(M, rows),)](
             x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=block_k, ROWS=rows, USE_RINT=use_rint,
             num_warps=nw,
         )
     else:
-        _int8_rows_loop_kernel[(M,)](
+        launcher(_int8_rows_loop_kernel)[(M,)](
             x, q, s, M, K, x.stride(0), q.stride(0), BLOCK_K=p["loop_block"], USE_RINT=use_rint,
             num_warps=1 if interpreting() else p["loop_warps"],
         )
@@ -262,7 +262,7 @@ def _amax_bits(x: torch.Tensor, p=None) -> torch.Tensor:
     if n:
         block = 16384 if interpreting() else p["amax_block"]
         iters = 1 if interpreting() else max(1, min(64, triton.cdiv(n, block * 132 * p["amax_waves"])))
-        _amax_bits_kernel[(triton.cdiv(n, block * iters),)](
+        launcher(_amax_bits_kernel)[(triton.cdiv(n, block * iters),)](
             x, out, n, BLOCK=block, ITERS=iters, num_warps=1 if interpreting() else p["amax_warps"]
         )
     return out
@@ -292,7 +292,7 @@ def quantize_nvfp4(x: torch.Tensor, write_dequant: bool = False, write_packed: b
         block_k = min(1024 if interpreting() else p["block_k"], triton.next_power_of_2(K))
         rows = 32 if interpreting() else max(1, p["elems"] // block_k)
         grid = (triton.cdiv(M, rows), triton.cdiv(K, block_k))
-        _nvfp4_block_kernel[grid](
+        launcher(_nvfp4_block_kernel)[grid](
             x, amax_bits, data, scales, deq, gs, M, K, x.stride(0),
             BLOCK_K=block_k, ROWS=rows, WRITE_DEQ=write_dequant, WRITE_PACKED=write_packed, PAIR_LOADS=p["pair_loads"],
             num_warps=1 if interpreting() else p["num_warps"],

@@ -21,7 +21,7 @@ from sixbit_tune.formats import nvfp4, quantized_linear_reference
 
 
 def test_paths_on_cpu_default_to_reference():
-    for fmt in ("int8", "nvfp4"):
+    for fmt in ("int8", "nvfp4", "fp8"):
         assert kernel_path(fmt, "cpu") == "reference"
         assert kernel_path(fmt, "cpu", KernelPreference.REFERENCE) == "reference"
         assert kernel_path(fmt, torch.device("cpu"), "auto") in kernels.PATHS
@@ -47,7 +47,7 @@ def test_process_wide_preference_roundtrip():
 def test_bad_arguments_are_specific():
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="unknown quantization format"):
-        kernel_path("fp8", "cpu")
+        kernel_path("fp4", "cpu")
     with pytest.raises(ValueError, match="unknown quantization format"):
         quantize_activation(x, "int4")
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -67,7 +67,7 @@ def test_bad_arguments_are_specific():
         quantize_weight(torch.randn(2, 8, 32), "int8")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4", "fp8"])
 def test_reference_nonfinite_raises(fmt):
     x = torch.randn(4, 32)
     x[1, 2] = float("nan")
@@ -75,7 +75,7 @@ def test_reference_nonfinite_raises(fmt):
         quantize_activation(x, fmt, preference="reference")
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nvfp4"])
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_linear_equals_formats_reference(fmt, dtype):
     x = torch.randn(2, 7, 64).to(dtype)
@@ -88,7 +88,7 @@ def test_reference_linear_equals_formats_reference(fmt, dtype):
     if fmt == "nvfp4":
         assert isinstance(qw, nvfp4.NVFP4Tensor) and qw.shape == (24, 64)
     else:
-        assert qw[0].dtype == torch.int8 and qw[1].shape == (24,)
+        assert qw[0].dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt] and qw[1].shape == (24,)
 
 
 def test_import_and_reference_without_triton():
@@ -98,7 +98,7 @@ def test_import_and_reference_without_triton():
         "import sixbit_tune.kernels as k\n"
         "assert not k.HAS_TRITON\n"
         "x = torch.randn(3, 32); w = torch.randn(8, 32)\n"
-        "for f in ('int8', 'nvfp4'):\n"
+        "for f in ('int8', 'nvfp4', 'fp8'):\n"
         "    assert k.kernel_path(f, 'cpu') == 'reference'\n"
         "    k.quantized_linear(x, k.quantize_weight(w, f), None, f)\n"
         "try:\n"
