@@ -64,9 +64,8 @@ FORMATS = ("nvfp4", "int8")
 NVFP4_PATHS = ("emulated", "native", "reference")
 CACHE_DTYPES = ("bfloat16", "float16", "float32")
 
-# Limits. A real policy is tens of kilobytes (one entry of ~200 bytes per linear layer inside the blocks), so 4 MiB
-# leaves room for models with ~20,000 such layers while keeping the parse of the largest accepted input well under a
-# second.
+# Limits. A real policy is tens of kilobytes (one entry of ~150 bytes per linear layer inside the blocks), so 4 MiB
+# leaves room for models with ~25,000 such layers while the largest accepted input loads in about a second.
 MAX_POLICY_BYTES = 4 * 1024 * 1024
 MAX_STEPS = 10_000  # denoising steps a run can have, as far as the TDC step windows are concerned
 MAX_BLOCKS = 10_000  # transformer blocks in a model
@@ -234,6 +233,8 @@ def _check_float(f: _Field, value: Any, key: str) -> float:
 def _check_list(f: _Field, value: Any, key: str) -> list:
     if not isinstance(value, list | tuple):
         raise _fail(key, f"expected a list, got {_show(value)}")
+    if f.unique and f.minimum is not None and f.maximum is not None and len(value) > f.maximum - f.minimum + 1:
+        raise _fail(key, f"{_show(value)}, more than the {f.maximum - f.minimum + 1:g} distinct values allowed")
     item = dataclasses.replace(f, kind=f.kind[5:-1], nullable=False, unique=False)
     out = [_check_value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if f.unique:

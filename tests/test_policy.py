@@ -119,6 +119,7 @@ BAD = [
     ("cooldown-beyond-steps", "tdc/cooldown", P.MAX_STEPS + 1, "tdc.cooldown", f"<= {P.MAX_STEPS}"),
     ("max-skips-2-to-64", "tdc/max_skips", 2**64, "tdc.max_skips", f"<= {P.MAX_STEPS}"),
     ("duplicate-tdc-blocks", "tdc/blocks", [0, 3, 3], "tdc.blocks", "repeated: [3]"),
+    ("too-many-tdc-blocks", "tdc/blocks", [0] * (P.MAX_BLOCKS + 1), "tdc.blocks", "distinct values"),
     ("tdc-block-beyond-cap", "tdc/blocks", [P.MAX_BLOCKS], "tdc.blocks[0]", f"<= {P.MAX_BLOCKS - 1}"),
     ("empty-compute-capability", "target/compute_capability", "", "target.compute_capability", "empty"),
     ("bad-compute-capability", "target/compute_capability", "sm90", "target.compute_capability", "must match"),
