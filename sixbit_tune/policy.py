@@ -836,6 +836,10 @@ def json_schema() -> dict:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://sixbit-tune/policies/schema.json",
         "title": "sixbit-tune policy",
+        "$comment": (
+            f"A policy file is UTF-8 JSON of at most {MAX_POLICY_BYTES} bytes (MAX_POLICY_BYTES), without NaN or "
+            "Infinity literals or duplicate keys; sixbit_tune.policy.load also enforces the cross-field rules."
+        ),
         **schema,
         "$defs": {name: _object_schema(c) for name, c in _CLASSES.items() if c is not Policy},
     }
