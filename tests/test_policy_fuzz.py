@@ -326,7 +326,8 @@ def mutate_dict(rng: random.Random, data: dict) -> dict:
     return data
 
 
-def test_mutation_fuzz(tmp_path):
+def test_mutation_fuzz(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a mutated string that is not JSON text is looked up as a relative path
     rng = random.Random(SEED)
     path = tmp_path / "p.json"
     counts = {"loaded": 0, "refused": 0}
