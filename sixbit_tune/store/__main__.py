@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sixbit_tune.store import SCHEMA_VERSION, TABLES, Store, StoreError, migrate
     from sixbit_tune.store.migrations import read_version
+    from sixbit_tune.store.store import QUARANTINE
 
     try:
         if args.cmd == "migrate":
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                 where = f"moved to {d.moved_to}" if d.moved_to else "left in place (folder not writable)"
                 print(f"  damaged {d.path}: {d.reason} ({where})")
             print(f"{args.store}: {len(damaged)} damaged parts" if damaged else f"{args.store}: every part is whole")
+            earlier = [p for p in (store.path / QUARANTINE).glob("*/*") if not p.name.endswith(".why.txt")]
+            if len(earlier) > len([d for d in damaged if d.moved_to]):
+                print(f"  {len(earlier)} parts in total are set aside in {store.path / QUARANTINE} (see their .why.txt)")
             return 1 if damaged else 0
         print(f"{args.store}: schema version {read_version(args.store)} (this sixbit-tune reads {SCHEMA_VERSION})")
         with Store.open(args.store, read_only=True) as store:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -185,6 +186,15 @@ def _atomic_parquet(data: pa.Table, tmp_dir: Path, dest: Path, *, checksum: bool
     return dest
 
 
+def _warn(warning: Warning) -> None:
+    """Warn, attributed to the first caller outside this package (the line that opened or queried the store)."""
+    here = os.path.dirname(__file__)
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: the caller of _warn
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(warning, stacklevel=level)
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -296,9 +306,8 @@ def checksum_parts(root: str | os.PathLike) -> tuple[int, list[DamagedPart]]:
             if gone:
                 continue
             damaged.append(DamagedPart(name, part, reason, moved))
-            warnings.warn(
-                StoreDamageWarning(f"damaged part of table {name!r}: {part}: {reason}. It was moved to {moved}."),
-                stacklevel=2,
+            _warn(
+                StoreDamageWarning(f"damaged part of table {name!r}: {part}: {reason}. It was moved to {moved}.")
             )
     return done, damaged
 
@@ -332,14 +341,13 @@ def _check_version(root: Path, meta: Mapping[str, Any], *, read_only: bool = Fal
     if found == SCHEMA_VERSION:
         return
     if read_only and found in _LEGACY_READABLE:
-        warnings.warn(
+        _warn(
             StoreChecksumWarning(
                 f"the store at {root} has schema version {found}: its parts carry no checksums, so reading checks "
                 f"them by decoding them only (a changed value inside a part can go unnoticed). Stop every process "
                 f"writing to it and run `python -m sixbit_tune.store migrate {root}` to add checksums (writing to "
                 f"it needs that too)."
-            ),
-            stacklevel=4,
+            )
         )
         return
     by = meta.get("created_by", "an unknown sixbit-tune")
@@ -360,6 +368,26 @@ def _check_version(root: Path, meta: Mapping[str, Any], *, read_only: bool = Fal
         f"has no migration from version {found}. Re-create it (re-run the profile or search into a new --store "
         f"folder), or read it with the release that wrote it ({by})."
     )
+
+
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE",
+}
+
+
+def _duckdb_type(t: pa.DataType) -> str:
+    """The DuckDB type that reading an Arrow/Parquet column of type ``t`` gives."""
+    if pa.types.is_list(t):
+        return _duckdb_type(t.value_type) + "[]"
+    try:
+        return _DUCKDB_TYPES[t]
+    except KeyError:
+        raise TypeError(f"no DuckDB type known for the store column type {t}; add it to _DUCKDB_TYPES") from None
 
 
 def _lit(s: str) -> str:
@@ -398,10 +426,6 @@ class Store:
         self._damaged: list[DamagedPart] = []
         self._skipped: set[str] = set()
         self._unchecksummed: set[Path] = set()
-        for table in TABLES.values():
-            # The code's own empty table fixes every column's type, whatever the part files hold.
-            empty = table.arrow_schema.empty_table()  # noqa: F841 (read by DuckDB by name)
-            self._con.execute(f"CREATE TABLE {_ident('_schema_' + table.name)} AS SELECT * FROM empty")
         with self._lock:
             self._refresh()
 
@@ -636,12 +660,11 @@ class Store:
             if not _CHECKSUM.search(path.name) and root not in self._unchecksummed:
                 self._unchecksummed.add(root)
                 if _read_meta(root)["schema_version"] == SCHEMA_VERSION:  # older stores were told at open
-                    warnings.warn(
+                    _warn(
                         StoreChecksumWarning(
                             f"{path} carries no checksum (a part copied from an older store?): it is checked by "
                             f"decoding it only. Run `python -m sixbit_tune.store migrate {root}` to add checksums."
-                        ),
-                        stacklevel=5,
+                        )
                     )
             reason = check_part(path)
         except FileNotFoundError:
@@ -660,13 +683,12 @@ class Store:
             f"moved to {moved}" if moved is not None
             else "left in place (the store folder cannot be written) and skipped by this reader"
         )
-        warnings.warn(
+        _warn(
             StoreDamageWarning(
                 f"damaged part of table {table!r}: {path}: {reason}. It was {where}; every query leaves its rows "
                 f"out and the rest of the store stays readable. Restore the file from a copy, or re-run what wrote "
                 f"it (a profile prompt, a search trial)."
-            ),
-            stacklevel=5,
+            )
         )
         return False
 
@@ -679,10 +701,9 @@ class Store:
                     f"SELECT *, {_lit(label)} AS store "
                     f"FROM read_parquet({listed}, union_by_name = true, filename = true)"
                 )
-        parts.append(
-            f"SELECT *, CAST(NULL AS VARCHAR) AS filename, CAST(NULL AS VARCHAR) AS store "
-            f"FROM {_ident('_schema_' + table.name)}"
-        )
+        # A row-less select of the code's own columns fixes every column's type, whatever the part files hold.
+        typed = ", ".join(f"CAST(NULL AS {_duckdb_type(c.type)}) AS {_ident(c.name)}" for c in table.columns)
+        parts.append(f"SELECT {typed}, CAST(NULL AS VARCHAR) AS filename, CAST(NULL AS VARCHAR) AS store WHERE false")
         union = " UNION ALL BY NAME ".join(parts)
 
         def col(c) -> str:
