@@ -1,13 +1,13 @@
 """Interleaved timing of the reference model's fastest contenders, for a host that drifts.
 
 The reference model is host-bound on the H200 (a compiled step is ~10-20 ms of kernel launches and Python), so its
-timings follow the machine's host load: in one `benchmarks/e2e.py` run the compiled bf16 baseline measured 11.9 ms/step
+timings follow the machine's host load: in one end-to-end benchmark run (`python -m benchmarks.e2e`) the compiled bf16 baseline measured 11.9 ms/step
 at the start and 15.2 ms/step at the end. Ratios between contenders measured minutes apart then mean little. This
 script measures the contenders in rounds — every round runs each contender once (installed, one warm-up video, then
 ``--videos`` timed videos), in an order rotated per round — and reports per contender the median ms/step over all
 timed videos and the median over rounds of the ratio to the baseline's median of the *same* round.
 
-Quality: PSNR/SSIM of prompt 0 against the bf16 eager video (same definition as e2e.py).
+Quality: PSNR/SSIM of prompt 0 against the bf16 eager video (same definition as the end-to-end benchmark).
 
     python benchmarks/interleaved.py --out $OUT/interleaved.json --rounds 5
 """
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--videos", type=int, default=2, help="timed videos per contender and round")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--no-compile", action="store_true", help="blocks not compiled (a CPU code-path check)")
     p.add_argument("--contenders", default="bf16-compiled,ours-bf16-tdc,ours-bf16-tdc (eager stats),ours-tuned,"
                    "fbc-0.05,fbc-0.1", help="comma-separated; bf16-compiled is the baseline and always runs")
     args = p.parse_args(argv)
@@ -47,9 +48,9 @@ def main(argv=None) -> int:
     import torch
     from diffusers import FirstBlockCacheConfig
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import e2e  # compile_blocks, environment, REFERENCE_PROMPTS
-
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import e2e  # compile_blocks, environment, REFERENCE_PROMPTS, FirstBlockCache records
     from sixbit_tune.models.adapters import get_adapter
     from sixbit_tune.models.reference import load_reference_pipeline
     from sixbit_tune.runtime import apply_policy, load_policy
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     settings = GenerationSettings(steps=args.steps)
     prompt = e2e.REFERENCE_PROMPTS[0]
     ref = generate(pipe, prompt, 0, settings)  # bf16 eager: the quality reference
-    e2e.compile_blocks(adapter)
+    if not args.no_compile:
+        e2e.compile_blocks(adapter)
 
     def install(name):
         base = name.replace(" (eager stats)", "")
