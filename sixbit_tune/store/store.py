@@ -216,12 +216,14 @@ def check_part(path: str | os.PathLike) -> str | None:
         found = _sha256(path)
         if found != m.group(1):
             return (
-                f"its SHA-256 is {found[:16]}..., not the {m.group(1)[:16]}... recorded in its name when it was "
-                f"written: its bytes changed on disk"
+                f"the SHA-256 of its {path.stat().st_size:,d} bytes is {found[:16]}..., not the {m.group(1)[:16]}... "
+                f"recorded in its name when it was written: its bytes changed on disk"
             )
         return None
     try:
-        pq.ParquetFile(path).read()
+        with pq.ParquetFile(path) as f:
+            for _ in f.iter_batches(batch_size=65536):
+                pass
     except FileNotFoundError:
         raise
     except Exception as e:  # pyarrow raises many types (ArrowInvalid, OSError, ValueError, ...) for bad bytes
@@ -605,20 +607,26 @@ class Store:
             parts = files[table.name]
             if len(parts) < 2:
                 continue
-            pieces = []
+            pieces, read = [], []
             for p in parts:
-                t = pq.read_table(p, schema=table.arrow_schema)
+                try:
+                    t = pq.read_table(p, schema=table.arrow_schema)
+                except FileNotFoundError:
+                    continue  # set aside or compacted by another process since the listing
+                read.append(p)
                 part = t.column("_part")
                 if part.null_count:
                     filled = pa.compute.coalesce(part, pa.scalar(p.name))
                     t = t.set_column(t.schema.get_field_index("_part"), table.arrow_schema.field("_part"), filled)
                 pieces.append(t)
+            if len(read) < 2:
+                continue
             data = pa.concat_tables(pieces)
             w = StoreWriter(root, "compact")
             w._write(table, data)
-            for p in parts:
+            for p in read:
                 p.unlink(missing_ok=True)
-            merged[table.name] = len(parts)
+            merged[table.name] = len(read)
         cutoff = time.time() - tmp_max_age_s
         for f in (root / TMP).glob("*.tmp"):
             try:
