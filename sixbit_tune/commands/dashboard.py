@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-HELP = "Open the Streamlit dashboard on a store (several --store: GPUs side by side)."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", action="append", required=True, metavar="PATH",

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-HELP = "Offline end-to-end demo on the shipped reference model: profile, fit, search, export, generate."
-
 DEMO_PROMPTS = (
     "a red square moving left on a striped background",
     "a blue circle moving right on a checkered background",

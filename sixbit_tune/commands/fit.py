@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sixbit_tune.predictor import FitSettings
-
-HELP = "Fit the per-layer predictor (Γ_{t-1} → NVFP4 out_err) from a profile store."
 
 _D = FitSettings()
 
@@ -54,16 +51,13 @@ def run(args: argparse.Namespace) -> int:
     settings = FitSettings(
         min_r2=args.min_r2, min_n=args.min_n, max_rel_rmse=args.max_rel_rmse, pooling=args.pooling, untrusted_mode=args.untrusted_mode
     )
-    try:
-        with Store.open(args.store) as store:
-            result = fit_store(store, args.runs, settings)
-            fit_id = write_fit(store.writer(), result)
-    except (ValueError, FileNotFoundError) as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"sixbit-tune fit: error: {e}", file=sys.stderr)
-        return 2
+    with Store.open(args.store) as store:
+        result = fit_store(store, args.runs, settings)
+        fit_id = write_fit(store.writer(), result)
+        runs = store.runs(run_ids=result.run_ids)
     print(summarize(result, fit_id))
+    model = runs["model_spec"].iloc[-1] if len(runs) else "SPEC"
+    print(f"next: sixbit-tune search --store {args.store} --model {model}")
     return 0
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "Generate a video with a policy applied and print the runtime statistics."
-
 _DTYPES = ("bfloat16", "float16", "float32")
 _VIDEO_SUFFIXES = (".gif", ".mp4")
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-HELP = "Run a diffusers pipeline with hooks and record Γ, Δ and per-layer NVFP4/INT8 errors into a store."
-
 
 def _defaults() -> dict:
     # Defaults come from ProfileConfig itself (one source); the module is light to import (no torch at import).
@@ -79,5 +77,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         args._parser.error(str(e))
     run_id = profile(config)
-    print(run_id)
+    print(f"profile run {run_id}: {len(prompts)} prompt(s) x {config.steps} steps of {config.model} recorded in the "
+          f"store {config.store}")
+    print(f"next: sixbit-tune fit --store {config.store}")
     return 0

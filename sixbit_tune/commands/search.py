@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from sixbit_tune.search.config import SearchConfig
-
-HELP = "Optuna search over the DMPQ threshold and TDC knobs against measured latency, memory and quality."
 
 _D = SearchConfig(store="", model="")
 
@@ -79,18 +76,13 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 def run(args: argparse.Namespace) -> int:
     from sixbit_tune.search.study import run_search, summarize
 
-    try:
-        config = config_from_args(args)
-        study = run_search(config)
-    except (ValueError, FileNotFoundError) as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"sixbit-tune search: error: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
+    study = run_search(config)
     print(summarize(study))
+    storage = f" --storage {config.storage}" if config.storage else ""
     print(
-        f"export a trial with: sixbit-tune export --store {config.store} --study {config.study_name} "
-        f"--trial N --out policies/NAME.json"
-        + (f" --storage {config.storage}" if config.storage else "")
+        f"next: look at the trials with `sixbit-tune dashboard --store {config.store}`; export the fastest trial above "
+        f"the quality floor with `sixbit-tune export --store {config.store} --study {config.study_name}{storage} "
+        "--out policies/NAME.json` (or pick one with --trial N)"
     )
     return 0
