@@ -226,6 +226,24 @@ def test_opcheck_triton_ops_interpreted(interp):
                               test_utils=tuple(u for u in tests if u in FP8_INPUTS))
 
 
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4"])
+def test_triton_paths_trace_fullgraph_interpreted(interp, fmt):
+    """Dynamo traces the dispatch and the Triton ops as one graph; the ``eager`` backend then runs that graph's ops
+    (Inductor cannot compile interpreted kernels; the gpu test compiles them)."""
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(27))
+    w, b = _x(40, 64, seed=28) * 0.1, _x(1, 40, seed=29)[0]
+    qw = kernels.quantize_weight(w, fmt, preference="reference")
+    assert kernels.kernel_path(fmt, "cpu", "triton").startswith("triton-")
+
+    def block(x):
+        return kernels.quantized_linear(torch.relu(x) * 2 - x, qw, b, fmt, torch.float32, preference="triton") * 0.5
+
+    graphs, breaks, reasons = _count_graphs(block, x)
+    assert (graphs, breaks) == (1, 0), reasons
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(block, backend="eager", fullgraph=True)(x), block(x))
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 
