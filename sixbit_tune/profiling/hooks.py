@@ -18,7 +18,8 @@ name, so Wan's ``"cond"``/``"uncond"`` calls keep separate histories and a batch
 inside one batch. A call outside any ``cache_context`` uses the context :data:`FALLBACK_CONTEXT` (``"inference"``)
 and its rows are labelled as one unguided branch (``"cond"``) unless the family batches CFG.
 
-diffusers' ``StateManager``, ``BaseState`` and ``CacheContext`` are semi-private; they are imported here only.
+diffusers' ``StateManager``, ``BaseState`` and ``CacheContext`` are semi-private: they, and every private
+attribute of diffusers' hooks, are reached through :mod:`sixbit_tune.compat`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
+from sixbit_tune.compat import (
+    BaseState,
+    CacheContext,
+    ModelHook,
+    Registration,
+    StatefulHook,
+    StateManager,
+    current_context,
+    get_hook,
+    invalidate_child_registries,
+    register_hook,
+    remove_hook,
+    reset_hook_state,
+)
 from sixbit_tune.errors import NonFiniteError
 from sixbit_tune.formats import FORMATS
 from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
@@ -84,7 +98,7 @@ class _ContextState(BaseState):
 def _ensure_context(manager: StateManager) -> bool:
     """Set :data:`FALLBACK_CONTEXT` on a hook's StateManager when no context is active; True if it did (the caller
     clears it again after the call, so a later ``cache_context`` or context-less call is seen as such)."""
-    if manager._context is None:
+    if current_context(manager) is None:
         manager.set_context(CacheContext(FALLBACK_CONTEXT))
         return True
     return False
@@ -110,8 +124,7 @@ class _Recorder:
         self.act_cache: tuple | None = None
 
 
-class _RootHook(ModelHook):
-    _is_stateful = True
+class _RootHook(StatefulHook):
 
     def __init__(self, recorder: _Recorder):
         super().__init__()
@@ -120,7 +133,7 @@ class _RootHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         if self.recorder.enabled:
-            ctx = self.state_manager._context
+            ctx = current_context(self.state_manager)
             self.recorder.current = _Call(None if ctx is None else ctx.name)
         return args, kwargs
 
@@ -137,8 +150,7 @@ class _RootHook(ModelHook):
         return module
 
 
-class _BlockHook(ModelHook):
-    _is_stateful = True
+class _BlockHook(StatefulHook):
 
     def __init__(self, recorder: _Recorder, adapter: ModelAdapter, block: BlockRef, fn=block_record):
         super().__init__()
@@ -282,15 +294,12 @@ class Instrumentation:
         self.layer_formats: list[tuple[str, ...]] = []
         self._layer_block: list[int] = []
         self._modules: list[torch.nn.Module] = []
+        self._registrations: list[Registration] = []
         self._removed = False
         try:
-            root = HookRegistry.check_if_exists_or_initialize(self.transformer)
-            root.register_hook(_RootHook(self._recorder), HOOK_NAME)
-            self._modules.append(self.transformer)
+            self._register(self.transformer, _RootHook(self._recorder))
             for ref in self._blocks:
-                reg = HookRegistry.check_if_exists_or_initialize(ref.module)
-                reg.register_hook(_BlockHook(self._recorder, self.adapter, ref, block_fn), HOOK_NAME)
-                self._modules.append(ref.module)
+                self._register(ref.module, _BlockHook(self._recorder, self.adapter, ref, block_fn))
                 if not layers:
                     continue
                 for rel, lin in self.adapter.linears(ref).items():
@@ -310,14 +319,13 @@ class Instrumentation:
                     self.layer_formats.append(qw.formats)
                     self._layer_block.append(ref.index)
                     hook = _LinearHook(self._recorder, layer_id, qw, act_fn, out_fn)
-                    HookRegistry.check_if_exists_or_initialize(lin).register_hook(hook, HOOK_NAME)
-                    self._modules.append(lin)
+                    self._register(lin, hook)
         except BaseException:
             self.remove()
             raise
-        # FACTS a4: the root registry caches its child-registry list at the first cache_context(); hooks added
-        # after that would never see a context unless the cache is invalidated.
-        root.invalidate_child_registries_cache()
+        # The root registry caches its child-registry list at the first cache_context(); hooks added after that
+        # would never see a context unless the cache is invalidated.
+        invalidate_child_registries(self.transformer)
 
     # ------------------------------------------------------------------------------------------------ control
     @property
@@ -344,6 +352,10 @@ class Instrumentation:
     def record_layers(self, value: bool) -> None:
         self._recorder.record_layers = bool(value)
 
+    def _register(self, module: torch.nn.Module, hook: ModelHook) -> None:
+        self._registrations.append(register_hook(module, hook, HOOK_NAME))
+        self._modules.append(module)
+
     def reset(self) -> None:
         """Drop every unflushed record and every block's previous Δ (start of a new prompt). Only this
         instrumentation's hooks are reset; other stateful hooks on the model keep their state."""
@@ -351,9 +363,7 @@ class Instrumentation:
         self._recorder.current = None
         self._recorder.act_cache = None
         for module in self._modules:
-            hook = module._diffusers_hook.hooks.get(HOOK_NAME)
-            if hook is not None and hook._is_stateful:
-                hook.reset_state(module)
+            reset_hook_state(module, HOOK_NAME)
 
     def remove(self) -> None:
         """Detach every hook this instrumentation attached and drop its state (previous Δ, quantized weights,
@@ -361,18 +371,17 @@ class Instrumentation:
         if self._removed:
             return
         self.reset()
-        for module in self._modules:
-            reg = getattr(module, "_diffusers_hook", None)
-            if reg is not None and HOOK_NAME in reg.hooks:
-                hook = reg.hooks[HOOK_NAME]
-                if isinstance(hook, _LinearHook):
-                    hook.qw = None
-                reg.remove_hook(HOOK_NAME, recurse=False)
+        for reg in reversed(self._registrations):
+            hook = get_hook(reg.module, HOOK_NAME)
+            if isinstance(hook, _LinearHook):
+                hook.qw = None
+            remove_hook(reg)
+        self._registrations.clear()
         self._modules.clear()
         self._recorder.calls.clear()
         self._recorder.current = None
         self._recorder.act_cache = None
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        invalidate_child_registries(self.transformer)
         self._removed = True
 
     def __enter__(self) -> Instrumentation:

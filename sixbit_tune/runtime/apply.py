@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sixbit_tune import compat
 from sixbit_tune import policy as _policy
 from sixbit_tune.errors import PolicyError
 from sixbit_tune.models.adapters import ModelAdapter, get_adapter
 from sixbit_tune.runtime._backend import KERNEL_PREFERENCES, Backend
-from sixbit_tune.runtime._diffusers import HookRegistry
-from sixbit_tune.runtime.controller import BlockInfo, Controller
-from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook
+from sixbit_tune.runtime.controller import BlockInfo, Controller, foreign_cache_message
+from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook, install_call_hooks
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats
 
@@ -176,6 +176,14 @@ def apply_policy(
     pipeline = None if isinstance(pipe_or_transformer, nn.Module) else pipe_or_transformer
     if getattr(transformer, _HANDLE_ATTR, None) is not None:
         raise PolicyError("a policy is already applied to this model; call handle.remove() first", key="model")
+    found = compat.diffusers_cache_hooks(transformer)
+    if found or getattr(transformer, "is_cache_enabled", False):
+        raise PolicyError(
+            foreign_cache_message(found) + " is enabled on this model. The policy's Temporal Delta Cache and "
+            "diffusers' caches do not compose (both skip blocks, neither counts the other's skips): disable it "
+            "(transformer.disable_cache()) before apply_policy",
+            key="tdc",
+        )
     problems = check_policy_fits(policy, adapter)
     if problems:
         raise PolicyError(
@@ -204,7 +212,8 @@ class PolicyHandle:
         self.pipeline = pipeline
         self.controller: Controller | None = None
         self._swapped: list[tuple[nn.Module, str, nn.Module, MixedPrecisionLinear]] = []
-        self._hooked: list[tuple[nn.Module, str, bool, Any]] = []
+        self._hooked: list[compat.Registration] = []
+        self._torch_hooks: list = []
         self._removed = False
 
     # ------------------------------------------------------------------------------------------------ install
@@ -253,15 +262,13 @@ class PolicyHandle:
             compile_stats=compile_stats,
         )
         self._register(self.transformer, STEP_HOOK, StepHook(self.controller))
+        self._torch_hooks = install_call_hooks(self.transformer, self.controller)
         for info in infos:
             self._register(info.ref.module, BLOCK_HOOK, BlockHook(self.controller, info.ref.index))
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+        compat.invalidate_child_registries(self.transformer)
 
     def _register(self, module: nn.Module, name: str, hook) -> None:
-        had_registry = hasattr(module, "_diffusers_hook")
-        prior_forward = module.__dict__.get("forward", _MISSING)
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-        self._hooked.append((module, name, had_registry, prior_forward))
+        self._hooked.append(compat.register_hook(module, hook, name))
 
     # ------------------------------------------------------------------------------------------------ public
     @property
@@ -340,19 +347,13 @@ class PolicyHandle:
         self._removed = True
         if self.controller is not None:
             self.controller.end_run(completed=False)
-        for module, name, had_registry, prior_forward in reversed(self._hooked):
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.remove_hook(name, recurse=False)
-            if not registry.hooks:
-                if not had_registry:
-                    del module._diffusers_hook
-                if prior_forward is _MISSING:
-                    module.__dict__.pop("forward", None)
-                else:
-                    module.__dict__["forward"] = prior_forward
+        for h in self._torch_hooks:
+            h.remove()
+        self._torch_hooks.clear()
+        for reg in reversed(self._hooked):
+            compat.remove_hook(reg)
         self._hooked.clear()
-        if hasattr(self.transformer, "_diffusers_hook"):
-            self.transformer._diffusers_hook.invalidate_child_registries_cache()
+        compat.invalidate_child_registries(self.transformer)
         for parent, attr, original, new in reversed(self._swapped):
             new.restore()
             setattr(parent, attr, original)
@@ -370,5 +371,3 @@ class PolicyHandle:
         state = "removed" if self._removed else "applied"
         return f"PolicyHandle({type(self.transformer).__name__}, {len(self._swapped)} quantized linears, {state})"
 
-
-_MISSING = object()

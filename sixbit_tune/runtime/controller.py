@@ -55,8 +55,8 @@ from typing import Any
 import torch
 
 from sixbit_tune import stats as _stats
-from sixbit_tune.errors import NonFiniteError
-from sixbit_tune.runtime._diffusers import BaseState, CacheContext, StateManager
+from sixbit_tune.compat import BaseState, CacheContext, StateManager, current_context, diffusers_cache_hooks
+from sixbit_tune.errors import NonFiniteError, PolicyError
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats, StepStats
 
@@ -147,6 +147,12 @@ class Controller:
         # PolicyHandle.record_skips / force_skips: {context: {step: [skip per block]}} and {context: [[skip]]}.
         self.skip_record: dict[str, dict[int, list[bool]]] | None = None
         self.forced_skips: dict[str, list[list[bool]]] | None = None
+        self._call_state: ContextState | None = None
+        self._own_context = False
+        self._seen: list[bool] = []
+        self._bypass_warned = False
+        # The transformer and its blocks: where a diffusers cache enabled after apply_policy puts its hooks.
+        self._watched = [("", adapter.transformer)] + [(b.ref.name, b.ref.module) for b in blocks]
 
     # ------------------------------------------------------------------------------------------------ runs
     def _new_run_stats(self) -> None:
@@ -196,30 +202,75 @@ class Controller:
         self._cache_bytes = 0
         self._new_run_stats()
 
+    def _note_bypassed(self, names: list[str]) -> None:
+        note = (
+            f"blocks {', '.join(names)} ran without the policy's block hook: their forward was replaced after "
+            "apply_policy (e.g. block.forward = torch.compile(...)), so they were neither skipped nor given their "
+            "DMPQ formats. Compile with block.compile(), transformer.compile_repeated_blocks() or "
+            "torch.compile(transformer) instead, before or after apply_policy"
+        )
+        self._add_note(note)
+        if not self._bypass_warned:
+            self._bypass_warned = True
+            warnings.warn(note, RuntimeWarning, stacklevel=2)
+
     def _add_note(self, note: str) -> None:
         if note not in self._notes:
             self._notes.append(note)
 
     # ------------------------------------------------------------------------------------------------ calls
-    def run_call(self, forward, args: tuple, kwargs: dict):
-        """One transformer call: detect a new run, sync once, decide, run, record."""
+    def call_begin(self, args: tuple, kwargs: dict) -> None:
+        """Start of one transformer call (a torch forward pre-hook): detect a new run, sync once, decide.
+
+        Outside any ``cache_context`` the call runs in the context ``"inference"``. If this raises, the run ends
+        (state dropped) and the call's :meth:`call_end` does nothing.
+        """
         sm = self.state_manager
-        own_context = sm._context is None
-        if own_context:
+        self._own_context = current_context(sm) is None
+        if self._own_context:
             sm.set_context(CacheContext(DEFAULT_CONTEXT))
         try:
-            state = self._begin_call(sm._context, args, kwargs)
-            out = forward(*args, **kwargs)
-            self._end_call(state, out)
-            return out
+            self._check_foreign_caches()
+            self._call_state = self._begin_call(current_context(sm), args, kwargs)
+            self._seen = [False] * len(self.blocks)
         except BaseException:
+            self._finish_call()
             self.end_run(completed=False)
             raise
+
+    def call_end(self, output: Any, failed: bool) -> None:
+        """End of one transformer call (an always-called torch forward hook): record it, or end the run if the
+        call raised."""
+        state = self._call_state
+        if state is None:  # call_begin raised (and cleaned up) or was never reached
+            return
+        try:
+            if failed:
+                self.end_run(completed=False)
+            else:
+                self._end_call(state, output)
         finally:
-            self.active = None
-            self._call = None
-            if own_context:
-                sm.set_context(None)
+            self._finish_call()
+
+    def _finish_call(self) -> None:
+        self._call_state = None
+        self.active = None
+        self._call = None
+        if self._own_context:
+            self.state_manager.set_context(None)
+            self._own_context = False
+
+    def _check_foreign_caches(self) -> None:
+        """Refuse to run beside a diffusers cache technique enabled after the policy (both would skip blocks, and
+        neither would count the other's skips)."""
+        found = diffusers_cache_hooks(self.adapter.transformer, self._watched)
+        if found or getattr(self.adapter.transformer, "is_cache_enabled", False):
+            raise PolicyError(
+                foreign_cache_message(found) + " was enabled after apply_policy. The policy's Temporal Delta Cache "
+                "and diffusers' caches do not compose: disable the diffusers cache (transformer.disable_cache()) or "
+                "take the policy out (handle.remove()) before running",
+                key="tdc",
+            )
 
     def _state(self, name: str) -> ContextState:
         if name not in self.states:
@@ -263,6 +314,8 @@ class Controller:
         return state
 
     def _end_call(self, state: ContextState, out: Any) -> None:
+        if not all(self._seen):
+            self._note_bypassed([self.blocks[i].ref.name for i, seen in enumerate(self._seen) if not seen])
         sample = _first_tensor(out)
         if sample is not None and sample.is_floating_point():
             state.finite_dev = torch.isfinite(sample.detach()).all()
@@ -440,6 +493,7 @@ class Controller:
             return False, None
         rec = self._call
         rec.block_calls += 1
+        self._seen[index] = True
         if state.skip[index]:
             rec.skipped += 1
             xs = self.adapter.streams_in(info.ref, args, kwargs)
@@ -475,6 +529,12 @@ class Controller:
         if parts is not None:
             self._set_cache(state, index, parts)
             state.last_compute[index] = state.step
+
+
+def foreign_cache_message(found: list[str]) -> str:
+    """How a refusal names the diffusers cache hooks it found (``"<module>: <hook>"`` each)."""
+    shown = ", ".join(found[:4]) + (f", … ({len(found)} hooks)" if len(found) > 4 else "")
+    return f"a diffusers cache ({shown})" if found else "a diffusers cache (transformer.is_cache_enabled)"
 
 
 def measure_block(

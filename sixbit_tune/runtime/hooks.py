@@ -1,49 +1,69 @@
-"""The two diffusers ``ModelHook`` s the runtime installs.
+"""The hooks the runtime installs.
 
-* :class:`StepHook` on the transformer (stateful): receives the ``cache_context`` through its ``StateManager``,
-  counts steps per context, detects new runs, makes the step's decisions (one host sync) and is reset by
-  diffusers at the end of every pipeline call (``_reset_stateful_cache``).
-* :class:`BlockHook` on every transformer block: skips the block from the Temporal Delta Cache, or sets its
-  dynamic layers' formats, runs it, and measures Γ / Δ on the device.
+* On the transformer, two parts:
 
-``torch.compile``: the step hook's forward is compiler-disabled (it is host bookkeeping around the whole model).
-The block hook's bookkeeping (``Controller.block_begin`` / ``block_end``) is compiler-disabled too, so compiling a
-block (``block.compile()`` or ``torch.compile(block)``) after ``apply_policy`` traces the block's own forward with
-graph breaks at those two calls and at each *dynamic* layer (whose format changes between steps); static
-quantized layers are traced inline.
+  - :class:`StepHook`, a stateful diffusers ``ModelHook`` that only *receives*: the ``cache_context`` through its
+    ``StateManager`` and diffusers' reset at the end of every pipeline call (``_reset_stateful_cache``). It does
+    not replace the forward, so losing its forward wrapper changes nothing;
+  - a torch forward pre-hook and an always-called forward hook (:func:`install_call_hooks`): the step logic of
+    each transformer call (new-run detection, one host sync, the decisions, the record). Torch keeps module hooks
+    outside ``forward``, so they survive what rewrites ``transformer.forward``: accelerate's model CPU offload,
+    which diffusers removes and re-adds at the end of every pipeline call, and other libraries' wrappers.
+* :class:`BlockHook`, a diffusers ``ModelHook`` on every transformer block: skips the block from the Temporal Delta
+  Cache, or sets its dynamic layers' formats, runs it, and measures Γ / Δ on the device.
+
+``torch.compile``: the step logic is compiler-disabled host bookkeeping, so compiling the whole transformer
+(``torch.compile(transformer)``, ``transformer.compile()``) traces its forward between graph breaks at the
+step hooks and at each block's bookkeeping; the block hook's bookkeeping (``Controller.block_begin`` /
+``block_end``) and each *dynamic* layer (its format changes from step to step) are compiler-disabled too, so a
+compiled block (``block.compile()``, ``compile_repeated_blocks()``) graph-breaks there and traces the rest,
+static quantized layers included.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from sixbit_tune.runtime._diffusers import ModelHook
+from sixbit_tune.compat import ModelHook, StatefulHook
 
 STEP_HOOK = "sixbit_tune.step"
 BLOCK_HOOK = "sixbit_tune.block"
 
 
-class StepHook(ModelHook):
-    """Transformer-level hook: one :meth:`Controller.run_call` per transformer call."""
-
-    _is_stateful = True
+class StepHook(StatefulHook):
+    """Transformer-level diffusers hook: the cache context arrives in :attr:`state_manager`; the reset at the end of
+    a pipeline call ends the controller's run."""
 
     def __init__(self, controller):
         super().__init__()
         self.controller = controller
         self.state_manager = controller.state_manager  # diffusers' cache_context() sets the context here
 
-    def new_forward(self, module, *args, **kwargs):
-        return _run_call(self.controller, self.fn_ref.original_forward, args, kwargs)
-
     def reset_state(self, module):
-        self.controller.end_run(completed=True)
+        if self.controller is not None:
+            self.controller.end_run(completed=True)
         return module
 
 
-@torch.compiler.disable
-def _run_call(controller, forward, args, kwargs):
-    return controller.run_call(forward, args, kwargs)
+def install_call_hooks(transformer: torch.nn.Module, controller) -> list:
+    """Torch hooks around every call of ``transformer`` running :meth:`Controller.call_begin` / ``call_end``;
+    returns their ``RemovableHandle`` s."""
+
+    @torch.compiler.disable
+    def pre(module, args, kwargs):
+        controller.call_begin(args, kwargs)
+
+    @torch.compiler.disable
+    def post(module, args, kwargs, output):
+        # Always called: with output None and an exception being handled when the forward (or ``pre``) raised.
+        controller.call_end(output, failed=output is None and sys.exc_info()[0] is not None)
+
+    return [
+        transformer.register_forward_pre_hook(pre, with_kwargs=True),
+        transformer.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
 
 
 class BlockHook(ModelHook):
