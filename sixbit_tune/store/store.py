@@ -426,7 +426,7 @@ class Store:
         self._lock = threading.Lock()
         self._files: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
         self._damaged: list[DamagedPart] = []
-        self._skipped: set[str] = set()
+        self._skipped: dict[str, tuple[int, int, int, int]] = {}  # damaged, left in place: path -> stat
         self._unchecksummed: set[Path] = set()
         with self._lock:
             self._refresh()
@@ -658,10 +658,10 @@ class Store:
 
     def _part_ok(self, root: Path, table: str, path: Path) -> bool:
         key = str(path)
-        if key in self._skipped:
-            return False
         try:
             st = os.stat(path)
+            if self._skipped.get(key) == _stat_key(st):
+                return False  # damaged and left in place, unchanged since (a restored copy is checked again)
             with _VERIFIED_LOCK:
                 if _VERIFIED.get(key) == _stat_key(st):
                     return True
@@ -685,7 +685,7 @@ class Store:
         if gone:
             return False
         if moved is None:
-            self._skipped.add(key)
+            self._skipped[key] = _stat_key(st)
         self._damaged.append(DamagedPart(table, path, reason, moved))
         where = (
             f"moved to {moved}" if moved is not None

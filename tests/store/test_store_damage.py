@@ -319,6 +319,8 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
                     sys.exit("opened for writing")
             with Store.open(root, read_only=True) as s:
                 print("RUNS", len(s.runs()), "LAYER_STEPS", len(s.layer_steps()))
+            from sixbit_tune.store.__main__ import main as store_cli
+            print("CLI", store_cli(["info", root]), store_cli(["migrate", root]), store_cli(["verify", root]))
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 with Store.open(other, read_only=True) as s:
@@ -333,6 +335,8 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
         assert out.count("REFUSED") == 2
         assert f"the store at {root} is not writable" in out and "cp -r" in out and "read_only=True" in out
         assert "RUNS 1 LAYER_STEPS 36" in out
+        assert "CLI 0 2 0" in out and "layer_steps            36 rows" in out and "every part is whole" in out
+        assert probe.stderr.count("is not writable") == 1  # migrate refused
         assert "PROMPTS [0, 1, 2] TRIALS 3" in out
         assert f"DAMAGED [('{bad}', None)]" in out
         assert str(bad) in out.split("WARNED", 1)[1] and "left in place" in out
