@@ -233,3 +233,49 @@ def test_searching_another_model_than_the_fitted_one_is_refused(store_copy):
 
     with pytest.raises(ValueError, match="was made on 'tiny:wan'"):
         SearchContext(search_config(store_copy, model="tiny:cogvideox"))
+
+
+def test_a_killed_worker_is_reported_in_one_line_and_the_study_resumes(store_copy):
+    args = cli_args(store_copy, 6, "--study", "dead", "--workers", "2")
+    args[args.index("--repeats") + 1] = "12"  # trials of ~1 s: the kill lands inside one
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        deadline = time.time() + 240
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                study = optuna.load_study(study_name="dead", storage=_journal(store_copy))
+            except KeyError:  # not created yet
+                continue
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                pid = (t.user_attrs.get("worker") or {}).get("pid")
+                if t.number >= 2 and pid and pid != proc.pid:
+                    victim = (t.number, pid)
+                    os.kill(pid, signal.SIGKILL)
+                    break
+        assert victim is not None, "no worker ran trial 2 or later"
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    number, pid = victim
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    reports = [line for line in err.splitlines() if "search worker" in line]
+    assert len(reports) == 1, err[-3000:]
+    assert f"(pid {pid}) was killed by SIGKILL" in reports[0]
+    assert f"running trial(s) [{number}] marked FAIL" in reports[0] and "run the same command again" in reports[0]
+    study = optuna.load_study(study_name="dead", storage=_journal(store_copy))
+    assert study.trials[number].state == TrialState.FAIL
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+    args[args.index("--repeats") + 1] = "1"
+    res = run_cli(args, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="dead", storage=_journal(store_copy))
+    assert [t.number for t in study.trials] == list(range(6))
+    assert [t.number for t in study.trials if t.state != TrialState.COMPLETE] == [number]
+    rows = _mirror(store_copy, "dead")
+    assert dict(zip(rows["number"], rows["state"])) == {t.number: t.state.name for t in study.trials}
