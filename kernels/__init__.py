@@ -1,7 +1,9 @@
 """Triton kernels and their dispatch, imported as ``sixbit_tune.kernels``.
 
 Importing this package never needs Triton: the kernel modules are imported lazily by :mod:`.dispatch`, and
-without Triton every operation uses the reference numerics of :mod:`sixbit_tune.formats`.
+without Triton every operation uses the reference numerics of :mod:`sixbit_tune.formats` (FP8 on the GPU still
+uses ``torch._scaled_mm``). The entry points are torch custom operators (:mod:`.ops`, :mod:`.triton_ops`), so
+``torch.compile(fullgraph=True)`` traces code that calls them without graph breaks.
 
 This folder sits at the top of the repository, so a process started there (``python -m pytest``, ``python -c``)
 finds it as a top-level package named ``kernels`` before the installed distribution of that name, which
