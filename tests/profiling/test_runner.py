@@ -186,3 +186,67 @@ def test_layer_every_records_layers_on_every_kth_step_only(tmp_path, family):
         assert list(blocks["step"]) == [0, 1, 2]
         assert list(layers["step"]) == [0, 2]
         assert json.loads(s.runs()["settings"][0])["layer_every"] == 2
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a dead child its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_killing_the_parent_stops_the_workers(tmp_path):
+    import psutil
+
+    store = tmp_path / "s"
+    n_prompts = 60
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"prompt {i} a cat" for i in range(n_prompts)]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sixbit_tune", "profile", "--model", "tiny:wan", "--prompts", str(prompts),
+         "--steps", "3", "--store", str(store), "--workers", "2", "--no-progress", "--device", "cpu"],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # both workers started and wrote a prompt
+            parts = [p.name for p in (store / "block_steps").glob("*.parquet")] if store.exists() else []
+            if any("-w0-" in p for p in parts) and any("-w1-" in p for p in parts):
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"profile process ended early with {proc.returncode}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("the two workers did not both finish a prompt within 180 s")
+        workers = [c.pid for c in psutil.Process(proc.pid).children()
+                   if any("spawn_main" in a for a in c.cmdline())]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 5
+        while any(_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "workers still running 5 s after their parent was killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    written = sorted(p.name for p in (store / "block_steps").glob("*.parquet"))
+    time.sleep(2)
+    assert sorted(p.name for p in (store / "block_steps").glob("*.parquet")) == written  # nobody writes any more
+    n_blocks, n_layers = _expected("wan")
+    with Store.open(store, read_only=True) as s:
+        assert list(s.runs()["status"]) == ["running"]  # killed: never marked finished
+        b = s.query("SELECT prompt_index, count(*) AS n FROM block_steps GROUP BY ALL ORDER BY ALL")
+        assert 2 <= len(b) < n_prompts
+        assert {i % 2 for i in b["prompt_index"]} == {0, 1}  # both workers' prompts are there
+        assert (b["n"] == n_blocks * 2 * 3).all()
+        lay = s.query("SELECT prompt_index, count(*) AS n FROM layer_steps GROUP BY ALL ORDER BY ALL")
+        done = lay[lay["prompt_index"].isin(b["prompt_index"])]
+        assert len(done) == len(b) and (done["n"] == n_layers * 2 * 3 * 2).all()
