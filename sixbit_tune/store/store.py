@@ -468,6 +468,7 @@ class Store:
             raise FileExistsError(
                 f"{root} is not empty ({foreign[:5]}) and is no store; choose an empty or new folder for the store"
             )
+        _require_writable(root)
         # meta.json appears exactly once, atomically (link fails if it exists): of several processes creating
         # the same store at once, one creates it and the others open it.
         tmp = root / f"{META}.{uuid.uuid4().hex}.tmp"

@@ -18,6 +18,9 @@ from sixbit_tune.store import Store
 
 WORKER = Path(__file__).with_name("_store_worker.py")
 
+# Parts appear whole (written under .tmp/, checksummed, renamed): no reader may ever flag one as damaged here.
+pytestmark = pytest.mark.filterwarnings("error::sixbit_tune.store.StoreDamageWarning")
+
 
 def _spawn(store: Path, worker_id: str, mode: str, parts: int, rows: int, sleep_s: float) -> subprocess.Popen:
     return subprocess.Popen(

@@ -360,27 +360,31 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
     assert (trial_root / "quarantine" / "block_steps" / bad.name).is_file()
 
 
-def test_store_in_an_unwritable_parent_cannot_be_created(tmp_path):
+def test_store_in_an_unwritable_folder_cannot_be_created(tmp_path):
     parent = tmp_path / "locked"
-    parent.mkdir()
+    (parent / "empty").mkdir(parents=True)
     _make_read_only(parent)
     try:
         r = _run_unprivileged(
             """
             import sys
             from sixbit_tune.store import Store, StoreError
-            try:
-                Store.create(sys.argv[1])
-            except StoreError as e:
-                print("REFUSED", e)
+            for path in sys.argv[1:]:
+                try:
+                    Store.create(path, exist_ok=True)
+                except StoreError as e:
+                    print("REFUSED", e)
             """,
-            str(parent / "store"),
+            str(parent / "store"), str(parent / "empty"),
         )
     finally:
         _make_writable(parent)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"REFUSED cannot create the store folder {parent / 'store'}")
+    new, empty = r.stdout.splitlines()
+    assert new.startswith(f"REFUSED cannot create the store folder {parent / 'store'}")
+    assert empty.startswith(f"REFUSED the store at {parent / 'empty'} is not writable")
     assert issubclass(StoreReadOnlyError, StoreError) and not (parent / "store").exists()
+    assert list((parent / "empty").iterdir()) == []
 
 
 def test_verify_command_names_damaged_parts(tmp_path, capsys):
