@@ -26,6 +26,7 @@ from torch import nn
 
 from sixbit_tune.errors import NotBuiltYet, UnsupportedModelError
 from sixbit_tune.models.adapters import FAMILIES, family_of, supported_classes
+from sixbit_tune.models.loading import keep_in_fp32_modules, loaded_dtype, pipeline_as_loaded
 from sixbit_tune.models.tiny import TINY_TRANSFORMER_KWARGS, tiny_pipeline, tiny_transformer
 
 __all__ = [
@@ -229,8 +230,12 @@ def load_pipeline(spec: str, device=None, dtype=None):
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
         pipe = DiffusionPipeline.from_pretrained(arg, **kwargs)
         family_of(pipe)  # a pipeline without a supported transformer is refused here
-    if device is not None or (dtype is not None and kind in ("tiny", "reference")):
-        pipe = pipe.to(device=device, dtype=dtype)
+    if dtype is not None and kind == "tiny":
+        pipeline_as_loaded(pipe, dtype)  # built in float32: give it the dtypes from_pretrained would
+    # from_pretrained (folders, repo ids, the reference model) already gave every module its dtype; a cast here
+    # would also turn the modules diffusers keeps in float32 into ``dtype``.
+    if device is not None:
+        pipe = pipe.to(device=device)
     return pipe
 
 
@@ -239,18 +244,26 @@ def build_shape_transformer(name: str, device=None, dtype=None, seed: int = 0) -
 
     Parameters are created on the meta device during construction and then materialised once, on ``device`` and
     in ``dtype`` (default bfloat16), and initialised there with each module's own ``reset_parameters`` (custom
-    parameters: normal with std ``1/sqrt(last dim)``). Buffers (positional tables) are computed by the constructor
-    in float32, as in ``from_pretrained``; the class's ``_keep_in_fp32_modules`` stay float32 as in
-    ``from_pretrained(torch_dtype=...)``. ``device="meta"`` allocates nothing (shapes only).
+    parameters: normal with std ``1/sqrt(last dim)``). Every parameter and buffer gets the dtype
+    ``from_pretrained(torch_dtype=dtype)`` would give it (:mod:`sixbit_tune.models.loading`): the class's
+    ``_keep_in_fp32_modules`` stay float32, persistent floating buffers take ``dtype``, non-persistent ones keep
+    the constructor's dtype. ``device="meta"`` allocates nothing (shapes only).
 
     Raises:
         UnsupportedModelError: unknown name.
     """
     if name not in SHAPE_CONFIGS:
         raise UnsupportedModelError(f"unknown shape {name!r}; known: {', '.join(SHAPE_CONFIGS)}")
+    class_name, config = SHAPE_CONFIGS[name]
+    return build_from_config(class_name, config, device=device, dtype=dtype, seed=seed)
+
+
+def build_from_config(class_name: str, config: dict[str, Any], device=None, dtype=None, seed: int = 0) -> nn.Module:
+    """A diffusers model of class ``class_name`` built from ``config`` with random weights, as
+    :func:`build_shape_transformer` describes (the same per-module dtypes as ``from_pretrained(torch_dtype=dtype)``).
+    """
     import diffusers
 
-    class_name, config = SHAPE_CONFIGS[name]
     cls = getattr(diffusers, class_name)
     device = torch.device(device if device is not None else "cpu")
     dtype = dtype if dtype is not None else torch.bfloat16
@@ -258,8 +271,7 @@ def build_shape_transformer(name: str, device=None, dtype=None, seed: int = 0) -
     # does, then moved.
     with _parameters_on_meta(), torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
         model = cls(**config)
-    keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    _materialize(model, device, dtype, keep, seed)
+    _materialize(model, device, dtype, keep_in_fp32_modules(cls), seed)
     return model.eval()
 
 
@@ -383,21 +395,26 @@ def _parameters_on_meta():
 
 @torch.no_grad()
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype, keep_fp32: tuple, seed: int) -> None:
-    """Give every meta parameter storage on ``device`` and random values; move buffers to ``device``."""
+    """Give every meta parameter storage on ``device`` and random values; move buffers to ``device``. Dtypes are
+    those of ``from_pretrained(torch_dtype=dtype)`` (:func:`sixbit_tune.models.loading.loaded_dtype` for parameters
+    and persistent floating buffers; non-persistent buffers keep the constructor's dtype)."""
+    persistent = set(model.state_dict(keep_vars=True))
     for mod_name, module in model.named_modules():
         for pname, param in list(module._parameters.items()):
             if param is None:
                 continue
             full = f"{mod_name}.{pname}" if mod_name else pname
-            target = torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
-            if not torch.is_floating_point(param):
-                target = param.dtype
+            target = loaded_dtype(full, dtype, keep_fp32) if torch.is_floating_point(param) else param.dtype
             module._parameters[pname] = nn.Parameter(
                 torch.empty(param.shape, device=device, dtype=target), requires_grad=param.requires_grad
             )
         for bname, buf in list(module._buffers.items()):
-            if buf is not None:
-                module._buffers[bname] = buf.to(device)
+            if buf is None:
+                continue
+            full = f"{mod_name}.{bname}" if mod_name else bname
+            if full in persistent and torch.is_floating_point(buf):
+                buf = buf.to(loaded_dtype(full, dtype, keep_fp32))
+            module._buffers[bname] = buf.to(device)
     if device.type == "meta":
         return
     rng_devices = [device] if device.type == "cuda" else []

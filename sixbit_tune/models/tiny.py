@@ -4,7 +4,7 @@ Every in-block ``nn.Linear`` of the tiny transformers has in/out widths that are
 (blocks of 16) and the kernels' tiles apply unchanged. One transformer config per family serves both
 ``tiny:<family>`` transformers and the tiny pipelines (the pipeline's latent channels match the transformer's).
 
-Pipelines follow the team's verified recipe (FACTS a7): a T5 tokenizer built from an in-memory Unigram vocabulary,
+Pipelines are built offline: a T5 tokenizer over an in-memory Unigram vocabulary ((piece, score) pairs, no files),
 tiny ``T5EncoderModel`` / ``UMT5EncoderModel`` text encoders in eval mode, tiny VAEs, stock schedulers. HunyuanVideo
 gets no text encoders or tokenizers; :func:`tiny_pipeline_call_kwargs` supplies ``prompt_embeds`` instead.
 """
@@ -123,7 +123,11 @@ def _check_family(family: str) -> None:
 
 
 def tiny_transformer(family: str, seed: int = 0, device=None, dtype=None) -> torch.nn.Module:
-    """A random tiny transformer of ``family`` in eval mode (weights depend only on ``seed``)."""
+    """A random tiny transformer of ``family`` in eval mode (weights depend only on ``seed``).
+
+    With a ``dtype``, every parameter and buffer gets the dtype ``from_pretrained(torch_dtype=dtype)`` would give
+    it (the class's ``_keep_in_fp32_modules`` stay float32: :func:`sixbit_tune.models.loading.cast_as_loaded`).
+    """
     _check_family(family)
     import diffusers
 
@@ -132,8 +136,12 @@ def tiny_transformer(family: str, seed: int = 0, device=None, dtype=None) -> tor
         torch.manual_seed(seed)
         model = cls(**TINY_TRANSFORMER_KWARGS[family])
     model.eval()
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+    if dtype is not None:
+        from sixbit_tune.models.loading import cast_as_loaded
+
+        cast_as_loaded(model, dtype)
+    if device is not None:
+        model.to(device=device)
     return model
 
 
@@ -205,7 +213,7 @@ TINY_VIDEO = {
 
 
 def word_tokenizer(words, score_step: float = 0.0):
-    """A ``T5Tokenizer`` over an in-memory Unigram vocabulary of whole ``words`` (no files, no network; FACTS a7).
+    """A ``T5Tokenizer`` over an in-memory Unigram vocabulary of whole ``words`` (no files, no network).
 
     Ids: pad 0, eos 1, unk 2, the word boundary 3, then one piece per word with score ``-1 - i * score_step``.
     """
@@ -217,9 +225,9 @@ def word_tokenizer(words, score_step: float = 0.0):
 
 
 def _tiny_text_encoder(family: str, vocab_size: int):
-    from transformers import T5Config, T5EncoderModel, UMT5EncoderModel
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config = (UMT5Config if family == "wan" else T5Config)(
         vocab_size=vocab_size,
         d_model=TINY_TEXT_DIM,
         d_kv=8,

@@ -16,7 +16,8 @@ from sixbit_tune.models.tiny import TINY_TRANSFORMER_KWARGS, tiny_transformer, t
 
 ALL = sorted(FAMILIES)
 
-# FACTS a2 (linears per block), written out; sets because registration order is not part of the contract.
+# The nn.Linear modules inside one block of each family (diffusers' block classes), written out; sets because
+# registration order is not part of the contract.
 _COG = {"norm1.linear", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm2.linear"}
 _COG |= {"ff.net.0.proj", "ff.net.2"}
 _SELF_CROSS = {f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")}
@@ -183,7 +184,8 @@ def test_streams_in_positional_or_keyword(models, family):
 
 
 def test_streams_in_traces_without_graph_breaks(models):
-    """No per-call inspect: streams_in compiles with fullgraph=True (FACTS a5)."""
+    """No per-call inspect: streams_in compiles with fullgraph=True (inspect.signature inside a compiled function
+    would break the graph)."""
     adapter = get_adapter(models["cogvideox"])
     ref = adapter.blocks()[0]
 

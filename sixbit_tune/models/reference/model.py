@@ -2,7 +2,7 @@
 
 The architecture is diffusers' own ``WanTransformer3DModel`` in pixel space (3 channels, patch 1x4x4, so a default
 8x32x32 clip is 8*8*8 = 512 tokens), conditioned through a tiny ``UMT5EncoderModel`` over a ``T5Tokenizer`` whose
-Unigram vocabulary holds the data generator's words (FACTS a7). Every in-block Linear width is a multiple of 32
+Unigram vocabulary holds the data generator's words (built in memory from (piece, score) pairs, no files). Every in-block Linear width is a multiple of 32
 (dim 256, ffn 1024), so NVFP4 (block 16) and INT8 apply to every block layer.
 """
 
