@@ -71,15 +71,17 @@ def bench_shape(name: str, shape, rows: list[dict]) -> None:
     variants["sdpa default (bf16)"] = sdpa()
     variants["sdpa cudnn (bf16)"] = sdpa(SDPBackend.CUDNN_ATTENTION)
     variants["sdpa flash (bf16)"] = sdpa(SDPBackend.FLASH_ATTENTION)
-    t0 = time.perf_counter()
-    att.attention_fp8(q, k, v)  # autotunes once per shape
-    torch.cuda.synchronize()
-    tune_s = time.perf_counter() - t0
-    variants["ours 8-bit (with quantizers)"] = lambda: att.attention_fp8(q, k, v)
-    codes = att.quantize_qkv(q, k, v)
-    variants["ours 8-bit (kernel only)"] = lambda: att.attention_kernel_only(codes, q.shape, q.dtype,
-                                                                         1.0 / D ** 0.5)
-    variants["ours quantizers only"] = lambda: att.quantize_qkv(q, k, v)
+    tune_s = {}
+    for fmt in ("int8", "fp8"):
+        t0 = time.perf_counter()
+        att.attention_8bit(q, k, v, qk_format=fmt)  # autotunes once per shape and format
+        torch.cuda.synchronize()
+        tune_s[fmt] = time.perf_counter() - t0
+        codes = att.quantize_qkv(q, k, v, fmt)
+        variants[f"ours {fmt}-QK/fp8-PV (with quantizers)"] = (lambda f=fmt: att.attention_8bit(q, k, v, qk_format=f))
+        variants[f"ours {fmt}-QK/fp8-PV (kernel only)"] = (
+            lambda c=codes: att.attention_kernel_only(c, q.shape, q.dtype, 1.0 / D ** 0.5))
+        variants[f"ours {fmt} quantizers only"] = lambda f=fmt: att.quantize_qkv(q, k, v, f)
 
     base = None
     for vname, fn in variants.items():
@@ -98,8 +100,11 @@ def bench_shape(name: str, shape, rows: list[dict]) -> None:
             row["tflops"] = flops / ms / 1e9
             row["rel_err_vs_sdpa_bf16"] = _rel(out, ref_out)
             row["rel_err_vs_fp64_first256"] = _rel(out[:, :, :256], exact)
-        if vname.startswith("ours 8-bit (with"):
-            row["autotune_s"] = tune_s
+        for fmt, secs in tune_s.items():
+            if vname.startswith(f"ours {fmt}-QK") and "with quantizers" in vname:
+                row["autotune_s"] = secs
+                row["best_config"] = str(att._attn_fwd_tuned.cache.get(
+                    next((key for key in att._attn_fwd_tuned.cache if str(key).find(str(S)) >= 0), None)))
         rows.append(row)
     for row in rows:
         if row["shape_name"] == name and "ms" in row and base:

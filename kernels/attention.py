@@ -1,4 +1,4 @@
-"""8-bit attention for Hopper in Triton: INT8 ``Q·Kᵀ``, FP8 ``P·V``.
+"""8-bit attention for Hopper in Triton: INT8 (or FP8) ``Q·Kᵀ``, FP8 ``P·V``.
 
 Numerics: :mod:`sixbit_tune.formats.attention` (K smoothing, per-token INT8 Q and K, per-channel FP8 V, softmax
 probabilities scaled by 448 and cast to FP8 for the second product). Three launches per call:
@@ -14,7 +14,7 @@ probabilities scaled by 448 and cast to FP8 for the second product). Three launc
    ``BLOCK_N`` keys (exp2, with ``1/√D·log2 e`` folded into the query scales); full key blocks run unmasked and
    the last partial block masked.
 
-``attention_fp8(q, k, v)`` is registered as the custom op ``sixbit::attention_fp8`` so ``torch.compile`` traces
+``attention_8bit(q, k, v)`` is registered as the custom op ``sixbit::attention_8bit`` so ``torch.compile`` traces
 through it. Importing this module needs Triton; :mod:`sixbit_tune.kernels.dispatch` imports it lazily.
 """
 
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from sixbit_tune.formats import fp8
-from sixbit_tune.formats.attention import check_attention_inputs
+from sixbit_tune.formats.attention import check_attention_inputs, check_qk_format
 
 from ._triton_support import interpreting
 from .quant import _int8_codes
@@ -62,6 +62,7 @@ def _quant_rows_kernel(
     n_rows, S, H,
     stride_b, stride_h, stride_s, stride_d,
     D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MEAN: tl.constexpr, USE_RINT: tl.constexpr,
+    QK_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -77,8 +78,17 @@ def _quant_rows_kernel(
         mu = tl.load(mean_ptr + bh[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         x = x - mu
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.math.div_rn(amax, tl.full([BLOCK_R], 127.0, tl.float32))
-    codes = _int8_codes(x, scale, BLOCK_R, D, USE_RINT)
+    if QK_FP8:  # formats.fp8: scale amax/448, r = 1/scale, both 0 where r is not finite
+        scale = tl.math.div_rn(amax, tl.full([BLOCK_R], E4M3_MAX, tl.float32))
+        r = tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), scale)
+        usable = (scale > 0.0) & (r < float("inf"))
+        scale = tl.where(usable, scale, 0.0)
+        r = tl.where(usable, r, 0.0)
+        y = tl.where(r[:, None] == 0, 0.0, tl.clamp(x * r[:, None], -E4M3_MAX, E4M3_MAX))
+        codes = _round_e4m3(y).to(tl.float8e4nv)
+    else:
+        scale = tl.math.div_rn(amax, tl.full([BLOCK_R], 127.0, tl.float32))
+        codes = _int8_codes(x, scale, BLOCK_R, D, USE_RINT)
     tl.store(codes_ptr + rows[:, None] * D + offs_d[None, :], codes, mask=row_ok[:, None])
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
@@ -109,7 +119,7 @@ def _quant_v_kernel(
 # ------------------------------------------------------------------------------------------------ attention
 @triton.jit
 def _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, offs_n, S_k, MASKED: tl.constexpr,
-                ROUND_P: tl.constexpr):
+                ROUND_P: tl.constexpr, QK_FP8: tl.constexpr):
     if MASKED:
         n_ok = offs_n < S_k
         k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
@@ -119,10 +129,13 @@ def _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, offs_n, S_k, MAS
         k = tl.load(k_ptrs)
         ks = tl.load(ks_ptrs)
         vt = tl.load(vt_ptrs)
-    qk = tl.dot(q, tl.trans(k))  # int32, |qk| <= 127 * 127 * D < 2**22 for D <= 256
-    # int32 -> float32 through the bits of 1.5 * 2**23 + qk (an integer add and a float subtract, both full
-    # rate; the conversion instruction runs at a fraction of that and would limit the whole loop)
-    qk = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * qs[:, None] * ks[None, :]
+    if QK_FP8:
+        qk = tl.dot(q, tl.trans(k)) * qs[:, None] * ks[None, :]
+    else:
+        qk = tl.dot(q, tl.trans(k))  # int32, |qk| <= 127 * 127 * D < 2**22 for D <= 256
+        # int32 -> float32 through the bits of 1.5 * 2**23 + qk (an integer add and a float subtract, both full
+        # rate; the conversion instruction runs at a fraction of that and would limit the whole loop)
+        qk = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * qs[:, None] * ks[None, :]
     if MASKED:
         qk = tl.where(n_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -142,7 +155,7 @@ def _attn_fwd_kernel(
     q_ptr, qs_ptr, k_ptr, ks_ptr, vt_ptr, vs_ptr, o_ptr,
     S_q, S_k, H, qk_scale,
     stride_ob, stride_oh, stride_os, stride_od,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_P: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_P: tl.constexpr, QK_FP8: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -163,13 +176,13 @@ def _attn_fwd_kernel(
     n_full = (S_k // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, start_n + offs_n, S_k,
-                                    MASKED=False, ROUND_P=ROUND_P)
+                                    MASKED=False, ROUND_P=ROUND_P, QK_FP8=QK_FP8)
         k_ptrs += BLOCK_N * D
         ks_ptrs += BLOCK_N
         vt_ptrs += BLOCK_N
     if n_full < S_k:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, n_full + offs_n, S_k,
-                                    MASKED=True, ROUND_P=ROUND_P)
+                                    MASKED=True, ROUND_P=ROUND_P, QK_FP8=QK_FP8)
 
     vs = tl.load(vs_ptr + bh * D + offs_d) / E4M3_MAX
     o = acc * vs[None, :] / l_i[:, None]
@@ -182,25 +195,29 @@ def _attn_fwd_kernel(
 def _configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3)]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 3), (64, 128, 4, 3),
+                              (128, 64, 8, 3), (64, 64, 4, 4)]
     ]
 
 
-_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["S_q", "S_k", "D"])(_attn_fwd_kernel)
+_attn_fwd_tuned = triton.autotune(configs=_configs(), key=["S_q", "S_k", "D", "QK_FP8"])(_attn_fwd_kernel)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-def quantize_qk_rows(x: torch.Tensor, mean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token INT8 codes ``(B, H, S, D)`` and float32 scales ``(B, H, S)`` of ``x`` (minus ``mean`` ``(B, H, D)``)."""
+def quantize_qk_rows(x: torch.Tensor, mean: torch.Tensor | None = None,
+                     qk_format: str = "int8") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token codes ``(B, H, S, D)`` (int8, or E4M3 for ``qk_format="fp8"``) and float32 scales ``(B, H, S)``
+    of ``x`` (minus ``mean`` ``(B, H, D)``)."""
     B, H, S, D = x.shape
-    codes = torch.empty((B, H, S, D), dtype=torch.int8, device=x.device)
+    fp8_codes = check_qk_format(qk_format) == "fp8"
+    codes = torch.empty((B, H, S, D), dtype=torch.float8_e4m3fn if fp8_codes else torch.int8, device=x.device)
     scale = torch.empty((B, H, S), dtype=torch.float32, device=x.device)
     n_rows = B * H * S
     block_r = 16 if interpreting() else 32
     mean_arg = mean.contiguous() if mean is not None else scale
     _quant_rows_kernel[(triton.cdiv(n_rows, block_r),)](
         x, mean_arg, codes, scale, n_rows, S, H, *x.stride(),
-        D=D, BLOCK_R=block_r, HAS_MEAN=mean is not None, USE_RINT=not interpreting(),
+        D=D, BLOCK_R=block_r, HAS_MEAN=mean is not None, USE_RINT=not interpreting(), QK_FP8=fp8_codes,
     )
     return codes, scale
 
@@ -216,10 +233,10 @@ def quantize_v_channels(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8"):
     """The kernels' version of :func:`sixbit_tune.formats.attention.quantize_qkv` (bit-identical)."""
-    q_codes, q_scale = quantize_qk_rows(q)
-    k_codes, k_scale = quantize_qk_rows(k, k.float().mean(dim=-2))
+    q_codes, q_scale = quantize_qk_rows(q, qk_format=qk_format)
+    k_codes, k_scale = quantize_qk_rows(k, k.float().mean(dim=-2), qk_format=qk_format)
     v_codes, v_scale = quantize_v_channels(v)
     return q_codes, q_scale, k_codes, k_scale, v_codes, v_scale
 
@@ -231,10 +248,13 @@ def attention_kernel_only(codes, shape, dtype: torch.dtype, scale: float) -> tor
     S_k = k_codes.shape[2]
     out = torch.empty((B, H, S_q, D), dtype=dtype, device=q_codes.device)
     args = (q_codes, q_scale, k_codes, k_scale, v_codes, v_scale, out, S_q, S_k, H, scale * LOG2_E, *out.stride())
+    qk_fp8 = q_codes.dtype == torch.float8_e4m3fn
     if interpreting():
-        _attn_fwd_kernel[(triton.cdiv(S_q, 16), B * H)](*args, D=D, BLOCK_M=16, BLOCK_N=16, ROUND_P=True)
+        _attn_fwd_kernel[(triton.cdiv(S_q, 16), B * H)](*args, D=D, BLOCK_M=16, BLOCK_N=16, ROUND_P=True,
+                                                         QK_FP8=qk_fp8)
     else:
-        _attn_fwd_tuned[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](*args, D=D, ROUND_P=False)
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H)](*args, D=D, ROUND_P=False,
+                                                                                QK_FP8=qk_fp8)
     return out
 
 
@@ -247,22 +267,28 @@ def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> No
         raise ValueError(f"the FP8 attention kernel takes head_dim 16, 32, 64, 128 or 256, got {D}")
 
 
-@torch.library.custom_op("sixbit::attention_fp8", mutates_args=())
-def attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return attention_kernel_only(quantize_qkv(q, k, v), q.shape, q.dtype, scale)
+@torch.library.custom_op("sixbit::attention_8bit", mutates_args=())
+def attention_8bit_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      qk_format: str) -> torch.Tensor:
+    return attention_kernel_only(quantize_qkv(q, k, v, qk_format), q.shape, q.dtype, scale)
 
 
-@attention_fp8_op.register_fake
-def _(q, k, v, scale):
+@attention_8bit_op.register_fake
+def _(q, k, v, scale, qk_format):
     return q.new_empty(q.shape)
 
 
-def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Non-causal FP8 attention of ``(B, H, S, D)`` tensors; ``(B, H, S_q, D)`` in ``q``'s dtype.
+def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   qk_format: str = "int8") -> torch.Tensor:
+    """Non-causal 8-bit attention of ``(B, H, S, D)`` tensors; ``(B, H, S_q, D)`` in ``q``'s dtype.
+
+    Args:
+        qk_format: ``"int8"`` (default) or ``"fp8"``: the operands of ``Q·Kᵀ`` (``P·V`` is always FP8).
 
     Raises:
-        TypeError, ValueError: tensors the kernel does not take.
+        TypeError, ValueError: tensors the kernel does not take, or an unknown ``qk_format``.
     """
     check_kernel_inputs(q, k, v)
+    check_qk_format(qk_format)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return attention_fp8_op(q, k, v, sm_scale)
+    return attention_8bit_op(q, k, v, sm_scale, qk_format)

@@ -9,8 +9,10 @@ measured 2-3x less error on the scores):
    shifts by one constant, so the softmax is unchanged, while the channel-wise offset that dominates K's range
    in diffusion transformers leaves the quantized values.
 2. **Q and K** are quantized to INT8 per token exactly as activations are (:func:`sixbit_tune.formats.int8.quantize`
-   over ``head_dim``: scale ``amax/127``, round half to even, a zero row has scale 0 and zero codes).
-3. **Scores** ``S = (Q_code·K_codeᵀ) · s_q · s_kᵀ / √D``: an exact integer product, then float32.
+   over ``head_dim``: scale ``amax/127``, round half to even, a zero row has scale 0 and zero codes); with
+   ``qk_format="fp8"``, to E4M3 per token by :func:`sixbit_tune.formats.fp8.quantize` instead.
+3. **Scores** ``S = (Q_code·K_codeᵀ) · s_q · s_kᵀ / √D``: the product exact (integer, or float32 accumulation
+   of E4M3 products), then float32.
 4. **Probabilities.** ``P = exp(S − m)`` with ``m`` the row maximum; ``P·448`` (values in (0, 448]) is cast to
    e4m3 for the second product; the row sum ``l = Σ P`` stays float32.
 5. **V** is quantized to E4M3 per channel (one scale per (batch, head, channel), over all tokens) exactly as
@@ -33,7 +35,17 @@ from sixbit_tune.formats import fp8, int8
 from sixbit_tune.formats.common import check_float_input
 from sixbit_tune.formats.fp8 import E4M3_MAX
 
-__all__ = ["attention_fp8_reference", "check_attention_inputs", "quantize_qkv", "smooth_k"]
+QK_FORMATS = ("int8", "fp8")
+
+__all__ = ["QK_FORMATS", "attention_8bit_reference", "check_attention_inputs", "check_qk_format", "quantize_qkv",
+           "smooth_k"]
+
+
+def check_qk_format(qk_format: str) -> str:
+    """Return ``qk_format`` if it is one of :data:`QK_FORMATS`, else raise ValueError."""
+    if qk_format not in QK_FORMATS:
+        raise ValueError(f"unknown Q·Kᵀ format {qk_format!r}; expected one of {QK_FORMATS}")
+    return qk_format
 
 
 def smooth_k(k: torch.Tensor) -> torch.Tensor:
@@ -42,14 +54,15 @@ def smooth_k(k: torch.Tensor) -> torch.Tensor:
     return kf - kf.mean(dim=-2, keepdim=True)
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_format: str = "int8"):
     """Steps 1, 2 and 5: ``(q_codes, q_scale, k_codes, k_scale, v_codes, v_scale)``.
 
     ``q_codes``/``k_codes`` are int8 of the input's shape with ``(B, H, S)`` scales; ``v_codes`` is
     ``(B, H, D, S)`` E4M3 (channel-major: the layout the kernel's second product reads), ``v_scale`` ``(B, H, D)``.
     """
-    q_codes, q_scale = int8.quantize(q, check=False)
-    k_codes, k_scale = int8.quantize(smooth_k(k), check=False)
+    fmt = {"int8": int8, "fp8": fp8}[check_qk_format(qk_format)]
+    q_codes, q_scale = fmt.quantize(q, check=False)
+    k_codes, k_scale = fmt.quantize(smooth_k(k), check=False)
     v_codes, v_scale = fp8.quantize(v.transpose(-1, -2), check=False)
     return q_codes, q_scale, k_codes, k_scale, v_codes, v_scale
 
@@ -65,13 +78,15 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fi
         raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
-def attention_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            scale: float | None = None) -> torch.Tensor:
-    """Non-causal attention with the FP8 numerics above; ``(B, H, S_q, D)`` in ``q``'s dtype.
+def attention_8bit_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             scale: float | None = None, qk_format: str = "int8") -> torch.Tensor:
+    """Non-causal attention with the 8-bit numerics above; ``(B, H, S_q, D)`` in ``q``'s dtype.
 
     Args:
         q, k, v: ``(batch, heads, tokens, head_dim)``; k and v share their token count.
         scale: softmax scale, ``1/√D`` by default (as ``scaled_dot_product_attention``).
+        qk_format: ``"int8"`` (step 2 as written) or ``"fp8"`` (Q and K through
+            :func:`sixbit_tune.formats.fp8.quantize` instead: E4M3 per token).
 
     Raises:
         ValueError: shapes that are not attention shapes.
@@ -79,7 +94,7 @@ def attention_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     check_attention_inputs(q, k, v)
     sm_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q_codes, q_scale, k_codes, k_scale, v_codes, v_scale = quantize_qkv(q, k, v)
+    q_codes, q_scale, k_codes, k_scale, v_codes, v_scale = quantize_qkv(q, k, v, qk_format)
     s = (q_codes.float() @ k_codes.float().transpose(-1, -2)) * q_scale.unsqueeze(-1) * k_scale.unsqueeze(-2)
     s = s * sm_scale
     p = torch.exp(s - s.amax(dim=-1, keepdim=True))

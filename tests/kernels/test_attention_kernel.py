@@ -48,43 +48,52 @@ def test_reference_is_close_to_full_precision_attention():
     for shape in SHAPES:
         q, k, v = _inputs(shape, seed=1, peak=2.0)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        assert _rel(ref.attention_fp8_reference(q, k, v), exact) < 5e-2, shape
+        assert _rel(ref.attention_8bit_reference(q, k, v), exact) < 5e-2, shape
 
 
 def test_reference_rejects_bad_input():
     q, k, v = _inputs((1, 1, 8, 16), seed=2)
     with pytest.raises(ValueError, match="batch, heads, tokens, head_dim"):
-        ref.attention_fp8_reference(q[0], k[0], v[0])
+        ref.attention_8bit_reference(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="do not match"):
-        ref.attention_fp8_reference(q, k[..., :8], v)
+        ref.attention_8bit_reference(q, k[..., :8], v)
     q[0, 0, 3, 5] = float("nan")
     with pytest.raises(NonFiniteError, match="attention q"):
-        ref.attention_fp8_reference(q, k, v)
+        ref.attention_8bit_reference(q, k, v)
 
 
+@pytest.mark.parametrize("qk_format", ["int8", "fp8"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_quantizers_are_bit_exact(interp, shape):
+def test_kernel_quantizers_are_bit_exact(interp, shape, qk_format):
     from sixbit_tune.kernels import attention as kern
 
     q, k, v = _inputs(shape, seed=3)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided input, as diffusers hands it over
+    q[0, 0, 1] = 0.0  # a zero row: scale 0, zero codes
     for name, a, b in zip(("q codes", "q scale", "k codes", "k scale", "v codes", "v scale"),
-                          ref.quantize_qkv(q, k, v), kern.quantize_qkv(q, k, v)):
+                          ref.quantize_qkv(q, k, v, qk_format), kern.quantize_qkv(q, k, v, qk_format)):
         _same_bits(f"{name} {shape}", a, b)
 
 
+@pytest.mark.parametrize("qk_format,exact_bound", [("int8", 6e-2), ("fp8", 1.2e-1)])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernel_matches_reference(interp, shape):
+def test_kernel_matches_reference(interp, shape, qk_format, exact_bound):
     from sixbit_tune.kernels import attention as kern
 
     for seed, peak in ((4, 1.0), (5, 4.0)):
         q, k, v = _inputs(shape, seed=seed, peak=peak)
-        out = kern.attention_fp8(q, k, v)
+        out = kern.attention_8bit(q, k, v, qk_format=qk_format)
         assert out.shape == q.shape and out.dtype == q.dtype
         assert torch.isfinite(out).all()
-        assert _rel(out, ref.attention_fp8_reference(q, k, v)) < 3e-2, (shape, peak)
+        assert _rel(out, ref.attention_8bit_reference(q, k, v, qk_format=qk_format)) < 3e-2, (shape, peak)
         exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-        assert _rel(out, exact) < 6e-2, (shape, peak)
+        assert _rel(out, exact) < exact_bound, (shape, peak)
+
+
+def test_unknown_qk_format_is_refused():
+    q, k, v = _inputs((1, 1, 8, 16), seed=8)
+    with pytest.raises(ValueError, match="unknown Q·Kᵀ format 'int4'"):
+        ref.attention_8bit_reference(q, k, v, qk_format="int4")
 
 
 def test_kernel_rejects_head_dims_it_does_not_take():
@@ -93,7 +102,7 @@ def test_kernel_rejects_head_dims_it_does_not_take():
 
     q, k, v = _inputs((1, 1, 8, 24), seed=6)
     with pytest.raises(ValueError, match="head_dim"):
-        kern.attention_fp8(q, k, v)
+        kern.attention_8bit(q, k, v)
 
 
 @pytest.mark.gpu
@@ -105,11 +114,13 @@ def test_kernel_on_gpu(shape):
     from sixbit_tune.kernels import attention as kern
 
     q, k, v = _inputs(shape, seed=7, dtype=torch.bfloat16, device="cuda")
-    for name, a, b in zip(("q codes", "q scale", "k codes", "k scale", "v codes", "v scale"),
-                          ref.quantize_qkv(q, k, v), kern.quantize_qkv(q, k, v)):
-        _same_bits(f"{name} {shape}", a, b)
-    out = kern.attention_fp8(q, k, v)
-    assert _rel(out, ref.attention_fp8_reference(q, k, v)) < 3e-2
-    assert _rel(out, F.scaled_dot_product_attention(q, k, v)) < 6e-2
-    compiled = torch.compile(lambda a, b, c: kern.attention_fp8(a, b, c) * 2, fullgraph=True)
+    for qk_format in ("int8", "fp8"):
+        for name, a, b in zip(("q codes", "q scale", "k codes", "k scale", "v codes", "v scale"),
+                              ref.quantize_qkv(q, k, v, qk_format), kern.quantize_qkv(q, k, v, qk_format)):
+            _same_bits(f"{qk_format} {name} {shape}", a, b)
+        out = kern.attention_8bit(q, k, v, qk_format=qk_format)
+        assert _rel(out, ref.attention_8bit_reference(q, k, v, qk_format=qk_format)) < 3e-2, qk_format
+        assert _rel(out, F.scaled_dot_product_attention(q, k, v)) < 1.2e-1, qk_format
+    out = kern.attention_8bit(q, k, v)
+    compiled = torch.compile(lambda a, b, c: kern.attention_8bit(a, b, c) * 2, fullgraph=True)
     assert torch.equal(compiled(q, k, v), out * 2)
