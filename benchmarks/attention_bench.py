@@ -71,12 +71,13 @@ def bench_shape(name: str, shape, rows: list[dict]) -> None:
     variants["sdpa default (bf16)"] = sdpa()
     variants["sdpa cudnn (bf16)"] = sdpa(SDPBackend.CUDNN_ATTENTION)
     variants["sdpa flash (bf16)"] = sdpa(SDPBackend.FLASH_ATTENTION)
-    tune_s = {}
+    tune_s, best = {}, {}
     for fmt in ("int8", "fp8"):
         t0 = time.perf_counter()
         att.attention_8bit(q, k, v, qk_format=fmt)  # autotunes once per shape and format
         torch.cuda.synchronize()
         tune_s[fmt] = time.perf_counter() - t0
+        best[fmt] = str(getattr(att._attn_fwd_tuned, "best_config", None))
         codes = att.quantize_qkv(q, k, v, fmt)
         variants[f"ours {fmt}-QK/fp8-PV (with quantizers)"] = (lambda f=fmt: att.attention_8bit(q, k, v, qk_format=f))
         variants[f"ours {fmt}-QK/fp8-PV (kernel only)"] = (
@@ -103,8 +104,7 @@ def bench_shape(name: str, shape, rows: list[dict]) -> None:
         for fmt, secs in tune_s.items():
             if vname.startswith(f"ours {fmt}-QK") and "with quantizers" in vname:
                 row["autotune_s"] = secs
-                row["best_config"] = str(att._attn_fwd_tuned.cache.get(
-                    next((key for key in att._attn_fwd_tuned.cache if str(key).find(str(S)) >= 0), None)))
+                row["best_config"] = best[fmt]
         rows.append(row)
     for row in rows:
         if row["shape_name"] == name and "ms" in row and base:
