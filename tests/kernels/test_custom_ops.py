@@ -148,14 +148,15 @@ def test_nonfinite_raises_inside_a_compiled_graph(fmt, pref):
 # ------------------------------------------------------------------------------- FP8 through _scaled_mm (CPU)
 
 
-def _fp8_bound(x2, w, ref, out_dtype):
+def _fp8_bound(x2, w, ref, out_dtype, acc_rel=0.0):
     """float32 accumulation in another order than the exact reference: at most K * 2**-24 * sum|products| (times
-    the scales), plus a rounding of the output (twice for the bf16 intermediate of non-bf16 outputs off sm_90)."""
+    the scales), plus a rounding of the output (twice for the bf16 intermediate of non-bf16 outputs off sm_90).
+    ``acc_rel``: a further relative error of the accumulation, for tensor cores that keep fewer bits."""
     xq, xs = fp8.quantize(x2)
     wq, ws = fp8.quantize(w)
     mag = (xq.double().abs() @ wq.double().abs().T) * (xs.double()[:, None] * ws.double()[None, :])
     ulp = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[out_dtype]
-    return x2.shape[1] * 2.0**-24 * mag + 2 * ulp * ref.double().abs() + 1e-30
+    return (x2.shape[1] * 2.0**-24 + acc_rel) * mag + 2 * ulp * ref.double().abs() + 1e-30
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 16, 16), (7, 24, 48), (33, 5, 70), (4, 130, 33)])
@@ -268,7 +269,9 @@ def test_fp8_scaled_mm_gpu(M, N, K, out_dtype):
     y = kernels.quantized_linear(x.cuda(), qw, b.cuda(), "fp8", out_dtype).cpu()
     ref = quantized_linear_reference(x, w, b, "fp8")
     err = (y.double() - ref.double()).abs()
-    assert bool((err <= _fp8_bound(x, w, ref, out_dtype)).all()), float(err.max())
+    # Hopper's FP8 tensor cores add products with about 14 significant bits before the float32 promotion that
+    # use_fast_accum=False keeps: 2**-12 relative of the sum of |products| covers that
+    assert bool((err <= _fp8_bound(x, w, ref, out_dtype, acc_rel=2.0**-12)).all()), float(err.max())
 
 
 @pytest.mark.gpu
