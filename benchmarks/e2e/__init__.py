@@ -13,12 +13,13 @@ weights) every cache's skip pattern on the reference model is replayed. How rows
 only.
 """
 
+from . import contenders, measurement, policies, rendering, run, skipmaps, workloads
 from .cli import add_arguments, build_parser, main, run_args
 from .measurement import compile_blocks, compile_whole, environment, uncompile
 from .policies import policy_args
 from .skipmaps import fbc_skip_share, map_share, record_fbc_skips, scale_map
 from .workloads import REFERENCE_PROMPTS
 
-__all__ = ["REFERENCE_PROMPTS", "add_arguments", "build_parser", "compile_blocks", "compile_whole", "environment",
+__all__ = ["REFERENCE_PROMPTS", "contenders", "measurement", "policies", "rendering", "run", "skipmaps", "workloads", "add_arguments", "build_parser", "compile_blocks", "compile_whole", "environment",
            "fbc_skip_share", "main", "map_share", "policy_args", "record_fbc_skips", "run_args", "scale_map",
            "uncompile"]

@@ -71,7 +71,9 @@ class Contender:
     kind: str  # "baseline" | "peer" | "ours"
     parts: tuple[Part, ...] = ()
     compile: str = "blocks"  # "blocks" | "graphs" | "eager"
-    compile_after_install: bool = False  # torchao: quantize first, then compile the quantized blocks
+    #: how many parts are installed before the blocks are compiled: weight quantization (torchao) goes before,
+    #: hooks (our runtime, the caches) after, so that they wrap the compiled block forward and stay outside it
+    compile_after: int = 0
     needs: tuple[str, ...] = ()
     replay: bool = False  # replays a skip map: all steps timed
     fields: dict = field(default_factory=dict)  # extra row fields
@@ -387,14 +389,14 @@ def pipeline_contenders(ctx: Context) -> list[Contender]:
         ours.append(("ours-tuned", _tuned))  # no given policy skips a block: tune one here
     out += [Contender(name, "ours", (policy_part(make, record=name),)) for name, make in ours]
     out += [Contender(f"fbc-{t:g}", "peer", (fbc_part(t),), fields={"threshold": t}) for t in args.fbc_thresholds]
+    out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after=1))
+    out.append(Contender("fbc+torchao-fp8", "peer", (FP8, fbc_part(_matched_threshold("fbc"))),
+                         compile_after=1))
     for t in args.dbcache_thresholds:
         out.append(Contender(f"dbcache-{t:g}", "peer", (cache_dit_part(t, False),), fields={"threshold": t}))
     for t in args.taylorseer_thresholds:
         out.append(Contender(f"dbcache-taylorseer-{t:g}", "peer", (cache_dit_part(t, True),),
                              fields={"threshold": t}))
-    out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after_install=True))
-    out.append(Contender("fbc+torchao-fp8", "peer", (FP8, fbc_part(_matched_threshold("fbc"))),
-                         compile_after_install=True))
     out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
             Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),))]
     if args.eager_variants and not args.no_compile:
@@ -487,12 +489,12 @@ def transformer_contenders(ctx: Context) -> list[Contender]:
             name = f"{family}-{pick['threshold']:g}"
             rp = map_share(cache_map) > 0
             stacks.append(Contender(f"{name}+torchao-fp8 (replay)", "peer",
-                                    (FP8, policy_part(make_c, replay_map=cache_map)), compile_after_install=True,
+                                    (FP8, policy_part(make_c, replay_map=cache_map)), compile_after=1,
                                     replay=rp))
             plain.append(Contender(f"{name} (replay)", "peer", (policy_part(make_c, replay_map=cache_map),),
                                    replay=rp))
     out += stacks
-    out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after_install=True))
+    out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after=1))
     out += plain
     out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
             Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),

@@ -121,17 +121,18 @@ def compile_blocks(adapter) -> None:
         m._e2e_compiled = True
 
 
-def compile_whole(transformer, mode: str = "reduce-overhead") -> None:
+def compile_whole(transformer, mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
     """The whole transformer's ``forward`` under one ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs).
 
     A CUDA graph replays into the same output buffers, and a pipeline calls the transformer twice per step (one call
     per guidance branch) before it combines the two outputs: each call therefore starts a new graph step
-    (``torch.compiler.cudagraph_mark_step_begin``) and returns a clone of its outputs."""
+    (``torch.compiler.cudagraph_mark_step_begin``) and returns a clone of its outputs. (``backend``: another
+    ``torch.compile`` backend, for checking the wrapper on the CPU.)"""
     import torch
     from torch.utils._pytree import tree_map_only
 
     torch._dynamo.reset()
-    compiled = torch.compile(type(transformer).forward.__get__(transformer), mode=mode)
+    compiled = torch.compile(type(transformer).forward.__get__(transformer), mode=mode, backend=backend)
 
     def forward(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()

@@ -15,8 +15,9 @@ Columns derived within one results file (one run: one process, one GPU), per wor
   workload, where it is measured. On a transformer (shape) workload, which has random weights, a row's quality is
   the quality it stands for on the reference: for a replayed skip pattern, the reference PSNR of the pattern
   replayed (each peer cache is replayed at its threshold of matched reference quality: the largest threshold whose
-  PSNR is at least our replayed policy's); otherwise the PSNR of the same contender name on the run's pipeline
-  workload; the bf16 baselines are lossless. A row without a quality figure gets None, and a peer without one does
+  PSNR is at least our replayed policy's); otherwise the PSNR of the same contender name on the pipeline workload
+  (of this run, or of the run whose skip patterns were replayed, ``--replay-from``); the bf16 baselines are
+  lossless. A row without a quality figure gets None, and a peer without one does
   not count.
 """
 
@@ -63,16 +64,16 @@ def _kind(row: dict) -> str:
     return "ours" if name.startswith("ours") else "baseline" if name.startswith("bf16") else "peer"
 
 
-def quality(row: dict, pipeline_rows: dict[str, dict]) -> float | None:
-    """The quality a row stands for (see the module docstring): PSNR in dB, ``inf`` for a bf16 baseline."""
+def quality(row: dict, reference: dict[str, float]) -> float | None:
+    """The quality a row stands for (see the module docstring): PSNR in dB, ``inf`` for a bf16 baseline.
+    ``reference``: PSNR per contender name on the pipeline workload."""
     if row.get("psnr_db") is not None:
         return row["psnr_db"]
     replay = row.get("replay") or {}
     if replay.get("reference_psnr_db") is not None:
         return replay["reference_psnr_db"]
-    same = pipeline_rows.get(row["contender"])
-    if same is not None and same.get("psnr_db") is not None:
-        return same["psnr_db"]
+    if reference.get(row["contender"]) is not None:
+        return reference[row["contender"]]
     if _kind(row) == "baseline" and row["contender"].startswith("bf16"):
         return math.inf
     return None
@@ -83,7 +84,10 @@ def add_derived(data: dict) -> None:
     rows = data["results"]
     gpu = (data.get("meta") or {}).get("gpu") or "cpu"
     kinds = {w["name"]: w.get("kind") for w in data.get("workloads", [])}
-    pipeline_rows = {r["contender"]: r for r in rows if kinds.get(r["workload"]) == "pipeline" and not r.get("error")}
+    # the pipeline workload's PSNR per contender: from this run, else as recorded by the run the replays came from
+    reference = dict((data.get("replay") or {}).get("reference_quality") or {})
+    reference.update({r["contender"]: r["psnr_db"] for r in rows if kinds.get(r["workload"]) == "pipeline"
+                      and not r.get("error") and r.get("psnr_db") is not None})
     base = {r["workload"]: r for r in rows if r["contender"] == BASELINE and r.get("latency_s")}
     wb = {r["workload"]: r["weight_bytes"] for r in rows
           if r["contender"] in ("bf16-eager", BASELINE) and r.get("weight_bytes")}
@@ -97,12 +101,12 @@ def add_derived(data: dict) -> None:
         w = wb.get(r["workload"])
         r["weight_reduction_vs_bf16"] = w / r["weight_bytes"] if (w and r.get("weight_bytes")) else None
         r["speedup_vs_best_peer"], r["best_peer"] = None, None
-        q = quality(r, pipeline_rows)
+        q = quality(r, reference)
         if not lat or q is None:
             continue
         peers = [p for p in rows if p["workload"] == r["workload"] and _kind(p) in PEER_KINDS and p.get("latency_s")
                  and not p.get("error") and not p["contender"].endswith("(repeat)")]
-        peers = [p for p in peers if (pq := quality(p, pipeline_rows)) is not None and pq >= q]
+        peers = [p for p in peers if (pq := quality(p, reference)) is not None and pq >= q]
         if peers:
             best = min(peers, key=lambda p: p["latency_s"])
             r["speedup_vs_best_peer"], r["best_peer"] = best["latency_s"] / lat, best["contender"]

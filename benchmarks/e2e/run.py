@@ -150,11 +150,11 @@ class Bench:
         try:
             if mode == "graphs":
                 compile_whole(runner.transformer)
-            elif mode == "blocks" and not c.compile_after_install:
-                compile_blocks(runner.adapter)
-            for part in c.parts:
+            for i, part in enumerate(c.parts):
+                if mode == "blocks" and i == c.compile_after:
+                    compile_blocks(runner.adapter)
                 installed.append(part.install(ctx, row))
-            if mode == "blocks" and c.compile_after_install:
+            if mode == "blocks" and c.compile_after >= len(c.parts):
                 compile_blocks(runner.adapter)
             row["compiled"], row["compile_mode"] = mode != "eager", mode
             handle = next((i.handle for i in installed if i.handle is not None), None)
@@ -210,6 +210,9 @@ class Bench:
             row = self.run_contender(ctx, c, wl_deadline, est)
             if row.get("wall_s") and not row["not_run"]:
                 walls.append(row["wall_s"])
+            if wl.kind == "pipeline" and row["error"] is None and row["psnr_db"] is not None:
+                # the quality each contender stands for on the shape workloads (which may run in another process)
+                self.replay.setdefault("reference_quality", {})[c.name] = row["psnr_db"]
             if wl.kind == "pipeline" and c.kind == "ours":
                 ours_rows.append(row)
                 choose_replay(ctx, ours_rows)

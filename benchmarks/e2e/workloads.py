@@ -135,7 +135,9 @@ class PipelineRunner:
         from sixbit_tune.search.quality import compare, generate
 
         prompts = list(self.wl.prompts)
+        w = clock.start()
         generate(self.pipe, prompts[0], 0, self.settings)  # warm-up (compilation happens here)
+        warmup_s = clock.seconds(clock.stop(w))
         if on_generation is not None:
             on_generation(-1)
         reset_peak(self.device)
@@ -154,7 +156,7 @@ class PipelineRunner:
                     quality.append(compare(g, self.refs[p], with_lpips=False))
         video = statistics.median(times)
         out = {"latency_s": video, "latency_step_s": video / self.wl.steps, "timed_runs": len(times),
-               "latency_runs_s": times, "peak_memory_bytes": peak_memory(self.device)}
+               "latency_runs_s": times, "peak_memory_bytes": peak_memory(self.device), "warmup_s": warmup_s}
         out["psnr_db"] = statistics.mean(q["psnr_db"] for q in quality) if quality else None
         ss = [q["ssim"] for q in quality if q["ssim"] is not None and not math.isnan(q["ssim"])]
         out["ssim"] = statistics.mean(ss) if ss else None
@@ -236,8 +238,10 @@ class TransformerRunner:
 
         n = self.wl.steps if all_steps else self.wl.steps_timed
         with torch.no_grad():
-            for i in range(n if all_steps else min(2, n)):  # warm-up
+            w = clock.start()
+            for i in range(n if all_steps else min(2, n)):  # warm-up (compilation happens here)
                 self.step(i, n)
+            warmup_s = clock.seconds(clock.stop(w))
             if handle is not None:
                 handle.reset()
             with contextlib.suppress(Exception):
@@ -254,7 +258,7 @@ class TransformerRunner:
         return {"latency_s": mean * self.wl.steps, "latency_step_s": mean if all_steps else statistics.median(times),
                 "latency_step_median_s": statistics.median(times),
                 "latency_step_mean_s": mean, "latency_steps_s": times, "timed_runs": n,
-                "peak_memory_bytes": peak_memory(self.device), "psnr_db": None, "ssim": None}
+                "peak_memory_bytes": peak_memory(self.device), "psnr_db": None, "ssim": None, "warmup_s": warmup_s}
 
 
 def make_runner(wl: Workload, device, dtype):
