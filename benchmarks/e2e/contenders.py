@@ -392,13 +392,13 @@ def pipeline_contenders(ctx: Context) -> list[Contender]:
     out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after=1))
     out.append(Contender("fbc+torchao-fp8", "peer", (FP8, fbc_part(_matched_threshold("fbc"))),
                          compile_after=1))
+    out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
+            Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),))]
     for t in args.dbcache_thresholds:
         out.append(Contender(f"dbcache-{t:g}", "peer", (cache_dit_part(t, False),), fields={"threshold": t}))
     for t in args.taylorseer_thresholds:
         out.append(Contender(f"dbcache-taylorseer-{t:g}", "peer", (cache_dit_part(t, True),),
                              fields={"threshold": t}))
-    out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
-            Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),))]
     if args.eager_variants and not args.no_compile:
         out += [Contender(f"{name} (eager)", "ours", (policy_part(make),), compile="eager") for name, make in ours]
         out += [Contender(f"ours-{fmt} (eager)", "ours", (policy_part(_static(fmt)),), compile="eager")

@@ -206,7 +206,7 @@ class Bench:
             always = c.name == BASELINE or (c.name == "bf16-eager" and wl.kind == "pipeline")
             if wanted and not always and not any(c.name.startswith(w) for w in wanted):
                 continue
-            est = 0.0 if always or not walls else statistics.mean(walls)
+            est = 0.0 if always or not walls else statistics.median(walls)
             row = self.run_contender(ctx, c, wl_deadline, est)
             if row.get("wall_s") and not row["not_run"]:
                 walls.append(row["wall_s"])
