@@ -9,6 +9,7 @@ treat it like any Wan pipeline (adapter cfg_mode "separate").
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,19 @@ from transformers import T5Tokenizer, UMT5EncoderModel
 
 from . import data
 from .model import MAX_SEQUENCE_LENGTH
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt of the reference pipeline holds words its tokenizer does not know (they reach the model as
+    ``<unk>``), or more words than ``max_sequence_length`` keeps."""
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of ``prompt`` (lower-cased, split on whitespace, each once, in order) that ``tokenizer`` turns
+    into at least one unknown token: words outside the vocabulary, or with characters it lacks (``"left."``)."""
+    unk = tokenizer.unk_token_id
+    words = dict.fromkeys(prompt.lower().split())
+    return [w for w in words if unk in tokenizer(w, add_special_tokens=False).input_ids]
 
 
 @dataclass
@@ -73,6 +87,8 @@ class ReferencePipeline(DiffusionPipeline):
         dtype = dtype or self.text_encoder.dtype
         prompt = [prompt] if isinstance(prompt, str) else prompt
         prompt = [" ".join(p.lower().split()) for p in prompt]
+        for p in prompt:
+            self._warn_unknown(p, max_sequence_length)
         batch_size = len(prompt)
         text_inputs = self.tokenizer(
             prompt,
@@ -89,6 +105,30 @@ class ReferencePipeline(DiffusionPipeline):
         _, seq_len, _ = prompt_embeds.shape
         prompt_embeds = prompt_embeds.repeat(1, num_videos_per_prompt, 1)
         return prompt_embeds.view(batch_size * num_videos_per_prompt, seq_len, -1)
+
+    def _warn_unknown(self, prompt: str, max_sequence_length: int) -> None:
+        """Warn (:class:`UnknownWordsWarning`) when the model would not see all of ``prompt``: the model was trained
+        on one small vocabulary, and generation goes on either way (as diffusers' pipelines do on truncation)."""
+        unknown = unknown_words(self.tokenizer, prompt)
+        if unknown:
+            warnings.warn(
+                f"prompt {prompt!r}: the reference model does not know the word(s) {unknown}; they are encoded as "
+                f"<unk>, which it never saw in training. Known words: {', '.join(data.vocabulary())}",
+                UnknownWordsWarning,
+                stacklevel=4,
+            )
+        n = len(self.tokenizer(prompt, add_special_tokens=True).input_ids)
+        if n > max_sequence_length:
+            kept = self.tokenizer.decode(
+                self.tokenizer(prompt, max_length=max_sequence_length, truncation=True).input_ids,
+                skip_special_tokens=True,
+            )
+            warnings.warn(
+                f"prompt {prompt!r} is {n} tokens long; the reference model reads only {max_sequence_length} "
+                f"(end of sequence included): it sees {kept!r}",
+                UnknownWordsWarning,
+                stacklevel=4,
+            )
 
     def encode_prompt(
         self,
@@ -228,7 +268,7 @@ class ReferencePipeline(DiffusionPipeline):
 
         Args:
             prompt: prompt(s) in the generator's grammar, e.g. "a red square moving left on a striped background"
-                (unknown words become <unk>).
+                (unknown words become <unk>; an :class:`UnknownWordsWarning` names them).
             negative_prompt: used for the unconditional branch when ``guidance_scale > 1`` (default: "").
             num_inference_steps: Euler steps of the flow-matching scheduler.
             guidance_scale: classifier-free guidance weight; <= 1 disables the unconditional branch. The default
