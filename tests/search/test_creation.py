@@ -122,3 +122,55 @@ def test_two_processes_creating_one_study_at_once_enqueue_each_corner_once(store
     refs = [t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)]
     assert sorted(refs) == sorted(CORNERS)
     assert all(t.state == TrialState.WAITING for t in study.trials)
+
+
+_LOCKER = """
+import sys, time
+from pathlib import Path
+from sixbit_tune.search.study import creation_lock, open_storage
+url, out, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+storage = open_storage(url)
+Path(f"{out}.ready-{sys.argv[4]}").touch()
+while not go.exists():
+    time.sleep(0.002)
+for _ in range(3):
+    with creation_lock(storage, url, "locked"):
+        start = time.time()
+        time.sleep(0.15)
+        end = time.time()
+    with open(out, "a") as f:
+        f.write(f"{start} {end}\\n")
+"""
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite", "postgresql"])
+def test_the_creation_lock_excludes_other_processes(tmp_path, kind):
+    if kind == "journal":
+        url = str(tmp_path / "optuna.journal")
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    else:
+        import os
+
+        url = os.environ.get("SIXBIT_TEST_PG_URL")
+        if not url:
+            pytest.skip("SIXBIT_TEST_PG_URL is not set (.ci/postgres starts a server and sets it)")
+    from sixbit_tune.search.study import open_storage
+
+    open_storage(url)  # creates the journal / the database's tables once, before the processes race
+    script = _script(tmp_path, "locker.py", _LOCKER)
+    out, go = tmp_path / "held.txt", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(script), url, str(out), str(go), str(i)], env=cli_env(),
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("held.txt.ready-*"))) < 3:
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the processes never got ready"
+        time.sleep(0.05)
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+    held = sorted(tuple(map(float, line.split())) for line in out.read_text().splitlines())
+    assert len(held) == 9
+    overlaps = [(a, b) for a, b in zip(held, held[1:]) if b[0] < a[1]]
+    assert not overlaps, overlaps
