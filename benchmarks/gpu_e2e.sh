@@ -13,7 +13,7 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # the benchmark's own budget; loading, installing and the last contender's overrun fit in the rest of 9 minutes
 budget=${BUDGET_S:-420}
 case $workload in
@@ -28,4 +28,8 @@ case $workload in
     args=(--workloads shape:wan2.1-1.3b --steps-timed 10 --replay-from artifacts/e2e-reference/e2e.json) ;;
   *) echo "unknown workload $workload (reference, cogvideox or wan)" >&2; exit 2 ;;
 esac
+if [ "$workload" != reference ] && [ ! -f artifacts/e2e-reference/e2e.json ]; then
+  echo "artifacts/e2e-reference/e2e.json is missing: run the reference first and carry its e2e.json there" >&2
+  exit 2
+fi
 python3 -m benchmarks.e2e "${args[@]}" --budget-s "$budget" --out "$out" "$@" 2>&1 | tee "$out/e2e.log"
