@@ -9,11 +9,6 @@ set -euo pipefail
 workload=${1:?usage: bash benchmarks/gpu_e2e.sh reference|cogvideox|wan [options]}
 shift
 out=${OUT:-artifacts/e2e-$workload}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # the benchmark's own budget; loading, installing and the last contender's overrun fit in the rest of 9 minutes
 budget=${BUDGET_S:-420}
 case $workload in
@@ -32,4 +27,9 @@ if [ "$workload" != reference ] && [ ! -f artifacts/e2e-reference/e2e.json ]; th
   echo "artifacts/e2e-reference/e2e.json is missing: run the reference first and carry its e2e.json there" >&2
   exit 2
 fi
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python3 -m benchmarks.e2e "${args[@]}" --budget-s "$budget" --out "$out" "$@" 2>&1 | tee "$out/e2e.log"
