@@ -31,6 +31,7 @@ zero codes if it does not keep the sign of flushed values.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -286,3 +287,178 @@ def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
     q = decode_e2m1(unpack_codes(t.data)).reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
     y = (q * t.block_scales.to(torch.float32).unsqueeze(-1)) * t.global_scale
     return y.reshape(t.shape).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ weight encoders
+#
+# A weight encoder chooses the codes and scales of a weight; the decode above stays the same, so every encoder's
+# output is valid NVFP4 that :func:`dequantize` and every NVFP4 GEMM read unchanged. Weights are encoded once, when a
+# policy is applied, so an encoder may spend time to lower the error. Activations always use :func:`quantize`.
+
+#: Names of the NVFP4 weight encoders :func:`quantize_weight` accepts; the first is the default.
+WEIGHT_ENCODERS = ("standard", "scale-search", "gptq")
+DEFAULT_WEIGHT_ENCODER = "standard"
+
+#: Steps (in E4M3 codes, i.e. in units of the scale's last mantissa bit) tried around the standard block scale by
+#: the ``"scale-search"`` encoder. Eight steps are one binade: down to half and up to nearly twice the standard scale.
+SCALE_SEARCH_STEPS = tuple(range(-8, 9))
+
+_E4M3_MIN_CODE = 1  # smallest positive E4M3 value (2**-9, subnormal)
+_E4M3_MAX_CODE = 0x7E  # 448
+
+
+def check_weight_encoder(encoder: str) -> str:
+    """Return ``encoder`` if it names a weight encoder, else raise ValueError listing :data:`WEIGHT_ENCODERS`."""
+    if encoder not in WEIGHT_ENCODERS:
+        raise ValueError(f"unknown NVFP4 weight encoder {encoder!r}; expected one of {WEIGHT_ENCODERS}")
+    return encoder
+
+
+def _codes_for_scales(xb: torch.Tensor, s: torch.Tensor, b8: torch.Tensor) -> torch.Tensor:
+    """Step 3 of the module docstring for given block scales: unpacked codes ``[..., nblocks, 16]``."""
+    r = (1.0 / s) / b8.to(torch.float32)
+    return encode_e2m1((xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
+
+
+def _block_sq_error(xb: torch.Tensor, codes: torch.Tensor, b8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Squared error of each block's dequantized values (computed as :func:`dequantize` does) against ``xb``."""
+    deq = (decode_e2m1(codes) * b8.to(torch.float32).unsqueeze(-1)) * s
+    return (deq - xb).square().sum(dim=-1)
+
+
+def _search_block_scales(
+    xb: torch.Tensor, s: torch.Tensor, b8: torch.Tensor, steps=SCALE_SEARCH_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, the E4M3 scale among ``b8`` shifted by ``steps`` codes with the lowest squared error.
+
+    ``b8`` is always a candidate and is replaced only by a strictly lower error, so no block gets worse and ties
+    keep the given scale. Candidates are the positive finite E4M3 values (subnormals included, up to 448).
+    Returns ``(codes [..., nblocks, 16], scales)``.
+    """
+    best_b = b8
+    best_codes = _codes_for_scales(xb, s, b8)
+    best_err = _block_sq_error(xb, best_codes, b8, s)
+    base = b8.view(torch.uint8).to(torch.int16)
+    for step in steps:
+        if step == 0:
+            continue
+        cand = (base + step).clamp(_E4M3_MIN_CODE, _E4M3_MAX_CODE).to(torch.uint8).view(torch.float8_e4m3fn)
+        codes = _codes_for_scales(xb, s, cand)
+        err = _block_sq_error(xb, codes, cand, s)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_b = torch.where(better, cand.view(torch.uint8), best_b.view(torch.uint8)).view(torch.float8_e4m3fn)
+        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+    return best_codes, best_b
+
+
+def _standard_block_scales(xb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Step 2 of the module docstring for blocks ``xb [..., nblocks, 16]``."""
+    amax_b = xb.abs().amax(dim=-1) if xb.numel() else xb.new_zeros(xb.shape[:-1])
+    return (ieee_div(amax_b, E2M1_MAX) / s).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _gptq_encode(
+    w: torch.Tensor, s: torch.Tensor, hessian: torch.Tensor, damp: float, search: bool, block_columns: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error-compensated rounding of ``w [N, K]`` (float32) for the proxy loss ``tr((W - Q) H (W - Q)^T)``.
+
+    Columns are encoded left to right; the rounding error of each column is spread over the columns not yet
+    encoded through the Cholesky factor of ``H^-1``. Each 16-column block's scales are chosen when its first column
+    is reached, from the weights as updated so far (standard rule, or the scale search when ``search``).
+    Returns ``(codes [N, K], block scales [N, K // 16])``.
+    """
+    N, K = w.shape
+    W = w.clone()
+    H = hessian.to(device=w.device, dtype=torch.float64).clone()
+    dead = torch.diagonal(H) <= 0
+    H[dead, dead] = 1.0
+    mean_diag = float(torch.diagonal(H).mean())
+    H += torch.eye(K, dtype=H.dtype, device=H.device) * (damp * mean_diag)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    codes = torch.empty((N, K), dtype=torch.uint8, device=w.device)
+    scales = torch.empty((N, K // BLOCK_SIZE), dtype=torch.uint8, device=w.device)
+    for c0 in range(0, K, block_columns):
+        c1 = min(c0 + block_columns, K)
+        W1 = W[:, c0:c1].clone()
+        Hinv1 = Hinv[c0:c1, c0:c1]
+        Err1 = torch.zeros_like(W1)
+        for g in range(0, c1 - c0, BLOCK_SIZE):
+            gb = W1[:, g : g + BLOCK_SIZE].unsqueeze(1)  # [N, 1, 16]
+            b8 = _standard_block_scales(gb, s)
+            if search:
+                _, b8 = _search_block_scales(gb, s, b8)
+            b8 = b8[:, 0]
+            scales[:, (c0 + g) // BLOCK_SIZE] = b8.view(torch.uint8)
+            r = (1.0 / s) / b8.to(torch.float32)
+            bs = b8.to(torch.float32)
+            for i in range(g, g + BLOCK_SIZE):
+                col = W1[:, i]
+                code = encode_e2m1((col * r).clamp(-E2M1_MAX, E2M1_MAX))
+                codes[:, c0 + i] = code
+                q = (decode_e2m1(code) * bs) * s
+                err = (col - q) / Hinv1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+        W[:, c1:] -= Err1 @ Hinv[c0:c1, c1:]
+    return codes, scales.view(torch.float8_e4m3fn)
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    encoder: str = DEFAULT_WEIGHT_ENCODER,
+    *,
+    hessian: torch.Tensor | None = None,
+    damp: float = 0.01,
+) -> NVFP4Tensor:
+    """Encode a weight ``w [..., K]`` to NVFP4 with the named encoder; the result decodes with :func:`dequantize`.
+
+    Encoders (:data:`WEIGHT_ENCODERS`), all with the standard global scale ``amax(|w|) / 2688``:
+
+    * ``"standard"``: :func:`quantize`, bit for bit.
+    * ``"scale-search"``: per 16-element block, the E4M3 scale among the standard one and its neighbours
+      (:data:`SCALE_SEARCH_STEPS` codes away) whose dequantized block has the lowest squared error; elements are
+      rounded as :func:`quantize` rounds them for that scale. No block's squared error exceeds the standard
+      encoder's.
+    * ``"gptq"``: error-compensated rounding for a linear weight ``[N, K]`` that minimises
+      ``tr((W - Q) H (W - Q)^T)`` with ``H = sum x^T x`` over calibration inputs ``x [.., K]`` of the layer
+      (``hessian``, float, ``[K, K]``, symmetric positive semi-definite); ``damp * mean(diag H)`` is added to the
+      diagonal. Block scales by the scale search, chosen on the weights as compensated so far.
+
+    Raises:
+        ValueError: unknown encoder, ``K % 16 != 0``, ``"gptq"`` without a ``[K, K]`` hessian or for a weight that
+            is not 2-D, a non-finite hessian, a negative ``damp``.
+        NonFiniteError: ``w`` contains NaN or Inf (as :func:`quantize`).
+        TypeError: ``w`` is not a float32/float16/bfloat16 tensor.
+    """
+    check_weight_encoder(encoder)
+    if encoder == "standard":
+        return quantize(w)
+    check_float_input(w, "NVFP4 weight")
+    K = w.shape[-1]
+    check_k(K)
+    xf = w.detach().to(torch.float32)
+    s = global_scale_from_amax(xf.abs().amax()) if xf.numel() else torch.ones((), device=w.device)
+    lead = tuple(w.shape[:-1])
+    if encoder == "scale-search":
+        xb = xf.reshape(*lead, K // BLOCK_SIZE, BLOCK_SIZE)
+        codes, b8 = _search_block_scales(xb, s, _standard_block_scales(xb, s))
+        codes = codes.reshape(*lead, K)
+    else:
+        if w.dim() != 2:
+            raise ValueError(f"the 'gptq' encoder needs a 2-D linear weight [N, K], got shape {tuple(w.shape)}")
+        if hessian is None:
+            raise ValueError(
+                "the 'gptq' encoder needs hessian=[K, K] (sum of x^T x over calibration inputs of the layer)"
+            )
+        if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (K, K):
+            raise ValueError(f"hessian must be a [{K}, {K}] tensor, got {tuple(getattr(hessian, 'shape', ()))}")
+        if not bool(torch.isfinite(hessian).all()):
+            raise ValueError("hessian must be finite")
+        if not (damp >= 0 and math.isfinite(damp)):
+            raise ValueError(f"damp must be finite and >= 0, got {damp!r}")
+        if xf.numel() == 0:
+            return quantize(w)
+        codes, b8 = _gptq_encode(xf, s, hessian, damp, search=True)
+    return NVFP4Tensor(data=pack_codes(codes), block_scales=b8, global_scale=s, shape=w.shape, orig_dtype=w.dtype)
