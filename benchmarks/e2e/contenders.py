@@ -459,11 +459,11 @@ def _fail(msg: str) -> Part:
 def transformer_contenders(ctx: Context) -> list[Contender]:
     """A transformer workload's contenders in priority order: our chosen policy replayed, the peer stacks (each
     recorded cache's pattern at matched quality replayed, with torchao FP8), torchao FP8 alone, the caches' patterns
-    in bf16, the static corners, bf16 with CUDA graphs."""
+    in bf16, the static corners, bf16 with CUDA graphs, bf16 eager."""
     args, replay = ctx.args, ctx.replay
     runner = ctx.runner
     blocks, steps = len(runner.adapter.blocks()), ctx.wl.steps  # replays time every step
-    out = [_bf16("bf16-eager", "eager"), _bf16(BASELINE, "blocks")]
+    out = [_bf16(BASELINE, "blocks")]
     if replay.get("policy") is None:
         why = ("no chosen reference policy was recorded in this run (reference workload missing or failed; pass "
                "--replay-from a results JSON that has one)")
@@ -498,7 +498,7 @@ def transformer_contenders(ctx: Context) -> list[Contender]:
     out += plain
     out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
             Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),
-            _bf16("bf16-cudagraphs", "graphs", needs=("cuda",))]
+            _bf16("bf16-cudagraphs", "graphs", needs=("cuda",)), _bf16("bf16-eager", "eager")]
     return out
 
 
