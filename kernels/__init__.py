@@ -15,7 +15,12 @@ import sys
 
 
 def _hand_over() -> None:
-    """Replace this module in ``sys.modules`` by the installed top-level ``kernels``, or raise ImportError."""
+    """Replace this module in ``sys.modules`` by the installed top-level ``kernels``.
+
+    Without one, this module becomes what Python makes of a folder that merely shares a package's name: an empty
+    namespace (no ``__file__``, no ``__version__``, nothing importable below it). transformers, which imports
+    ``kernels`` whenever ``importlib.util.find_spec`` finds one, reads exactly that as "not installed".
+    """
     import importlib.machinery
     import importlib.util
     import os
@@ -24,8 +29,13 @@ def _hand_over() -> None:
     path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None or spec.loader is None:
-        raise ModuleNotFoundError("No module named 'kernels' (the repository's kernels/ folder is "
-                                  "sixbit_tune.kernels, not a top-level package)", name="kernels")
+        this = sys.modules["kernels"]
+        for name in [n for n in vars(this) if n not in ("__name__", "__spec__", "__loader__", "__builtins__")]:
+            delattr(this, name)
+        this.__file__ = None
+        this.__path__ = []
+        this.__doc__ = "An empty namespace: no distribution named 'kernels' is installed."
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module  # the import statement returns what sys.modules holds once this file ran
     spec.loader.exec_module(module)

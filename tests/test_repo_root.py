@@ -28,11 +28,29 @@ def _kernels_installed() -> bool:
 
 def test_top_level_kernels_is_the_installed_distribution():
     res = _run("-c", "import kernels; print(kernels.__file__)")
+    assert res.returncode == 0, res.stderr
     if _kernels_installed():
-        assert res.returncode == 0, res.stderr
         assert not Path(res.stdout.strip()).is_relative_to(ROOT / "kernels"), res.stdout
     else:
-        assert res.returncode != 0 and "No module named 'kernels'" in res.stderr, res.stderr
+        assert res.stdout.strip() == "None", res.stdout
+
+
+def test_without_the_distribution_it_reads_as_not_installed():
+    """``-S`` leaves site-packages off the path, as on a machine without the PyPI ``kernels``: transformers' check
+    (spec found, no metadata, import it, no ``__version__`` and no ``__file__`` = a stray namespace) must say
+    "not installed", and nothing below the folder may import as ``kernels.*``."""
+    code = (
+        "import sys; sys.path.insert(0, ''); import importlib, importlib.metadata, importlib.util\n"
+        "assert importlib.util.find_spec('kernels') is not None\n"
+        "try:\n    importlib.metadata.version('kernels'); raise SystemExit('a kernels distribution is visible')\n"
+        "except importlib.metadata.PackageNotFoundError: pass\n"
+        "m = importlib.import_module('kernels')\n"
+        "assert getattr(m, '__version__', 'N/A') == 'N/A' and getattr(m, '__file__', None) is None, vars(m)\n"
+        "try:\n    import kernels.dispatch\nexcept ModuleNotFoundError: print('ok')\n"
+    )
+    res = _run("-S", "-c", code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok", res.stdout
 
 
 @pytest.mark.skipif(not _kernels_installed(), reason="the PyPI package 'kernels' is not installed here")
