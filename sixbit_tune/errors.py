@@ -26,7 +26,15 @@ class UnsupportedModelError(SixbitError, ValueError):
     """A model family or class sixbit-tune has no adapter for."""
 
 
-class StoreSchemaError(SixbitError, RuntimeError):
+class StoreError(SixbitError, RuntimeError):
+    """The store cannot do what was asked (e.g. it is not writable); the message says what to do."""
+
+
+class StoreReadOnlyError(StoreError, PermissionError):
+    """The store folder cannot be written (permissions, a read-only mount); raised on opening it for writing."""
+
+
+class StoreSchemaError(StoreError):
     """A store written with another schema version than this code reads."""
 
 

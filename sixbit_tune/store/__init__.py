@@ -130,6 +130,7 @@ Example::
 
 from __future__ import annotations
 
+from sixbit_tune.errors import StoreError, StoreReadOnlyError
 from sixbit_tune.store.env import gpu_info, versions
 from sixbit_tune.store.migrations import MIGRATIONS, Migration, migrate
 from sixbit_tune.store.schema import (
@@ -147,8 +148,6 @@ from sixbit_tune.store.store import (
     Store,
     StoreChecksumWarning,
     StoreDamageWarning,
-    StoreError,
-    StoreReadOnlyError,
     StoreWriter,
     check_part,
 )

@@ -6,8 +6,6 @@ import argparse
 import sys
 import warnings
 
-from sixbit_tune.errors import StoreSchemaError
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sixbit_tune.store", description=__doc__)
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = store.to_arrow(f'SELECT count(*) FROM "{name}"').column(0)[0].as_py()
                 print(f"  {name:12s} {n:>12,d} rows")
         return 0
-    except (FileNotFoundError, StoreSchemaError, StoreError) as e:
+    except (FileNotFoundError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

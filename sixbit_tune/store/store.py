@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 
-from sixbit_tune.errors import SixbitError, StoreSchemaError
+from sixbit_tune.errors import StoreReadOnlyError, StoreSchemaError
 from sixbit_tune.store.schema import (
     BLOCK_STEPS,
     LAYER_STEPS,
@@ -56,14 +56,6 @@ and fsynced, before it was renamed into its table folder. Parts named without it
 _LEGACY_READABLE = frozenset({1})
 """Older schema versions that :meth:`Store.open` still reads (read-only) without a migration: version 1 differs
 only in carrying no checksums."""
-
-
-class StoreError(SixbitError, RuntimeError):
-    """The store cannot do what was asked (e.g. it is not writable); the message says what to do."""
-
-
-class StoreReadOnlyError(StoreError, PermissionError):
-    """The store folder cannot be written (permissions, a read-only mount); raised on opening it for writing."""
 
 
 class StoreDamageWarning(UserWarning):
