@@ -34,6 +34,7 @@ from .quant import _int8_codes
 
 E4M3_MAX: tl.constexpr = tl.constexpr(fp8.E4M3_MAX)
 LOG2_E = 1.4426950408889634
+LOG2_E4M3_MAX: tl.constexpr = tl.constexpr(math.log2(fp8.E4M3_MAX))
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
@@ -129,21 +130,28 @@ def _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, offs_n, S_k, MAS
         k = tl.load(k_ptrs)
         ks = tl.load(ks_ptrs)
         vt = tl.load(vt_ptrs)
+    # Scores in the log2 domain are t·qs with t = (Q_code·K_codeᵀ)·ks: qs (the query scale times 1/√D·log2 e) is
+    # positive per row, so the row maximum is max(t)·qs and the exponent one fused multiply-add per element.
     if QK_FP8:
-        qk = tl.dot(q, tl.trans(k)) * qs[:, None] * ks[None, :]
+        t = tl.dot(q, tl.trans(k)) * ks[None, :]
     else:
         qk = tl.dot(q, tl.trans(k))  # int32, |qk| <= 127 * 127 * D < 2**22 for D <= 256
-        # int32 -> float32 through the bits of 1.5 * 2**23 + qk (an integer add and a float subtract, both full
-        # rate; the conversion instruction runs at a fraction of that and would limit the whole loop)
-        qk = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * qs[:, None] * ks[None, :]
+        # int32 -> float32 through the bits of 1.5 * 2**23 + qk: an integer add, then (bits - 1.5 * 2**23) * ks
+        # as one fused multiply-add (the conversion instruction runs at a fraction of that rate)
+        t = (qk + 0x4B400000).to(tl.float32, bitcast=True) * ks[None, :] - (12582912.0 * ks)[None, :]
     if MASKED:
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+        row_max = tl.max(tl.where(n_ok[None, :], t, float("-inf")), 1)
+    else:
+        row_max = tl.max(t, 1)
+    m_new = tl.maximum(m_i, row_max * qs)
+    # P·448 directly (448 = 2^LOG2_E4M3_MAX): the FP8 operand of the second product; the row sum l carries the
+    # same factor, which cancels in acc / l
+    p8 = tl.math.exp2(t * qs[:, None] - (m_new - LOG2_E4M3_MAX)[:, None])
+    if MASKED:
+        p8 = tl.where(n_ok[None, :], p8, 0.0)
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p8, 1)
     acc = acc * alpha[:, None]
-    p8 = p * E4M3_MAX
     if ROUND_P:
         p8 = _round_e4m3(p8)
     acc = tl.dot(p8.to(tl.float8e4nv), tl.trans(vt), acc)
@@ -184,7 +192,7 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, qs, k_ptrs, ks_ptrs, vt_ptrs, n_full + offs_n, S_k,
                                     MASKED=True, ROUND_P=ROUND_P, QK_FP8=QK_FP8)
 
-    vs = tl.load(vs_ptr + bh * D + offs_d) / E4M3_MAX
+    vs = tl.load(vs_ptr + bh * D + offs_d)
     o = acc * vs[None, :] / l_i[:, None]
     b = bh // H
     h = bh % H
