@@ -123,7 +123,7 @@ class RecoveringJournalBackend(JournalFileBackend):
                     os.replace(tmp, self._path)
                     what = (f"{len(data) - len(repaired)} byte(s) of damaged lines (a write cut short, with later "
                             "writes glued to it); the original journal is copied")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # the lock cannot be taken (Optuna's lock raises RuntimeError then)
             warnings.warn(
                 f"the Optuna journal {self._path} is damaged after byte {good} (a write cut short) and cannot be "
                 f"repaired here ({type(e).__name__}: {e}); open it once with write access to repair it",

@@ -530,10 +530,13 @@ def _dead_workers_message(config: SearchConfig, study: optuna.Study, dead) -> st
     """One line: which workers died and how, the trials marked FAIL, and how to resume."""
     from sixbit_tune.store import Store
 
-    with Store.open(config.store) as st:
-        failed = fail_dead_trials(study, st.writer(worker_id=f"{socket.gethostname()}-{os.getpid()}-coord"))
+    try:
+        with Store.open(config.store) as st:
+            failed = fail_dead_trials(study, st.writer(worker_id=f"{socket.gethostname()}-{os.getpid()}-coord"))
+        marked = f"; its running trial(s) {failed} marked FAIL" if failed else ""
+    except Exception as e:  # the report must still come out; the next run marks them
+        marked = f"; its running trials not marked FAIL yet ({type(e).__name__}: {e})"
     workers = "; ".join(f"search worker {i} (pid {p.pid}) {_how_it_ended(p.returncode)}" for i, p in dead)
-    marked = f"; its running trial(s) {failed} marked FAIL" if failed else ""
     have = count_trials(study)
     return (
         f"{workers}{marked}; study {config.study_name!r} holds {have} of {config.trials} trials: "

@@ -132,3 +132,19 @@ def test_an_intact_journal_is_not_touched(tmp_path):
         warnings.simplefilter("error", JournalRepairedWarning)
         _load(path)
     assert path.read_bytes() == before and not _backups(path)
+
+
+def test_a_search_whose_journal_write_was_cut_resumes(store_copy):
+    from search_helpers import search_config
+
+    from sixbit_tune.search.study import run_search
+
+    run_search(search_config(store_copy, trials=3, study="cut"), log=lambda *_: None)
+    path = store_copy / "optuna.journal"
+    partial = _cut_write(path)
+    with pytest.warns(JournalRepairedWarning):
+        study = run_search(search_config(store_copy, trials=4, study="cut"), log=lambda *_: None)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [b.read_bytes() for b in _backups(path)] == [partial]
+    again = optuna.load_study(study_name="cut", storage=open_storage(str(path)))
+    assert len(again.trials) == 4

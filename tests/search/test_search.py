@@ -279,3 +279,56 @@ def test_a_killed_worker_is_reported_in_one_line_and_the_study_resumes(store_cop
     assert [t.number for t in study.trials if t.state != TrialState.COMPLETE] == [number]
     rows = _mirror(store_copy, "dead")
     assert dict(zip(rows["number"], rows["state"])) == {t.number: t.state.name for t in study.trials}
+
+
+def _running(pid: int) -> bool:
+    """A process that exists and is not a zombie (a dead child its new parent has not reaped yet)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_killing_the_parent_stops_the_search_workers(store_copy):
+    import psutil
+
+    args = cli_args(store_copy, 10, "--study", "orphans", "--workers", "2")
+    args[args.index("--repeats") + 1] = "12"
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 240
+        started: set[int] = set()
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            workers = [c.pid for c in psutil.Process(proc.pid).children()
+                       if "sixbit_tune.search.worker" in " ".join(c.cmdline())]
+            try:
+                study = optuna.load_study(study_name="orphans", storage=_journal(store_copy))
+            except KeyError:
+                continue
+            started = {t.user_attrs["worker"]["pid"] for t in study.get_trials(deepcopy=False)
+                       if "worker" in t.user_attrs}
+            if len(workers) == 2 and started >= set(workers):
+                break
+        assert len(workers) == 2 and started >= set(workers), "the two workers never both started a trial"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 5
+        while any(_running(p) for p in workers):
+            assert time.time() < deadline, "search workers still running 5 s after their parent was killed"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in workers:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+    args[args.index("--repeats") + 1] = "1"
+    res = run_cli(args, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="orphans", storage=_journal(store_copy))
+    assert len(study.trials) == 10 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    assert all(t.state == TrialState.COMPLETE or "died" in t.user_attrs["fail_reason"] for t in study.trials)
