@@ -301,18 +301,47 @@ def quantize_activation(
     return _nvfp4_rows(x, x2, path, check_finite, "activation")
 
 
-def quantize_weight(w: torch.Tensor, fmt: str, *, preference: KernelPreference | str | None = None):
+def quantize_weight(
+    w: torch.Tensor,
+    fmt: str,
+    *,
+    preference: KernelPreference | str | None = None,
+    encoder: str = "standard",
+    hessian: torch.Tensor | None = None,
+):
     """Quantize a linear weight ``w [N, K]`` once (always checked for NaN/Inf).
+
+    Args:
+        w: bfloat16/float16/float32 ``[N, K]``.
+        fmt: "nvfp4", "int8" or "fp8".
+        preference: overrides the process-wide :class:`KernelPreference`.
+        encoder: the NVFP4 weight encoder, one of ``sixbit_tune.formats.nvfp4.WEIGHT_ENCODERS``. ``"standard"`` is
+            the bit-exact quantizer (Triton kernel or reference); the others run
+            :func:`sixbit_tune.formats.nvfp4.quantize_weight` in PyTorch on ``w``'s device and give other valid
+            NVFP4 codes that every path decodes unchanged. INT8 and FP8 have only ``"standard"``.
+        hessian: calibration statistics ``[K, K]`` for ``encoder="gptq"`` (see the formats function).
 
     Returns:
         int8: ``(q int8 [N, K], scales float32 [N])``; fp8: ``(q float8_e4m3fn [N, K], scales float32 [N])`` (one
         scale per output channel); nvfp4: an :class:`~sixbit_tune.formats.nvfp4.NVFP4Tensor` of shape ``[N, K]``.
         These are the ``qweight`` arguments of :func:`quantized_linear`.
+
+    Raises:
+        ValueError: unknown format or encoder, an encoder other than ``"standard"`` for INT8/FP8, a weight that is
+            not 2-D, ``K % 16 != 0`` for NVFP4, a missing or misshapen ``hessian`` for ``"gptq"``.
+        NonFiniteError: ``w`` contains NaN or Inf.
     """
+    from sixbit_tune.formats import nvfp4
+
     _check_fmt(fmt)
+    nvfp4.check_weight_encoder(encoder)
+    if encoder != nvfp4.DEFAULT_WEIGHT_ENCODER and fmt != "nvfp4":
+        raise ValueError(f"weight encoder {encoder!r} is for NVFP4 only; {fmt} weights use 'standard'")
     check_float_input(w, "weight", finite=False)  # NaN/Inf: quantize_activation(check_finite=True) below
     if w.dim() != 2:
         raise ValueError(f"a linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if encoder != nvfp4.DEFAULT_WEIGHT_ENCODER:
+        return nvfp4.quantize_weight(w, encoder, hessian=hessian)
     return quantize_activation(w, fmt, preference=preference, check_finite=True)
 
 

@@ -458,7 +458,7 @@ def quantize_weight(
             raise ValueError("hessian must be finite")
         if not (damp >= 0 and math.isfinite(damp)):
             raise ValueError(f"damp must be finite and >= 0, got {damp!r}")
-        if xf.numel() == 0:
+        if not bool(xf.any()):  # all zero (or empty): nothing to compensate, zero codes as quantize gives them
             return quantize(w)
         codes, b8 = _gptq_encode(xf, s, hessian, damp, search=True)
     return NVFP4Tensor(data=pack_codes(codes), block_scales=b8, global_scale=s, shape=w.shape, orig_dtype=w.dtype)
