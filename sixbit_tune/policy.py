@@ -5,7 +5,7 @@ A policy is what the search exports and the runtime loads::
     {"schema_version": 1,
      "model":  {"class": "WanTransformer3DModel", "family": "wan", "config_hash": "…", "blocks": 8},
      "target": {"gpu": "NVIDIA H200", "compute_capability": "9.0", "nvfp4_path": "emulated"},
-     "dmpq":   {"threshold": 0.12, "first_step_format": "int8",
+     "dmpq":   {"threshold": 0.12, "first_step_format": "int8", "nvfp4_weight_encoder": "standard",
                 "layers": {"blocks.0.attn1.to_q": {"mode": "dynamic", "in_features": 256, "out_features": 256,
                                                    "alpha": 0.8, "beta": 0.01, "r2": 0.93, "n": 96}}},
      "tdc":    {"tolerance": 0.05, "warmup": 3, "cooldown": 2, "max_skips": 2, "cache_dtype": "bfloat16",
@@ -62,6 +62,9 @@ SCHEMA_VERSION = 1
 LAYER_MODES = ("dynamic", "nvfp4", "int8", "none")
 FORMATS = ("nvfp4", "int8")
 NVFP4_PATHS = ("emulated", "native", "reference")
+# How NVFP4 weights are encoded when the policy is applied; the same names as
+# sixbit_tune.formats.nvfp4.WEIGHT_ENCODERS (this module imports no torch; a test keeps the two equal).
+NVFP4_WEIGHT_ENCODERS = ("standard", "scale-search", "gptq")
 CACHE_DTYPES = ("bfloat16", "float16", "float32")
 
 # Limits. A real policy is tens of kilobytes (one entry of ~150 bytes per linear layer inside the blocks), so 4 MiB
@@ -453,10 +456,14 @@ class DMPQ(_Checked):
     threshold: float
     layers: dict[str, LayerPolicy] = field(default_factory=dict)
     first_step_format: str = "int8"
+    nvfp4_weight_encoder: str = "standard"
 
     _FIELDS: ClassVar = (
         _Field("threshold", "float", allow_inf=True, doc='tau; "inf"/"-inf" allowed'),
         _Field("first_step_format", "enum", choices=FORMATS, doc="format of dynamic layers at the first step"),
+        _Field("nvfp4_weight_encoder", "enum", required=False, choices=NVFP4_WEIGHT_ENCODERS,
+               doc="how NVFP4 weights are encoded when the policy is applied (absent: standard); the codes are "
+               "valid NVFP4 for every encoder"),
         _Field("layers", "map", cls="LayerPolicy", doc="full module name -> layer policy"),
     )
 

@@ -105,6 +105,8 @@ BAD = [
     ("bad-cache-dtype", "tdc/cache_dtype", "float64", "tdc.cache_dtype", "one of"),
     ("bad-first-step", "dmpq/first_step_format", "fp16", "dmpq.first_step_format", "one of"),
     ("bad-nvfp4-path", "target/nvfp4_path", "fast", "target.nvfp4_path", "one of"),
+    ("bad-nvfp4-encoder", "dmpq/nvfp4_weight_encoder", "best", "dmpq.nvfp4_weight_encoder", "one of"),
+    ("null-nvfp4-encoder", "dmpq/nvfp4_weight_encoder", None, "dmpq.nvfp4_weight_encoder", "null"),
     ("dynamic-without-alpha", "dmpq/layers/blocks.0.attn1.to_q/alpha", None, "alpha", "predictor"),
     ("nvfp4-k-not-16", "dmpq/layers/blocks.1.attn1.to_q/in_features", 100, "in_features", "multiple of 16"),
     ("block-out-of-range", "tdc/blocks", [0, 8], "tdc.blocks", "out of range"),
@@ -262,3 +264,36 @@ def test_committed_policies_load_and_match_the_schema(path):
     policy = P.load(path)
     jsonschema.Draft202012Validator(P.json_schema()).validate(json.loads(path.read_text()))
     assert policy.provenance.tool_version
+
+
+# ------------------------------------------------------------------------------------ NVFP4 weight encoder
+
+
+def test_nvfp4_weight_encoder_defaults_to_standard_when_absent():
+    d = as_dict()
+    del d["dmpq"]["nvfp4_weight_encoder"]
+    assert P.load(d).dmpq.nvfp4_weight_encoder == "standard"
+    assert P.DMPQ(0.1).nvfp4_weight_encoder == "standard"
+    for path in COMMITTED:  # policies written before the field existed
+        assert P.load(path).dmpq.nvfp4_weight_encoder in P.NVFP4_WEIGHT_ENCODERS
+
+
+@pytest.mark.parametrize("encoder", P.NVFP4_WEIGHT_ENCODERS)
+def test_nvfp4_weight_encoder_round_trips(tmp_path, encoder):
+    p = make_policy()
+    p = p.replace(dmpq=P.DMPQ(0.12, p.dmpq.layers, nvfp4_weight_encoder=encoder))
+    assert json.loads(P.to_json(p))["dmpq"]["nvfp4_weight_encoder"] == encoder
+    assert P.load(P.save(p, tmp_path / "p.json")).dmpq.nvfp4_weight_encoder == encoder
+    jsonschema.Draft202012Validator(P.json_schema()).validate(p.to_dict())
+
+
+def test_nvfp4_weight_encoder_checked_in_python_too():
+    with pytest.raises(PolicyError, match="one of") as e:
+        P.DMPQ(0.1, nvfp4_weight_encoder="round")
+    assert e.value.key == "nvfp4_weight_encoder"
+
+
+def test_nvfp4_weight_encoder_names_match_the_formats():
+    from sixbit_tune.formats import nvfp4
+
+    assert P.NVFP4_WEIGHT_ENCODERS == nvfp4.WEIGHT_ENCODERS
