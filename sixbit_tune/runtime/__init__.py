@@ -14,9 +14,10 @@ Usage::
 Rules of DMPQ and the Temporal Delta Cache, per-branch state, host synchronisation and run boundaries:
 :mod:`sixbit_tune.runtime.controller`. The quantized layer: :mod:`sixbit_tune.runtime.linear`.
 
-``torch.compile`` (checked on CPU with tiny models, ``tests/runtime/test_runtime_compile.py``): compile *blocks*
-after applying a policy (``block.compile()`` / ``torch.compile(block)``; regional compilation). What compiles and
-what breaks the graph:
+``torch.compile`` (checked on CPU with tiny models, ``tests/runtime/test_runtime_compile*.py``), before or after
+applying a policy: regional compilation (``block.compile()``, ``transformer.compile_repeated_blocks()``) is the
+recommended way; ``torch.compile(transformer)`` / ``transformer.compile()`` works too. What compiles and what
+breaks the graph:
 
 * compiles: the block's attention, norms, MLP and elementwise code, and its *static* quantized layers
   (``"int8"``/``"nvfp4"`` modes); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5 with
@@ -28,8 +29,10 @@ what breaks the graph:
   ``bool(tensor)`` (``sixbit_tune.formats``), which breaks the graph at each quantized layer. The CUDA kernel
   path is called with ``check_finite=False`` (the runtime checks once per step instead); whether the Triton
   kernels trace without breaks is the kernels' business and is not checked here;
-* the transformer-level step hook is compiler-disabled: compiling the whole transformer compiles nothing
-  outside the blocks (compile the blocks instead); compiled blocks inside it do run compiled.
+* the step logic (torch forward hooks on the transformer) is compiler-disabled: with the whole transformer
+  compiled, its submodules and blocks compile and the transformer's own forward code between them runs eager;
+* a compiled function assigned to ``block.forward`` after ``apply_policy`` replaces the policy's block hook: such
+  blocks run without the policy (a warning, once, and a note in the statistics).
 """
 
 from sixbit_tune.runtime.apply import (

@@ -160,12 +160,24 @@ def apply_policy(
             fallback with a warning if compilation fails). Worth it where the host is the bottleneck (small models,
             compiled blocks); costs compile time at the first call.
 
+    Works with (checked on CPU with tiny pipelines, in either order with ``apply_policy``):
+
+    * model and group CPU offload (``enable_model_cpu_offload``, ``enable_group_offload``); ``remove()`` leaves
+      the offload working;
+    * compilation: ``torch.compile(transformer)`` / ``transformer.compile()`` (blocks and submodules compile; the
+      transformer's own forward code between them and the runtime's bookkeeping run eager), ``block.compile()``
+      and ``transformer.compile_repeated_blocks()`` (regional compilation, the recommended way). Do not assign a
+      compiled function to ``block.forward`` after ``apply_policy``: such blocks bypass the policy (warned once,
+      noted in the statistics);
+    * not with diffusers' cache techniques (FirstBlockCache, MagCache, …): refused with a ``PolicyError``, here or
+      at the first call after ``enable_cache``; ``remove()`` never disturbs them.
+
     Returns:
-        A :class:`PolicyHandle` (``remove()``, ``stats()``, ``reset()``).
+        A :class:`PolicyHandle` (``remove()``, ``stats()``, ``reset()``, ``record_skips()``, ``force_skips()``).
 
     Raises:
         PolicyError: the policy is malformed, made for another model (the message lists every mismatch), already
-            applied, or (``strict_gpu``) made for another GPU.
+            applied, (``strict_gpu``) made for another GPU, or a diffusers cache is enabled on the model.
         UnsupportedModelError: the model is not a supported family.
     """
     if kernel_preference not in KERNEL_PREFERENCES:
