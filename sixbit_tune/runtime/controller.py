@@ -1,6 +1,6 @@
 """DMPQ and Temporal Delta Cache at inference: per-step decisions, per-block measurements, per-context state.
 
-Exact rules (DESIGN §2), for block ``l`` at denoising step ``t`` of one cache context (guidance branch):
+Exact rules (their one definition: :mod:`sixbit_tune.rules`), for block ``l`` at denoising step ``t`` of one cache context (guidance branch):
 
 * **DMPQ.** A ``"dynamic"`` layer ``j`` of block ``l`` runs NVFP4 iff ``α_j·Γ_l + β_j ≤ τ`` where ``Γ_l`` is the
   block's Γ at its most recent full computation before step ``t`` (normally step ``t−1``; when the block was
@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from sixbit_tune import rules as _rules
 from sixbit_tune import stats as _stats
 from sixbit_tune.compat import BaseState, CacheContext, StateManager, current_context, diffusers_cache_hooks
 from sixbit_tune.errors import NonFiniteError, PolicyError
@@ -369,7 +370,7 @@ class Controller:
                         "with the policy applied"
                     )
             elif kind == "c":
-                st.rate[i] = [v / max(1, st.change_gap[i]) for v in vals]
+                st.rate[i] = _rules.tdc_rate(vals, st.change_gap[i])
                 st.change_dev[i] = None
             elif kind == "f":
                 st.finite_dev = None
@@ -404,20 +405,15 @@ class Controller:
                 "TDC skipped nothing: the number of denoising steps is unknown (no num_inference_steps in the "
                 "cache context, none given to the handle, no pipeline scheduler) and cooldown > 0"
             )
-        end = n_steps - tdc.cooldown if n_steps is not None else None
-        in_window = tdc_on and t >= tdc.warmup and (end is None or t < end)
-        future_window = tdc_on and (end is None or t + 1 < end)
+        in_window = tdc_on and _rules.tdc_in_window(t, tdc.warmup, tdc.cooldown, n_steps)
+        future_window = tdc_on and _rules.tdc_may_skip_later(t, tdc.cooldown, n_steps)
         # The runtime's own decision: per block, the new accumulated change if it is skipped, else None.
-        decided: list[list[float] | None] = []
-        for i, info in enumerate(self.blocks):
-            new_acc = None
-            if in_window and info.cacheable and state.cache[i] is not None and state.rate[i] is not None \
-                    and state.consec[i] < tdc.max_skips and len(state.rate[i]) == rows:
-                acc = state.acc[i] or [0.0] * rows
-                new_acc = [a + r for a, r in zip(acc, state.rate[i])]
-                if not all(v <= self.tolerance for v in new_acc):
-                    new_acc = None
-            decided.append(new_acc)
+        decided = [
+            _rules.tdc_skip(state.acc[i], state.rate[i], state.consec[i], tolerance=self.tolerance,
+                            max_skips=tdc.max_skips, in_window=in_window, has_cache=state.cache[i] is not None,
+                            cacheable=info.cacheable, rows=rows)
+            for i, info in enumerate(self.blocks)
+        ]
         skips = [a is not None for a in decided]
         if self.forced_skips is not None:
             skips = self._forced_row(ctx.name, t, state)
@@ -436,13 +432,8 @@ class Controller:
                 state.consec[i] = 0
                 if info.dynamic:
                     g = state.gamma[i]
-                    if g is None or len(g) != rows:
-                        state.fmts[i] = [self.first_format] * len(info.dynamic)
-                    else:
-                        state.fmts[i] = [
-                            "nvfp4" if all(a * gi + b <= tau for gi in g) else "int8"
-                            for a, b in zip(info.alphas, info.betas)
-                        ]
+                    state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, g if g is not None and len(g) == rows
+                                                        else None, tau, self.first_format)
             state.skip[i] = skip
             state.measure_gamma[i] = bool(info.dynamic)
             keep_cache = future_window and info.cacheable

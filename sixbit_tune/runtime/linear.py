@@ -1,6 +1,6 @@
 """``MixedPrecisionLinear``: an in-block ``nn.Linear`` replaced by its quantized encodings.
 
-A layer in mode ``"nvfp4"`` or ``"int8"`` keeps one encoding; a ``"dynamic"`` layer keeps both (DESIGN §4) and
+A layer in mode ``"nvfp4"`` or ``"int8"`` keeps one encoding; a ``"dynamic"`` layer keeps both and
 runs the one named by :attr:`MixedPrecisionLinear.fmt`, which the runtime's block hook sets before the block
 runs (DMPQ decisions are made once per denoising step, on the host). Activations are quantized at every call;
 weights once, at construction.
@@ -101,7 +101,7 @@ class MixedPrecisionLinear(nn.Module):
         return self._original[0]
 
     def weight_bytes(self) -> dict[str, int]:
-        """Storage bytes of each held encoding (DESIGN §3 sizes, scales included)."""
+        """Storage bytes of each held encoding (``formats.weight_bytes``: scales included)."""
         return {f: weight_bytes(f, self.out_features, self.in_features) for f in self.formats}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
