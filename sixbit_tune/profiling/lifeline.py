@@ -1,4 +1,5 @@
-"""Worker processes that end with their parent process, however the parent ends (``SIGKILL`` included).
+"""Worker processes that end with their parent process, however the parent ends (``SIGKILL`` included), and how a
+worker ended, in words.
 
 A worker calls :func:`die_with_parent` first thing. Two mechanisms, either of which suffices:
 
@@ -21,6 +22,17 @@ import sys
 import threading
 
 _PR_SET_PDEATHSIG = 1
+
+
+def how_it_ended(exitcode: int) -> str:
+    """How a worker process ended, from its exit code (negative: the signal that killed it), for messages."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode}"
 
 
 def _set_pdeathsig(sig: int) -> bool:
@@ -58,3 +70,15 @@ def die_with_parent(parent_pid: int | None = None, interval: float = 0.5, sig: i
                 _kill_self(sig)
 
     threading.Thread(target=watch, name="sixbit-die-with-parent", daemon=True).start()
+
+
+def thread_lock_for_bars() -> None:
+    """Give tqdm a thread lock in a worker process, instead of its default multiprocessing RLock.
+
+    That default is a named semaphore: a worker killed by a signal leaves it to the resource tracker, which warns
+    about it on the shared stderr. A worker's bars are its own (the parent draws the progress bar), so a thread
+    lock is enough.
+    """
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())

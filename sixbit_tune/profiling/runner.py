@@ -16,15 +16,22 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from sixbit_tune.errors import SixbitError
 from sixbit_tune.profiling.config import DTYPES, ProfileConfig, load_prompts
 
-__all__ = ["DTYPES", "ProfileConfig", "load_prompts", "profile", "shape_step_inputs"]
+__all__ = ["DTYPES", "ProfileConfig", "ProfileWorkerError", "load_prompts", "profile", "shape_step_inputs"]
+
+
+class ProfileWorkerError(SixbitError, RuntimeError):
+    """A profiling worker process died (killed, or exited without reporting); the message names it and how."""
+
 
 # ------------------------------------------------------------------------------------------------ public API
 def profile(config: ProfileConfig) -> str:
@@ -34,7 +41,8 @@ def profile(config: ProfileConfig) -> str:
         ValueError: inconsistent settings (e.g. more CUDA workers than GPUs).
         UnsupportedModelError: the model is not of a supported family.
         NonFiniteError: NaN statistics (non-finite activations or weights); the run is marked failed.
-        RuntimeError: a worker process died or failed (the message carries its traceback).
+        ProfileWorkerError: a worker process died (the message names it, its pid and how it ended).
+        RuntimeError: a worker process failed (the message carries its traceback).
     """
     import torch
 
@@ -361,9 +369,10 @@ def _shape_prompt(model, inst, config: ProfileConfig, prompt_index: int, device:
 def _worker_main(config: ProfileConfig, shard, run_id, device, worker_index, q, begun, parent_pid) -> None:
     import torch
 
-    from sixbit_tune.profiling.lifeline import die_with_parent
+    from sixbit_tune.profiling.lifeline import die_with_parent, thread_lock_for_bars
 
     die_with_parent(parent_pid)  # a killed parent leaves no worker running and writing
+    thread_lock_for_bars()
     try:
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, config.workers)))
@@ -396,16 +405,21 @@ def _run_workers(config, shards, run_id, devices, begin, on_step, state) -> None
     for p in procs:
         p.start()
     done: set[int] = set()
+    checked = time.monotonic()
     try:
         while len(done) < len(procs):
             try:
-                kind, idx, payload = q.get(timeout=1.0)
+                msg = q.get(timeout=1.0)
             except queue_mod.Empty:
+                msg = None
+            if msg is None or time.monotonic() - checked >= 1.0:  # also while the other workers keep reporting
+                checked = time.monotonic()
                 dead = [i for i, p in enumerate(procs) if i not in done and not p.is_alive() and p.exitcode != 0]
                 if dead:
-                    raise RuntimeError(f"profile worker(s) {dead} died (exit codes "
-                                       f"{[procs[i].exitcode for i in dead]})") from None
+                    raise ProfileWorkerError(_dead_workers_message(procs, dead)) from None
+            if msg is None:
                 continue
+            kind, idx, payload = msg
             if kind == "meta":
                 begin(payload)
                 begun.set()
@@ -422,3 +436,10 @@ def _run_workers(config, shards, run_id, devices, begin, on_step, state) -> None
             if p.is_alive() and len(done) < len(procs):
                 p.terminate()
             p.join(timeout=30)
+
+
+def _dead_workers_message(procs, dead: list[int]) -> str:
+    from sixbit_tune.profiling.lifeline import how_it_ended
+
+    which = "; ".join(f"profile worker {i} (pid {procs[i].pid}) {how_it_ended(procs[i].exitcode)}" for i in dead)
+    return f"{which}; the prompts finished so far stay in the store"

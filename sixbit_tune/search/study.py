@@ -43,7 +43,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -516,16 +515,6 @@ def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=Non
         raise WorkerDiedError(_dead_workers_message(config, study, dead))
 
 
-def _how_it_ended(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with code {returncode} (its error is printed above)"
-
-
 def _dead_workers_message(config: SearchConfig, study: optuna.Study, dead) -> str:
     """One line: which workers died and how, the trials marked FAIL, and how to resume."""
     from sixbit_tune.store import Store
@@ -536,7 +525,13 @@ def _dead_workers_message(config: SearchConfig, study: optuna.Study, dead) -> st
         marked = f"; its running trial(s) {failed} marked FAIL" if failed else ""
     except Exception as e:  # the report must still come out; the next run marks them
         marked = f"; its running trials not marked FAIL yet ({type(e).__name__}: {e})"
-    workers = "; ".join(f"search worker {i} (pid {p.pid}) {_how_it_ended(p.returncode)}" for i, p in dead)
+    from sixbit_tune.profiling.lifeline import how_it_ended
+
+    workers = "; ".join(
+        f"search worker {i} (pid {p.pid}) {how_it_ended(p.returncode)}"
+        + (" (its error is printed above)" if p.returncode > 0 else "")
+        for i, p in dead
+    )
     have = count_trials(study)
     return (
         f"{workers}{marked}; study {config.study_name!r} holds {have} of {config.trials} trials: "

@@ -18,10 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", type=int, default=0, help="worker index (sampler seed offset)")
     p.add_argument("--parent-pid", type=int, default=None, help="end when this process (the parent) ends")
     args = p.parse_args(argv)
-    if args.parent_pid is not None:
-        from sixbit_tune.profiling.lifeline import die_with_parent
+    from sixbit_tune.profiling.lifeline import die_with_parent, thread_lock_for_bars
 
+    if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
+    thread_lock_for_bars()
 
     from sixbit_tune.search.config import SearchConfig
     from sixbit_tune.search.study import run_worker

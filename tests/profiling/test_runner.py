@@ -250,3 +250,54 @@ def test_killing_the_parent_stops_the_workers(tmp_path):
         lay = s.query("SELECT prompt_index, count(*) AS n FROM layer_steps GROUP BY ALL ORDER BY ALL")
         done = lay[lay["prompt_index"].isin(b["prompt_index"])]
         assert len(done) == len(b) and (done["n"] == n_layers * 2 * 3 * 2).all()
+
+
+def _start_two_workers(tmp_path, n_prompts=60):
+    """``profile --workers 2`` in a subprocess, returned once both workers have written a prompt."""
+    import psutil
+
+    store = tmp_path / "s"
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"prompt {i} a cat" for i in range(n_prompts)]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sixbit_tune", "profile", "--model", "tiny:wan", "--prompts", str(prompts),
+         "--steps", "3", "--store", str(store), "--workers", "2", "--no-progress", "--device", "cpu"],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        parts = [p.name for p in (store / "block_steps").glob("*.parquet")] if store.exists() else []
+        if any("-w0-" in p for p in parts) and any("-w1-" in p for p in parts):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"profile process ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the two workers did not both finish a prompt within 180 s")
+    workers = [c.pid for c in psutil.Process(proc.pid).children() if any("spawn_main" in a for a in c.cmdline())]
+    assert len(workers) == 2
+    return proc, store, workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_a_killed_profile_worker_is_reported_in_one_line(tmp_path):
+    proc, store, workers = _start_two_workers(tmp_path)
+    try:
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"(pid {workers[1]}) was killed by SIGKILL" in lines[0], err[-3000:]
+    assert not _alive(workers[0])  # the other worker is stopped too
+    with Store.open(store, read_only=True) as s:
+        run = s.runs().iloc[0]
+        assert run["status"] == "failed" and "killed by SIGKILL" in run["error"]
+        assert len(s.query("SELECT DISTINCT prompt_index FROM block_steps")) >= 2
