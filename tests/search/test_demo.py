@@ -10,15 +10,20 @@ from search_helpers import run_cli
 def test_demo_quick_runs_offline_and_exports_a_loadable_policy(tmp_path):
     from sixbit_tune.policy import load
 
-    res = run_cli([sys.executable, "-m", "sixbit_tune.cli", "demo", "--quick", "--out-dir", "tmp"], timeout=300,
-                  cwd=tmp_path)
+    res = run_cli([sys.executable, "-m", "sixbit_tune.cli", "demo", "--quick", "--out-dir", "tmp", "--device", "cpu"],
+                  timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     for needle in ("fit fit-", "R² over", "study demo-", "PSNR vs unquantized", "NVFP4 layer-calls",
-                   "skipped blocks", "sixbit-tune dashboard --store tmp/store"):
+                   "skipped blocks", "sixbit-tune dashboard --store tmp/store", "searches only the cache",
+                   "side by side", "on this cpu the policy is"):
         assert needle in out, needle
-    policies = list((tmp_path / "policies").glob("demo-*.json"))
-    assert len(policies) == 1
-    policy = load(policies[0])
+    assert "profile:" in res.stderr, "the profile stage shows its progress"
+    # everything the demo writes lies beside its store: nothing in the working folder's policies/
+    assert not (tmp_path / "policies").exists()
+    policy = load(tmp_path / "tmp" / "policy.json")
     assert policy.provenance.study.startswith("demo-") and policy.measured.psnr_db is not None
     assert (tmp_path / "tmp" / "store" / "meta.json").is_file()
+    # on a CPU the demo searches the cache alone: every layer keeps its weights, the cache is on
+    assert {layer.mode for layer in policy.dmpq.layers.values()} == {"none"}
+    assert policy.tdc.tolerance > 0
