@@ -1,4 +1,4 @@
-"""The DMPQ predictor (DESIGN §2): per linear layer j, NVFP4 output error out_err_t ≈ α_j·Γ_{t−1} + β_j.
+"""The DMPQ predictor: per linear layer j, NVFP4 output error out_err_t ≈ α_j·Γ_{t−1} + β_j.
 
 Γ_{t−1} is the ``gamma`` of the layer's block at the previous step of the same (run, prompt, guidance branch);
 out_err_t is the layer's NVFP4 ``out_err`` at step t. Every (run, prompt, branch, step ≥ 1) of the chosen profile

@@ -1,4 +1,4 @@
-"""Per-row block and layer statistics of DESIGN §2, computed on the device. Imports torch only.
+"""Per-row block and layer statistics (Γ, Δ, the change of Δ, layer errors), computed on the device. Imports torch only.
 
 The profiling hooks and the runtime (TDC) both compute their statistics with these functions, so a threshold
 fitted on profiled numbers means the same thing at inference.
@@ -38,7 +38,7 @@ def stream_delta(x_streams: Sequence[torch.Tensor], y_streams: Sequence[torch.Te
     """The residual update Δ = Y − X of a block, float32, one flattened row per batch row.
 
     Dual-stream blocks pass both streams; their per-row deltas are concatenated (hidden first, in the order
-    given), which is the "concatenated along tokens" of DESIGN §2.
+    given), which is how dual-stream blocks are measured: both streams concatenated along tokens.
 
     Args:
         x_streams: the block's input streams, each ``[B, ...]`` (cloned before the block ran).

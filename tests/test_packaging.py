@@ -1,4 +1,4 @@
-"""Packaging: the layout of DESIGN §5 in editable and wheel installs; the runtime stays light; the CLI answers."""
+"""Packaging: the package layout (kernels/ and dashboard/ as subpackages of sixbit_tune) in editable and wheel installs; the runtime stays light; the CLI answers."""
 
 from __future__ import annotations
 

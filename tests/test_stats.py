@@ -1,4 +1,4 @@
-"""sixbit_tune.stats against direct float64 computations of DESIGN §2's definitions."""
+"""sixbit_tune.stats against direct float64 computations of the definitions (Γ = ‖Y − X‖₁/‖X‖₁, Δ = Y − X, ...)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Device-side quantization errors of one linear layer call: ``act_err`` and ``out_err`` (DESIGN §2).
+"""Device-side quantization errors of one linear layer call: ``act_err`` (‖Q(x) − x‖₂ / ‖x‖₂) and ``out_err``
+(‖y_quantized − x·Wᵀ‖₂ / ‖x·Wᵀ‖₂).
 
 The arithmetic is :mod:`sixbit_tune.formats`' (the specification), without the per-call finiteness scan (it reads
 a flag back to the host, and one host synchronisation per layer call would serialise the GPU): INT8 is

@@ -1,6 +1,6 @@
 """The Optuna study: storages, creation and resumption, the objective, workers, mirroring into the store.
 
-Storages (DESIGN §9): a journal file (``JournalStorage(JournalFileBackend(path))``, default
+Storages: a journal file (``JournalStorage(JournalFileBackend(path))``, default
 ``<store>/optuna.journal``) for several processes on one host; an RDB URL (``postgresql://...``) for several hosts.
 On several hosts, each runs ``sixbit-tune search --storage <url>`` on its own copy of the store (same profile and
 fit: the fit id is checked); each host mirrors its trials into its own store, and ``Store.open_many`` reads them

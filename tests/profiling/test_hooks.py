@@ -214,7 +214,8 @@ def test_separate_cfg_contexts_labelled_and_kept_apart():
 
 def test_no_cache_context_uses_fallback_and_child_cache_is_invalidated():
     model = tiny_transformer("wan")
-    # An earlier plain call inside a context builds the root registry's child-registry cache (FACTS a4).
+    # An earlier plain call inside a context builds the root registry's child-registry cache: hooks added later
+    # see no cache context until the cache is invalidated.
     _run(model, "wan", 1, context="cond")
     inst = instrument(model)
     _run(model, "wan", 1, context="cond")
