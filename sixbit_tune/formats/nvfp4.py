@@ -320,16 +320,19 @@ def _codes_for_scales(xb: torch.Tensor, s: torch.Tensor, b8: torch.Tensor) -> to
     return encode_e2m1((xb * r.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
 
 
-def _block_sq_error(xb: torch.Tensor, codes: torch.Tensor, b8: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Squared error of each block's dequantized values (computed as :func:`dequantize` does) against ``xb``."""
-    deq = (decode_e2m1(codes) * b8.to(torch.float32).unsqueeze(-1)) * s
-    return (deq - xb).square().sum(dim=-1)
+def _block_sq_error(
+    xb: torch.Tensor, codes: torch.Tensor, b8: torch.Tensor, s: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared error of each block's dequantized values (computed as :func:`dequantize` does) against ``xb``,
+    each element's term multiplied by ``weight`` (broadcast to ``xb``) when given."""
+    sq = ((decode_e2m1(codes) * b8.to(torch.float32).unsqueeze(-1)) * s - xb).square()
+    return (sq if weight is None else sq * weight).sum(dim=-1)
 
 
 def _search_block_scales(
-    xb: torch.Tensor, s: torch.Tensor, b8: torch.Tensor, steps=SCALE_SEARCH_STEPS
+    xb: torch.Tensor, s: torch.Tensor, b8: torch.Tensor, steps=SCALE_SEARCH_STEPS, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block, the E4M3 scale among ``b8`` shifted by ``steps`` codes with the lowest squared error.
+    """Per block, the E4M3 scale among ``b8`` shifted by ``steps`` codes with the lowest (weighted) squared error.
 
     ``b8`` is always a candidate and is replaced only by a strictly lower error, so no block gets worse and ties
     keep the given scale. Candidates are the positive finite E4M3 values (subnormals included, up to 448).
@@ -337,14 +340,14 @@ def _search_block_scales(
     """
     best_b = b8
     best_codes = _codes_for_scales(xb, s, b8)
-    best_err = _block_sq_error(xb, best_codes, b8, s)
+    best_err = _block_sq_error(xb, best_codes, b8, s, weight)
     base = b8.view(torch.uint8).to(torch.int16)
     for step in steps:
         if step == 0:
             continue
         cand = (base + step).clamp(_E4M3_MIN_CODE, _E4M3_MAX_CODE).to(torch.uint8).view(torch.float8_e4m3fn)
         codes = _codes_for_scales(xb, s, cand)
-        err = _block_sq_error(xb, codes, cand, s)
+        err = _block_sq_error(xb, codes, cand, s, weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_b = torch.where(better, cand.view(torch.uint8), best_b.view(torch.uint8)).view(torch.float8_e4m3fn)
@@ -359,13 +362,21 @@ def _standard_block_scales(xb: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _gptq_encode(
-    w: torch.Tensor, s: torch.Tensor, hessian: torch.Tensor, damp: float, search: bool, block_columns: int = 128
+    w: torch.Tensor,
+    s: torch.Tensor,
+    hessian: torch.Tensor,
+    damp: float,
+    search: bool,
+    block_columns: int = 128,
+    scale_weight: str = "obs",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error-compensated rounding of ``w [N, K]`` (float32) for the proxy loss ``tr((W - Q) H (W - Q)^T)``.
 
     Columns are encoded left to right; the rounding error of each column is spread over the columns not yet
-    encoded through the Cholesky factor of ``H^-1``. Each 16-column block's scales are chosen when its first column
-    is reached, from the weights as updated so far (standard rule, or the scale search when ``search``).
+    encoded through the upper Cholesky factor ``U`` of ``H^-1``. Each 16-column block's scales are chosen when its
+    first column is reached, from the weights as updated so far: the standard rule, or with ``search`` the scale
+    search, its squared errors weighted per column by ``scale_weight``: ``"obs"`` ``1 / U[i, i]^2`` (the cost of
+    rounding column ``i`` that the compensation cannot remove), ``"diag"`` ``H[i, i]``, ``"none"`` unweighted.
     Returns ``(codes [N, K], block scales [N, K // 16])``.
     """
     N, K = w.shape
@@ -388,7 +399,12 @@ def _gptq_encode(
             gb = W1[:, g : g + BLOCK_SIZE].unsqueeze(1)  # [N, 1, 16]
             b8 = _standard_block_scales(gb, s)
             if search:
-                _, b8 = _search_block_scales(gb, s, b8)
+                wt = None
+                if scale_weight == "obs":
+                    wt = torch.diagonal(Hinv1)[g : g + BLOCK_SIZE].reciprocal().square()
+                elif scale_weight == "diag":
+                    wt = torch.diagonal(H)[c0 + g : c0 + g + BLOCK_SIZE].to(torch.float32)
+                _, b8 = _search_block_scales(gb, s, b8, weight=wt)
             b8 = b8[:, 0]
             scales[:, (c0 + g) // BLOCK_SIZE] = b8.view(torch.uint8)
             r = (1.0 / s) / b8.to(torch.float32)
@@ -424,7 +440,8 @@ def quantize_weight(
     * ``"gptq"``: error-compensated rounding for a linear weight ``[N, K]`` that minimises
       ``tr((W - Q) H (W - Q)^T)`` with ``H = sum x^T x`` over calibration inputs ``x [.., K]`` of the layer
       (``hessian``, float, ``[K, K]``, symmetric positive semi-definite); ``damp * mean(diag H)`` is added to the
-      diagonal. Block scales by the scale search, chosen on the weights as compensated so far.
+      diagonal. Block scales by the scale search, chosen on the weights as compensated so far, each column's
+      squared error weighted by what the compensation cannot remove of it.
 
     Raises:
         ValueError: unknown encoder, ``K % 16 != 0``, ``"gptq"`` without a ``[K, K]`` hessian or for a weight that
