@@ -86,10 +86,10 @@ def export_trial(
     """Write trial ``number``'s policy to ``out`` (validated JSON) and record it in the store's ``policies``."""
     from sixbit_tune.store import Store
 
-    s = load_study(store, study, storage)
-    policy, ok = trial_policy(s, number, require_feasible)
-    path = P.save(policy, out)
-    with Store.open(store) as st:
+    with Store.open(store) as st:  # a store that cannot be written is refused before any file is written
+        s = load_study(store, study, storage)
+        policy, ok = trial_policy(s, number, require_feasible)
+        path = P.save(policy, out)
         st.writer().write_policy(Path(out).stem, policy.to_dict(), path=str(Path(out).absolute()), study=study,
                                  trial=number)
     return path, policy, ok

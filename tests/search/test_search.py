@@ -332,3 +332,28 @@ def test_killing_the_parent_stops_the_search_workers(store_copy):
     study = optuna.load_study(study_name="orphans", storage=_journal(store_copy))
     assert len(study.trials) == 10 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     assert all(t.state == TrialState.COMPLETE or "died" in t.user_attrs["fail_reason"] for t in study.trials)
+
+
+def test_export_to_a_read_only_store_is_refused_before_the_policy_is_written(store_copy, tmp_path):
+    from unprivileged import make_read_only, make_writable, run_unprivileged
+
+    from sixbit_tune.search.study import run_search
+
+    run_search(search_config(store_copy, trials=2, study="ro"), log=lambda *_: None)
+    out = tmp_path / "out" / "p.json"
+    out.parent.mkdir()
+    make_read_only(store_copy)
+    try:
+        res = run_unprivileged("""
+            import sys
+            from sixbit_tune.errors import StoreReadOnlyError
+            from sixbit_tune.search.export import export_trial
+            try:
+                export_trial(sys.argv[1], "ro", 0, sys.argv[2])
+            except StoreReadOnlyError as e:
+                print("refused:", e)
+        """, str(store_copy), str(out))
+    finally:
+        make_writable(store_copy)
+    assert res.stdout.startswith("refused:"), res.stdout + res.stderr[-2000:]
+    assert not out.exists()

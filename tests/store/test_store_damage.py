@@ -4,19 +4,17 @@ store that cannot be written is refused when opened for writing, before any work
 
 from __future__ import annotations
 
-import ctypes
-import os
 import random
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from unprivileged import make_read_only, make_writable, run_unprivileged
 
 from sixbit_tune.store import (
     DamagedPart,
@@ -237,38 +235,6 @@ def test_parts_being_written_are_never_flagged_while_read(tmp_path):
 
 # ------------------------------------------------------------------------------------------ read-only stores
 
-_DROP_DAC = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER: what lets root ignore permission bits
-
-
-def _as_unprivileged() -> None:
-    """preexec_fn: as root, drop from the capability bounding set what lets root write where the mode bits say
-    no; the exec'd process (still uid 0, owner of the files) then obeys the bits like any user."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in _DROP_DAC:
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def _run_unprivileged(code: str, *args: str) -> subprocess.CompletedProcess:
-    root_user = os.geteuid() == 0
-    try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
-                              cwd=REPO, timeout=120, preexec_fn=_as_unprivileged if root_user else None)
-    except subprocess.SubprocessError as e:  # preexec_fn failed: no CAP_SETPCAP to drop capabilities
-        pytest.skip(f"running as root without the right to drop capabilities, so no folder can be made "
-                    f"unwritable for this test ({e})")
-
-
-def _make_read_only(root: Path) -> None:
-    for d, _, _ in os.walk(root):
-        os.chmod(d, 0o555)
-
-
-def _make_writable(root: Path) -> None:
-    for d, _, _ in os.walk(root):
-        os.chmod(d, 0o755)
-
-
 def _synthetic_profile(root: Path) -> None:
     """A profile run whose layer errors follow gamma: `fit` has real work to do on it."""
     rng = np.random.default_rng(0)
@@ -296,9 +262,9 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
     bad = _part_of_prompt(trial_root, 3)
     bad.write_bytes(bad.read_bytes()[:-10])
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    _make_read_only(tmp_path)
+    make_read_only(tmp_path)
     try:
-        probe = _run_unprivileged(
+        probe = run_unprivileged(
             """
             import sys, warnings
             from sixbit_tune.store import Store, StoreReadOnlyError, StoreDamageWarning
@@ -320,6 +286,7 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
             with Store.open(root, read_only=True) as s:
                 print("RUNS", len(s.runs()), "LAYER_STEPS", len(s.layer_steps()))
             from sixbit_tune.store.__main__ import main as store_cli
+from unprivileged import make_read_only, make_writable, run_unprivileged
             print("CLI", store_cli(["info", root]), store_cli(["migrate", root]), store_cli(["verify", root]))
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
@@ -341,14 +308,14 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
         assert f"DAMAGED [('{bad}', None)]" in out
         assert str(bad) in out.split("WARNED", 1)[1] and "left in place" in out
 
-        fit = _run_unprivileged(
+        fit = run_unprivileged(
             "import sys; from sixbit_tune.cli import main; sys.exit(main(['fit', '--store', sys.argv[1]]))", str(root)
         )
         assert fit.returncode == 2, fit.stderr
         assert fit.stderr.startswith(f"sixbit-tune fit: error: the store at {root} is not writable")
         assert "Traceback" not in fit.stderr and fit.stdout == ""
     finally:
-        _make_writable(tmp_path)
+        make_writable(tmp_path)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing written or moved"
     # Writable again: the same command runs, and the damaged part is set aside by the next reader.
     from sixbit_tune.cli import main as cli
@@ -363,9 +330,9 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
 def test_store_in_an_unwritable_folder_cannot_be_created(tmp_path):
     parent = tmp_path / "locked"
     (parent / "empty").mkdir(parents=True)
-    _make_read_only(parent)
+    make_read_only(parent)
     try:
-        r = _run_unprivileged(
+        r = run_unprivileged(
             """
             import sys
             from sixbit_tune.store import Store, StoreError
@@ -378,7 +345,7 @@ def test_store_in_an_unwritable_folder_cannot_be_created(tmp_path):
             str(parent / "store"), str(parent / "empty"),
         )
     finally:
-        _make_writable(parent)
+        make_writable(parent)
     assert r.returncode == 0, r.stderr
     new, empty = r.stdout.splitlines()
     assert new.startswith(f"REFUSED cannot create the store folder {parent / 'store'}")
