@@ -286,7 +286,6 @@ def test_read_only_store_is_refused_for_writing_before_any_work_and_still_read(t
             with Store.open(root, read_only=True) as s:
                 print("RUNS", len(s.runs()), "LAYER_STEPS", len(s.layer_steps()))
             from sixbit_tune.store.__main__ import main as store_cli
-from unprivileged import make_read_only, make_writable, run_unprivileged
             print("CLI", store_cli(["info", root]), store_cli(["migrate", root]), store_cli(["verify", root]))
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
