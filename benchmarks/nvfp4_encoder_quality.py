@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--encoders", default=None, help="comma-separated encoder names (default: all)")
     p.add_argument("--calib-prompts", type=int, default=4, help="prompts whose linear inputs calibrate gptq")
+    p.add_argument("--calib-steps", type=int, default=None, help="steps of the calibration runs (default --steps)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results path without suffix ('' writes nothing)")
     args = p.parse_args(argv)
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     print(f"# {len(linears)} in-block linears; unquantized generation {gen_s:.1f} s per video", file=sys.stderr)
 
     calib = calibration_prompts(args.calib_prompts, prompts) if "gptq" in encoders else []
-    hess, calib_rows = capture_hessians(pipe, linears, calib, settings) if calib else ({}, 0)
+    calib_settings = GenerationSettings(steps=args.calib_steps or args.steps)
+    hess, calib_rows = capture_hessians(pipe, linears, calib, calib_settings) if calib else ({}, 0)
     if "gptq" in encoders and not calib:
         p.error("the gptq encoder needs --calib-prompts >= 1")
 
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
         "prompts": prompts,
         "seed": 0,
         "calibration_prompts": calib,
+        "calibration_steps": calib_settings.steps,
         "calibration_rows_per_linear": calib_rows,
         "scale_search_steps": list(nvfp4.SCALE_SEARCH_STEPS),
         "recommended": best["encoder"],
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
         "",
         f"{len(linears)} in-block linears NVFP4 weights-only, activations float32, no cache; {args.steps} steps, "
         f"seed 0; PSNR of each video against the unquantized pipeline. gptq calibrated on {len(calib)} other "
-        f"prompts ({calib_rows} input rows per linear). Weight error: mean over linears of ||Q-W||^2/||W||^2; "
+        f"prompts x {calib_settings.steps} steps ({calib_rows} input rows per linear). Weight error: mean over linears of ||Q-W||^2/||W||^2; "
         "calibration output error: mean of tr(dW H dW^T)/tr(W H W^T).",
         "",
         "| encoder | PSNR dB per prompt | mean PSNR dB | min PSNR dB | weight rel. MSE | calib. output rel. MSE "
