@@ -9,7 +9,7 @@ A policy is what the search exports and the runtime loads::
                 "layers": {"blocks.0.attn1.to_q": {"mode": "dynamic", "in_features": 256, "out_features": 256,
                                                    "alpha": 0.8, "beta": 0.01, "r2": 0.93, "n": 96}}},
      "tdc":    {"tolerance": 0.05, "warmup": 3, "cooldown": 2, "max_skips": 2, "cache_dtype": "bfloat16",
-                "blocks": null},
+                "extrapolate": 0, "refresh_robust": 0, "blocks": null},
      "measured": {...}, "provenance": {...}}
 
 Every class below validates itself on construction, so a ``Policy`` built in Python is as checked as one loaded
@@ -65,7 +65,7 @@ NVFP4_PATHS = ("emulated", "native", "reference")
 # How NVFP4 weights are encoded when the policy is applied; the same names as
 # sixbit_tune.formats.nvfp4.WEIGHT_ENCODERS (this module imports no torch; a test keeps the two equal).
 NVFP4_WEIGHT_ENCODERS = ("standard", "scale-search", "gptq")
-CACHE_DTYPES = ("bfloat16", "float16", "float32")
+CACHE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 # Limits. A real policy is tens of kilobytes (one entry of ~150 bytes per linear layer inside the blocks), so 4 MiB
 # leaves room for models with ~25,000 such layers while the largest accepted input loads in about a second.
@@ -473,7 +473,10 @@ class TDC(_Checked):
     """Temporal Delta Cache knobs: when a block may reuse its cached update instead of running.
 
     ``tolerance == 0`` never skips; ``blocks=None`` lets every block cache. The step windows and the skip run are
-    counted in denoising steps, so they are at most ``MAX_STEPS``.
+    counted in denoising steps, so they are at most ``MAX_STEPS``. ``cache_dtype`` is how each cached Δ is stored
+    (``"float8_e4m3fn"``: FP8 E4M3 with one float32 scale per token). ``extrapolate`` 1: a skipped block returns
+    X + the first-order extrapolation of its last two Δs instead of X + the last Δ. ``refresh_robust`` 1: a block's
+    first full computation after a skip runs its dynamic layers on the robust route. Both are 0 when absent.
     """
 
     tolerance: float = 0.0
@@ -481,6 +484,8 @@ class TDC(_Checked):
     cooldown: int = 2
     max_skips: int = 2
     cache_dtype: str = "bfloat16"
+    extrapolate: int = 0
+    refresh_robust: int = 0
     blocks: list[int] | None = None
 
     _FIELDS: ClassVar = (
@@ -488,7 +493,14 @@ class TDC(_Checked):
         _Field("warmup", "int", minimum=0, maximum=MAX_STEPS, doc="no skips in the first steps"),
         _Field("cooldown", "int", minimum=0, maximum=MAX_STEPS, doc="no skips in the last steps"),
         _Field("max_skips", "int", minimum=0, maximum=MAX_STEPS, doc="max consecutive skips of one block"),
-        _Field("cache_dtype", "enum", choices=CACHE_DTYPES),
+        _Field("cache_dtype", "enum", choices=CACHE_DTYPES,
+               doc="storage of each cached delta; float8_e4m3fn keeps one float32 scale per token"),
+        _Field("extrapolate", "int", required=False, minimum=0, maximum=1,
+               doc="1: a skipped block returns X + last + (last - prev) * k / gap (first-order extrapolation of its "
+               "last two deltas, k = steps since the last computation, gap = steps between the two); absent: 0"),
+        _Field("refresh_robust", "int", required=False, minimum=0, maximum=1,
+               doc="1: the first full computation of a block after a skip runs its dynamic layers on the robust "
+               "route; absent: 0"),
         _Field("blocks", "list[int]", nullable=True, minimum=0, maximum=MAX_BLOCKS - 1, unique=True,
                doc="block indices allowed to cache, each once; null = all"),
     )

@@ -13,6 +13,12 @@ dashboard replays a policy on profiled statistics with them. They see plain Pyth
   rate, it has been skipped fewer than ``max_skips`` times in a row, and for *every* row the change accumulated
   since its last full computation plus the rate stays ``<= tolerance``. Tolerance 0 never skips; the cap on
   consecutive skips and the per-step accumulation rule out skipping forever.
+* **TDC output.** A skipped block returns ``X + Δ_last`` (its Δ of its last full computation, at step ``s``), or,
+  with ``tdc.extrapolate = 1``, ``X + tdc_extrapolate(Δ_last, Δ_prev, t − s, s − s_prev)`` where ``Δ_prev`` is the
+  Δ of the full computation before that (at step ``s_prev``): the first-order extrapolation
+  ``Δ_last + (Δ_last − Δ_prev) · k / gap``.
+* **Refresh.** With ``tdc.refresh_robust = 1`` the first full computation of a block after one or more skips runs
+  every dynamic layer of the block on the robust route, whatever its predictor says.
 """
 
 from __future__ import annotations
@@ -77,11 +83,19 @@ def dmpq_formats(
     gamma_prev: Sequence[float] | None,
     threshold: float,
     first_step_format: str = ROBUST_FORMAT,
+    *,
+    refresh_robust: bool = False,
 ) -> list[str]:
     """:func:`dmpq_format` for every dynamic layer of one block (``alphas[i]``, ``betas[i]`` of layer ``i``), which
-    all share the block's ``gamma_prev``."""
+    all share the block's ``gamma_prev``.
+
+    ``refresh_robust``: this call is the block's first full computation after a skip and the policy asks for a
+    robust refresh (``tdc.refresh_robust``): every layer takes :data:`ROBUST_FORMAT`.
+    """
     if len(alphas) != len(betas):
         raise ValueError(f"{len(alphas)} alphas but {len(betas)} betas")
+    if refresh_robust:
+        return [ROBUST_FORMAT] * len(alphas)
     return [dmpq_format(a, b, gamma_prev, threshold, first_step_format) for a, b in zip(alphas, betas)]
 
 
@@ -168,3 +182,23 @@ def tdc_skip(
     if all(v <= tolerance for v in new_acc):
         return new_acc
     return None
+
+
+def tdc_extrapolate(last, prev, since: int, gap: int):
+    """The first-order extrapolation of a block's cached Δ (``tdc.extrapolate = 1``), TaylorSeer-style.
+
+    ``last + (last - prev) * (since / gap)``, computed in exactly this order (the factor ``since / gap`` is one
+    Python float). The arguments may be numbers or tensors (anything with ``+``, ``-`` and ``*`` by a float).
+
+    Args:
+        last: Δ of the block's last full computation (step ``s``).
+        prev: Δ of the full computation before it (step ``s_prev``).
+        since: ``k = t - s``, the steps from the last full computation to the skipped step ``t`` (>= 1).
+        gap: ``s - s_prev``, the distance between the two computations (>= 1).
+
+    Raises:
+        ValueError: ``since`` or ``gap`` is below 1.
+    """
+    if since < 1 or gap < 1:
+        raise ValueError(f"tdc_extrapolate needs since >= 1 and gap >= 1, got since={since}, gap={gap}")
+    return last + (last - prev) * (since / gap)

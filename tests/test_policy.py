@@ -103,6 +103,11 @@ BAD = [
     ("share-above-one", "measured/nvfp4_share", 1.5, "measured.nvfp4_share", "<= 1"),
     ("bad-mode", "dmpq/layers/blocks.0.ffn.net.2/mode", "fp8", "dmpq.layers.blocks.0.ffn.net.2.mode", "one of"),
     ("bad-cache-dtype", "tdc/cache_dtype", "float64", "tdc.cache_dtype", "one of"),
+    ("extrapolate-two", "tdc/extrapolate", 2, "tdc.extrapolate", "<= 1"),
+    ("extrapolate-bool", "tdc/extrapolate", True, "tdc.extrapolate", "expected an integer"),
+    ("extrapolate-null", "tdc/extrapolate", None, "tdc.extrapolate", "null"),
+    ("refresh-robust-negative", "tdc/refresh_robust", -1, "tdc.refresh_robust", ">= 0"),
+    ("refresh-robust-string", "tdc/refresh_robust", "yes", "tdc.refresh_robust", "expected an integer"),
     ("bad-first-step", "dmpq/first_step_format", "fp16", "dmpq.first_step_format", "one of"),
     ("bad-nvfp4-path", "target/nvfp4_path", "fast", "target.nvfp4_path", "one of"),
     ("bad-nvfp4-encoder", "dmpq/nvfp4_weight_encoder", "best", "dmpq.nvfp4_weight_encoder", "one of"),
@@ -297,3 +302,38 @@ def test_nvfp4_weight_encoder_names_match_the_formats():
     from sixbit_tune.formats import nvfp4
 
     assert P.NVFP4_WEIGHT_ENCODERS == nvfp4.WEIGHT_ENCODERS
+
+
+# ------------------------------------------------------------------------------------ TDC cache knobs
+
+
+def test_tdc_cache_knobs_default_when_absent():
+    d = as_dict()
+    del d["tdc"]["extrapolate"], d["tdc"]["refresh_robust"]
+    tdc = P.load(d).tdc
+    assert (tdc.cache_dtype, tdc.extrapolate, tdc.refresh_robust) == ("bfloat16", 0, 0)
+    assert P.load(d) == make_policy()
+    for path in COMMITTED:  # policies written before the fields existed
+        assert P.load(path).tdc.extrapolate in (0, 1)
+
+
+@pytest.mark.parametrize("knobs", [
+    {"cache_dtype": "float8_e4m3fn", "extrapolate": 1, "refresh_robust": 1},
+    {"cache_dtype": "float8_e4m3fn", "extrapolate": 0, "refresh_robust": 0},
+    {"cache_dtype": "bfloat16", "extrapolate": 1, "refresh_robust": 0},
+])
+def test_tdc_cache_knobs_round_trip_and_validate_against_the_schema(tmp_path, knobs):
+    p = make_policy(**knobs)
+    on_disk = json.loads(P.to_json(p))["tdc"]
+    assert {k: on_disk[k] for k in knobs} == knobs
+    assert P.load(P.save(p, tmp_path / "p.json")) == p
+    jsonschema.Draft202012Validator(P.json_schema()).validate(p.to_dict())
+
+
+def test_tdc_cache_knobs_checked_in_python_too():
+    with pytest.raises(PolicyError, match="<= 1") as e:
+        P.TDC(extrapolate=2)
+    assert e.value.key == "extrapolate"
+    with pytest.raises(PolicyError, match="one of") as e:
+        P.TDC(cache_dtype="float8_e5m2")
+    assert e.value.key == "cache_dtype"

@@ -134,3 +134,31 @@ def test_rules_import_nothing_heavy():
     code = "import sys, sixbit_tune.rules; print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------ TDC output and refresh
+
+
+def test_refresh_robust_puts_every_dynamic_layer_on_the_robust_route():
+    fast = rules.dmpq_formats([1.0, 1.0], [0.0, 0.0], [0.01], 0.25)
+    assert fast == ["nvfp4", "nvfp4"]
+    assert rules.dmpq_formats([1.0, 1.0], [0.0, 0.0], [0.01], 0.25, refresh_robust=True) == ["int8", "int8"]
+    # Also at the first step, whatever the first-step format.
+    assert rules.dmpq_formats([1.0], [0.0], None, 0.25, "nvfp4", refresh_robust=True) == ["int8"]
+
+
+@pytest.mark.parametrize(("last", "prev", "since", "gap", "expected"), [
+    (2.0, 1.0, 1, 1, 3.0),    # one step after two consecutive computations: last + (last - prev)
+    (2.0, 1.0, 2, 1, 4.0),    # two steps on
+    (2.0, 1.0, 1, 2, 2.5),    # the computations were 2 steps apart: half the slope per step
+    (1.0, 3.0, 3, 2, -2.0),   # a falling Δ
+    (5.0, 5.0, 4, 3, 5.0),    # no change, no extrapolation
+])
+def test_tdc_extrapolate_first_order(last, prev, since, gap, expected):
+    assert rules.tdc_extrapolate(last, prev, since, gap) == expected
+
+
+def test_tdc_extrapolate_refuses_steps_below_one():
+    for since, gap in ((0, 1), (1, 0), (-1, 2)):
+        with pytest.raises(ValueError, match="since >= 1 and gap >= 1"):
+            rules.tdc_extrapolate(1.0, 0.0, since, gap)
