@@ -15,6 +15,18 @@ Exact rules (their one definition: :mod:`sixbit_tune.rules`), for block ``l`` at
   Then ``A_l += r_l`` and the block returns ``X + Δ_cached`` for every stream. Any full computation resets
   ``A_l`` to 0, refreshes Δ (stored in ``tdc.cache_dtype``) and ``r_l``. Tolerance 0 never skips; the cap and
   the per-step accumulation rule out skipping forever.
+* **The cache.** Δ is kept per stream, only for blocks that may still be skipped later in the run (in
+  ``tdc.blocks``, TDC on, a step of the window still ahead); other blocks hold none. ``tdc.cache_dtype`` stores
+  it as that dtype, or, for ``"float8_e4m3fn"``, as FP8 E4M3 codes with one float32 scale per token (per slice
+  of the last dim; :func:`sixbit_tune.formats.fp8.quantize`), dequantized to float32 on the skip path and for
+  the change of Δ. With ``tdc.extrapolate = 1`` the Δ of the full computation before the last is kept too (same
+  storage), and a block skipped at step ``t``, last computed at ``s`` and before that at ``s_prev``, returns
+  ``X + (Δ_s + (Δ_s − Δ_prev) · (t − s) / (s − s_prev))`` for every stream (:func:`sixbit_tune.rules.tdc_extrapolate`,
+  computed in float32 on the dequantized Δs, then cast to X's dtype); where no earlier Δ exists (a forced skip
+  after one computation) it returns ``X + Δ_s``. ``RunStats.cache_bytes`` is the peak of the bytes held by the
+  cache (codes, scales and both Δs included).
+* **Refresh.** With ``tdc.refresh_robust = 1``, a block's first full computation after a skip runs every
+  dynamic layer of the block on the robust route (``rules.dmpq_formats(refresh_robust=True)``).
 * **Guidance branches and rows.** State is kept per ``cache_context`` name (Wan and HunyuanVideo call the
   transformer once per branch) and, inside a context, per batch row (a row = one (prompt, branch); batched-CFG
   families carry ``[uncond rows; cond rows]``). A batched call decides jointly and conservatively: a layer runs
@@ -58,10 +70,14 @@ from sixbit_tune import rules as _rules
 from sixbit_tune import stats as _stats
 from sixbit_tune.compat import BaseState, CacheContext, StateManager, current_context, diffusers_cache_hooks
 from sixbit_tune.errors import NonFiniteError, PolicyError
+from sixbit_tune.formats import fp8 as _fp8
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats, StepStats
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "float8_e4m3fn": _fp8.DTYPE}
+#: One stream of a cached Δ: a tensor in the cache dtype, or (FP8 codes, float32 scale per token).
+CachedStream = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 DEFAULT_CONTEXT = "inference"
 
 
@@ -97,7 +113,9 @@ class ContextState(BaseState):
         self.acc: list[list[float]] = [[] for _ in range(n)]
         self.consec = [0] * n
         self.last_compute: list[int | None] = [None] * n
-        self.cache: list[tuple[torch.Tensor, ...] | None] = [None] * n
+        self.cache: list[tuple[CachedStream, ...] | None] = [None] * n
+        self.cache_prev: list[tuple[CachedStream, ...] | None] = [None] * n  # tdc.extrapolate: the Δ before
+        self.prev_compute: list[int | None] = [None] * n  # the step of cache_prev
         self.skip = [False] * n
         self.fmts: list[list[str]] = [[] for _ in range(n)]
         self.measure_gamma = [False] * n
@@ -139,6 +157,8 @@ class Controller:
         self.first_format = policy.dmpq.first_step_format
         self.tolerance = float(tdc.tolerance)
         self.cache_dtype = _DTYPES[tdc.cache_dtype]
+        self.extrapolate = bool(tdc.extrapolate)
+        self.refresh_robust = bool(tdc.refresh_robust)
         self.tdc_enabled = tdc.tolerance > 0 and tdc.max_skips > 0 and any(b.cacheable for b in blocks)
         self._cache_bytes = 0
         self._new_run_stats()
@@ -428,18 +448,19 @@ class Controller:
                 state.acc[i] = acc
                 state.consec[i] += 1
             else:
+                refresh = self.refresh_robust and state.consec[i] > 0  # the first computation after a skip
                 state.acc[i] = [0.0] * rows
                 state.consec[i] = 0
                 if info.dynamic:
                     g = state.gamma[i]
                     state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, g if g is not None and len(g) == rows
-                                                        else None, tau, self.first_format)
+                                                        else None, tau, self.first_format, refresh_robust=refresh)
             state.skip[i] = skip
             state.measure_gamma[i] = bool(info.dynamic)
             keep_cache = future_window and info.cacheable
             state.measure_delta[i] = keep_cache
             if not keep_cache and state.cache[i] is not None and not skip:
-                self._set_cache(state, i, None)
+                self._set_cache(state, i, None, None)
         if self.skip_record is not None:
             self.skip_record.setdefault(ctx.name, {})[t] = list(state.skip)
 
@@ -455,23 +476,39 @@ class Controller:
         out = []
         for i in range(len(self.blocks)):
             cache = state.cache[i]
-            out.append(i < len(row) and bool(row[i]) and cache is not None and cache[0].shape[0] == rows)
+            out.append(i < len(row) and bool(row[i]) and cache is not None and cached_rows(cache) == rows)
         return out
 
     # ------------------------------------------------------------------------------------------------ blocks
-    def _set_cache(self, state: ContextState, i: int, value: tuple[torch.Tensor, ...] | None) -> None:
-        old = state.cache[i]
-        if old is not None:
-            self._cache_bytes -= sum(t.numel() * t.element_size() for t in old)
-        if value is not None:
-            self._cache_bytes += sum(t.numel() * t.element_size() for t in value)
+    def _set_cache(self, state: ContextState, i: int, value: tuple[CachedStream, ...] | None,
+                   prev: tuple[CachedStream, ...] | None) -> None:
+        """Hold ``value`` as block ``i``'s last Δ and ``prev`` as the one before (None: none), counting bytes."""
+        self._cache_bytes += cached_bytes(value) + cached_bytes(prev) - cached_bytes(state.cache[i]) \
+            - cached_bytes(state.cache_prev[i])
         state.cache[i] = value
+        state.cache_prev[i] = prev
+        if prev is None:
+            state.prev_compute[i] = None
         self._peak_cache = max(self._peak_cache, self._cache_bytes)
 
     def _drop_cache(self, state: ContextState) -> None:
         for i in range(len(self.blocks)):
-            if state.cache[i] is not None:
-                self._set_cache(state, i, None)
+            if state.cache[i] is not None or state.cache_prev[i] is not None:
+                self._set_cache(state, i, None, None)
+
+    def _cached_output(self, state: ContextState, index: int, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The streams a skipped block returns: X + Δ_last, or X + the extrapolation (module docstring)."""
+        last = state.cache[index]
+        prev = state.cache_prev[index]
+        if not (self.extrapolate and prev is not None and cached_rows(prev) == cached_rows(last)):
+            return tuple(x + decode_stream(d, x.dtype) for x, d in zip(xs, last))
+        s = state.last_compute[index]
+        since, gap = state.step - s, s - state.prev_compute[index]
+        return tuple(
+            x + _rules.tdc_extrapolate(decode_stream(d, torch.float32), decode_stream(p, torch.float32), since,
+                                       gap).to(x.dtype)
+            for x, d, p in zip(xs, last, prev)
+        )
 
     @torch.compiler.disable
     def block_begin(self, index: int, args: tuple, kwargs: dict) -> tuple[bool, Any]:
@@ -488,7 +525,7 @@ class Controller:
         if state.skip[index]:
             rec.skipped += 1
             xs = self.adapter.streams_in(info.ref, args, kwargs)
-            outs = tuple(x + d.to(x.dtype) for x, d in zip(xs, state.cache[index]))
+            outs = self._cached_output(state, index, tuple(xs))
             return True, self.adapter.output_from_streams(info.ref, outs)
         for layer, fmt in zip(info.dynamic, state.fmts[index]):
             layer.fmt = fmt
@@ -510,7 +547,7 @@ class Controller:
         ys = tuple(y.detach() for y in self.adapter.streams_out(info.ref, output))
         want_delta = state.measure_delta[index]
         old = state.cache[index]
-        prev = old if want_delta and old is not None and old[0].shape[0] == xs[0].shape[0] else None
+        prev = old if want_delta and old is not None and cached_rows(old) == xs[0].shape[0] else None
         gamma, change, parts = self._measure(xs, ys, prev, state.measure_gamma[index], want_delta, self.cache_dtype)
         if gamma is not None:
             state.gamma_dev[index] = gamma
@@ -518,7 +555,11 @@ class Controller:
             state.change_dev[index] = change
             state.change_gap[index] = state.step - state.last_compute[index]
         if parts is not None:
-            self._set_cache(state, index, parts)
+            keep_prev = self.extrapolate and prev is not None
+            before = state.last_compute[index]
+            self._set_cache(state, index, parts, prev if keep_prev else None)
+            if keep_prev:
+                state.prev_compute[index] = before
             state.last_compute[index] = state.step
 
 
@@ -540,24 +581,56 @@ def measure_block(
     into a few kernels when the policy is applied with ``compile_stats``).
 
     Returns ``(gamma, change, cache)``: Γ per row (``want_gamma``), the change of Δ against the cached ``prev`` per
-    row (``want_delta`` and a ``prev``: ``stats.rel_l2_rows``, which is ``stats.delta_change``'s change), and Δ
-    split back into the input streams' shapes in ``cache_dtype`` (``want_delta``); None where not wanted.
+    row (``want_delta`` and a ``prev``, dequantized: ``stats.rel_l2_rows``, which is ``stats.delta_change``'s
+    change), and Δ split back into the input streams' shapes and stored in ``cache_dtype`` (``want_delta``;
+    :func:`encode_stream`); None where not wanted.
     """
     delta = _stats.stream_delta(xs, ys)
     gamma = _stats.block_stats(xs, ys, delta=delta)["gamma"] if want_gamma else None
     change = cache = None
     if want_delta:
         if prev is not None:
-            flat = torch.cat([c.reshape(c.shape[0], -1) for c in prev], dim=1) if len(prev) > 1 \
-                else prev[0].reshape(prev[0].shape[0], -1)
+            dec = [decode_stream(c, torch.float32) if isinstance(c, tuple) else c for c in prev]
+            flat = torch.cat([c.reshape(c.shape[0], -1) for c in dec], dim=1) if len(dec) > 1 \
+                else dec[0].reshape(dec[0].shape[0], -1)
             change = _stats.rel_l2_rows(delta, flat)
         parts, offset = [], 0
         for x in xs:
             n = x[0].numel()
-            parts.append(delta[:, offset : offset + n].reshape(x.shape).to(cache_dtype))
+            parts.append(encode_stream(delta[:, offset : offset + n].reshape(x.shape), cache_dtype))
             offset += n
         cache = tuple(parts)
     return gamma, change, cache
+
+
+def encode_stream(delta: torch.Tensor, cache_dtype: torch.dtype) -> CachedStream:
+    """One stream's Δ as the cache holds it: ``delta`` in ``cache_dtype``, or for FP8 E4M3 the pair (codes, float32
+    scale per token) of :func:`sixbit_tune.formats.fp8.quantize` along the last dim (no finiteness scan: the
+    runtime checks the step's output once instead)."""
+    if cache_dtype == _fp8.DTYPE:
+        return _fp8.quantize(delta, -1, check=False)
+    return delta.to(cache_dtype)
+
+
+def decode_stream(stream: CachedStream, dtype: torch.dtype) -> torch.Tensor:
+    """The cached stream as a ``dtype`` tensor (FP8: ``fp8.dequantize``, codes times their token's scale)."""
+    if isinstance(stream, tuple):
+        return _fp8.dequantize(stream[0], stream[1], -1, dtype)
+    return stream.to(dtype)
+
+
+def cached_bytes(entry: tuple[CachedStream, ...] | None) -> int:
+    """Bytes held by one cached Δ (every stream; FP8 codes and their scales)."""
+    if entry is None:
+        return 0
+    tensors = [t for s in entry for t in (s if isinstance(s, tuple) else (s,))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def cached_rows(entry: tuple[CachedStream, ...]) -> int:
+    """The batch rows a cached Δ was measured for."""
+    first = entry[0]
+    return int((first[0] if isinstance(first, tuple) else first).shape[0])
 
 
 def _arg_positions(transformer: torch.nn.Module) -> tuple[int | None, int | None]:
