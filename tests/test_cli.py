@@ -54,8 +54,6 @@ def test_subcommand_help_imports_no_torch(name):
     assert _modules_after([name, "--help"]) == set()
 
 
-@pytest.mark.xfail(strict=True, reason="sixbit_tune.search.config imports torch (through search.quality) at import, "
-                   "and the search command's defaults come from SearchConfig")
 def test_search_help_imports_no_torch():
     assert _modules_after(["search", "--help"]) == set()
 

@@ -8,8 +8,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from sixbit_tune.search.quality import GenerationSettings
+from typing import Any
 
 #: Prompts used when neither the caller nor the profile run names any (the reference model's grammar).
 DEFAULT_PROMPTS = (
@@ -21,6 +20,77 @@ DEFAULT_PROMPTS = (
 #: Objectives, in Optuna's order, and their directions.
 OBJECTIVES = ("latency_ms", "memory_bytes", "psnr_db")
 DIRECTIONS = ("minimize", "minimize", "maximize")
+
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How each video of a search or demo is generated (the pipeline's own arguments).
+
+    Attributes:
+        steps: ``num_inference_steps``.
+        height, width, num_frames: output size in pixels and frames (None: the pipeline's default).
+        guidance_scale: classifier-free guidance scale (> 1 runs both branches; None: the pipeline's default).
+        max_sequence_length: text tokens (None: the pipeline's default; the tiny pipelines need 16).
+    """
+
+    steps: int = 6
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    guidance_scale: float | None = None
+    max_sequence_length: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "height", "width", "num_frames", "max_sequence_length"):
+            v = getattr(self, name)
+            if v is None and name != "steps":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"GenerationSettings.{name} must be a positive integer, got {v!r}")
+        g = self.guidance_scale
+        if g is not None and (not math.isfinite(g) or g < 0):
+            raise ValueError(f"GenerationSettings.guidance_scale must be finite and >= 0, got {g}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def call_kwargs(self) -> dict:
+        kw: dict[str, Any] = {"num_inference_steps": self.steps}
+        for key, value in (
+            ("height", self.height),
+            ("width", self.width),
+            ("num_frames", self.num_frames),
+            ("guidance_scale", self.guidance_scale),
+            ("max_sequence_length", self.max_sequence_length),
+        ):
+            if value is not None:
+                kw[key] = value
+        return kw
+
+    @classmethod
+    def for_model(cls, spec: str, profile_settings: dict | None = None, steps: int | None = None):
+        """Settings matching a profile run (its ``runs.settings``) of model ``spec``; gaps filled with the tiny
+        pipelines' sizes for ``tiny:`` specs and the pipeline's defaults otherwise."""
+        s = dict(profile_settings or {})
+        kw: dict[str, Any] = {
+            "steps": int(steps or s.get("steps") or cls.steps),
+            "height": s.get("height"),
+            "width": s.get("width"),
+            "num_frames": s.get("frames"),
+            "guidance_scale": None if s.get("guidance") is None else float(s["guidance"]),
+        }
+        if spec.strip().startswith("tiny:"):
+            from sixbit_tune.models.tiny import TINY_TEXT_LEN, TINY_VIDEO
+
+            family = spec.strip().split(":", 1)[1]
+            video = TINY_VIDEO.get(family, {})
+            kw["height"] = kw["height"] or video.get("height")
+            kw["width"] = kw["width"] or video.get("width")
+            kw["num_frames"] = kw["num_frames"] or video.get("num_frames")
+            kw["guidance_scale"] = 5.0 if kw["guidance_scale"] is None else kw["guidance_scale"]
+            kw["max_sequence_length"] = TINY_TEXT_LEN
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
