@@ -48,8 +48,8 @@ def make_static_policy(
         target: the target to record; default: the device the model is on now.
         spec: the model spec to record in ``model.spec``.
         provenance: default: a fresh ``Provenance()`` (now, this tool version).
-        **tdc_options: other ``TDC`` fields (``warmup``, ``cooldown``, ``max_skips``, ``cache_dtype``, ``blocks``);
-            their defaults are ``TDC``'s.
+        **tdc_options: other ``TDC`` fields (``warmup``, ``cooldown``, ``max_skips``, ``cache_dtype``,
+            ``extrapolate``, ``refresh_robust``, ``blocks``); their defaults are ``TDC``'s.
 
     Raises:
         PolicyError: an invalid mode, or (nvfp4) an in-block linear whose in_features is not a multiple of 16.

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 
 def tdc_options(params: dict) -> dict:
-    """The TDC window knobs of a trial (the tolerance is passed separately)."""
-    return {"warmup": int(params["warmup"]), "cooldown": int(params["cooldown"]), "max_skips": int(params["max_skips"])}
+    """The TDC knobs of a trial (the tolerance is passed separately); the cache knobs default to bf16, 0, 0 for
+    trials of a version-1 space, which has none."""
+    return {
+        "warmup": int(params["warmup"]),
+        "cooldown": int(params["cooldown"]),
+        "max_skips": int(params["max_skips"]),
+        "cache_dtype": str(params.get("cache_dtype", "bfloat16")),
+        "extrapolate": int(params.get("extrapolate", 0)),
+        "refresh_robust": int(params.get("refresh_robust", 0)),
+    }
 
 
 def build_policy(ctx, params: dict, corner: str | None = None):

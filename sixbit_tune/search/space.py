@@ -1,10 +1,19 @@
-"""The search space: τ (DMPQ threshold), δ (TDC tolerance) and the cache window, with ranges from the profile.
+"""The search space: τ (DMPQ threshold), δ (TDC tolerance), the cache window and the cache's storage and output
+knobs, with ranges from the profile.
 
 * τ ranges over the predicted NVFP4 errors α_j·Γ + β_j of the trusted layers at every profiled (run, prompt,
   branch, step) of their block: from just below the 1st percentile (nearly every dynamic layer-call INT8) to just
   above the 99th (nearly every one NVFP4).
 * δ ranges from 0 (never skip) to the 95th percentile of the profiled ``delta_change``.
 * ``warmup`` and ``cooldown`` from 0 to half the steps; ``max_skips`` from 1 to max(2, steps // 3).
+* ``cache_dtype`` among :data:`CACHE_DTYPE_CHOICES` (bf16, or FP8 E4M3 with a per-token scale at about half the
+  bytes), ``extrapolate`` 0 or 1 (the cached Δ, or its first-order extrapolation), and ``refresh_robust`` 0 or 1
+  (the recompute after a skip on the robust route) where the profile has trusted predictors (without dynamic
+  layers it changes nothing, so it is not searched).
+
+Versions: a version-1 space (stored by studies created before the cache knobs existed) loads with the cache knobs
+fixed at bf16, 0 and 0 and asks the trial for none of them, so a resumed version-1 study searches exactly what it
+searched before.
 
 The space is derived once, when a study is created, and stored with the study (``user_attrs["space"]``): every
 worker and every resumed run searches exactly the same space.
@@ -16,13 +25,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-PARAMS = ("tau", "delta", "warmup", "cooldown", "max_skips")
-SPACE_VERSION = 1
+PARAMS = ("tau", "delta", "warmup", "cooldown", "max_skips", "cache_dtype", "extrapolate", "refresh_robust")
+SPACE_VERSION = 2
+#: The cache storages a version-2 space searches (each a ``tdc.cache_dtype`` of the policy schema).
+CACHE_DTYPE_CHOICES = ("bfloat16", "float8_e4m3fn")
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Ranges of the five searched knobs (all inclusive)."""
+    """Ranges of the searched knobs (all inclusive). ``cache_dtypes`` with one entry, ``extrapolate_max`` 0 and
+    ``refresh_robust_max`` 0 fix that knob (it is not asked of the trial)."""
 
     tau_low: float
     tau_high: float
@@ -34,6 +46,9 @@ class SearchSpace:
     max_skips_high: int
     tau_quantiles: dict | None = None  # evidence: quantiles of predicted errors
     delta_quantiles: dict | None = None  # evidence: quantiles of delta_change
+    cache_dtypes: tuple[str, ...] = ("bfloat16",)
+    extrapolate_max: int = 0
+    refresh_robust_max: int = 0
     version: int = SPACE_VERSION
 
     def __post_init__(self) -> None:
@@ -46,6 +61,21 @@ class SearchSpace:
             raise ValueError(f"SearchSpace: need 0 <= delta_low < delta_high, got {self.delta_low}, {self.delta_high}")
         if min(self.warmup_max, self.cooldown_max) < 0 or not 1 <= self.max_skips_low <= self.max_skips_high:
             raise ValueError(f"SearchSpace: bad integer ranges {self}")
+        from sixbit_tune.policy import CACHE_DTYPES
+
+        if isinstance(self.cache_dtypes, str) or not isinstance(self.cache_dtypes, list | tuple):
+            raise ValueError(f"SearchSpace.cache_dtypes must be a list of names, got {self.cache_dtypes!r}")
+        object.__setattr__(self, "cache_dtypes", tuple(self.cache_dtypes))  # JSON brings a list back
+        bad = [d for d in self.cache_dtypes if d not in CACHE_DTYPES]
+        if bad or not self.cache_dtypes or len(set(self.cache_dtypes)) != len(self.cache_dtypes):
+            raise ValueError(f"SearchSpace.cache_dtypes must be distinct names among {CACHE_DTYPES}, got "
+                             f"{list(self.cache_dtypes)}")
+        for name in ("extrapolate_max", "refresh_robust_max"):
+            if getattr(self, name) not in (0, 1) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"SearchSpace.{name} must be 0 or 1, got {getattr(self, name)!r}")
+        if not isinstance(self.version, int) or not 1 <= self.version <= SPACE_VERSION:
+            raise ValueError(f"SearchSpace version {self.version!r} is not one this sixbit-tune reads "
+                             f"(1..{SPACE_VERSION}); a newer sixbit-tune made it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -55,24 +85,37 @@ class SearchSpace:
         return cls(**d)
 
     def suggest(self, trial) -> dict:
-        """Ask an Optuna trial for one point; returns ``{name: value}`` in :data:`PARAMS` order."""
+        """Ask an Optuna trial for one point; returns ``{name: value}`` in :data:`PARAMS` order (fixed knobs at
+        their one value, not asked of the trial)."""
         return {
             "tau": trial.suggest_float("tau", self.tau_low, self.tau_high),
             "delta": trial.suggest_float("delta", self.delta_low, self.delta_high),
             "warmup": trial.suggest_int("warmup", 0, self.warmup_max),
             "cooldown": trial.suggest_int("cooldown", 0, self.cooldown_max),
             "max_skips": trial.suggest_int("max_skips", self.max_skips_low, self.max_skips_high),
+            "cache_dtype": trial.suggest_categorical("cache_dtype", list(self.cache_dtypes))
+            if len(self.cache_dtypes) > 1 else self.cache_dtypes[0],
+            "extrapolate": trial.suggest_int("extrapolate", 0, 1) if self.extrapolate_max else 0,
+            "refresh_robust": trial.suggest_int("refresh_robust", 0, 1) if self.refresh_robust_max else 0,
         }
 
     def corner(self, tau: float, delta: float = 0.0) -> dict:
-        """A point of the space with the given τ, δ and the middle of the window knobs."""
-        return {
+        """A point of the space with the given τ, δ, the middle of the window knobs and the first cache dtype,
+        no extrapolation and no robust refresh; only the knobs :meth:`suggest` asks for (an enqueued trial)."""
+        point = {
             "tau": min(max(tau, self.tau_low), self.tau_high),
             "delta": min(max(delta, self.delta_low), self.delta_high),
             "warmup": self.warmup_max // 2,
             "cooldown": self.cooldown_max // 2,
             "max_skips": self.max_skips_low,
         }
+        if len(self.cache_dtypes) > 1:
+            point["cache_dtype"] = self.cache_dtypes[0]
+        if self.extrapolate_max:
+            point["extrapolate"] = 0
+        if self.refresh_robust_max:
+            point["refresh_robust"] = 0
+        return point
 
 
 _Q = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
@@ -136,4 +179,7 @@ def derive_space(tau_q: dict, delta_q: dict, steps: int) -> SearchSpace:
         max_skips_high=max(2, steps // 3),
         tau_quantiles=tau_q or None,
         delta_quantiles=delta_q or None,
+        cache_dtypes=CACHE_DTYPE_CHOICES,
+        extrapolate_max=1,
+        refresh_robust_max=1 if tau_q else 0,
     )
