@@ -11,9 +11,9 @@ knobs, with ranges from the profile.
   (the recompute after a skip on the robust route) where the profile has trusted predictors (without dynamic
   layers it changes nothing, so it is not searched).
 
-Versions: a version-1 space (stored by studies created before the cache knobs existed) loads with the cache knobs
-fixed at bf16, 0 and 0 and asks the trial for none of them, so a resumed version-1 study searches exactly what it
-searched before.
+Versions: a version-1 space (stored by studies created before the cache knobs existed) asks the trial for none of
+the cache knobs (its policies take bf16, 0 and 0), so a resumed version-1 study searches exactly what it searched
+before.
 
 The space is derived once, when a study is created, and stored with the study (``user_attrs["space"]``): every
 worker and every resumed run searches exactly the same space.
@@ -34,7 +34,7 @@ CACHE_DTYPE_CHOICES = ("bfloat16", "float8_e4m3fn")
 @dataclass(frozen=True)
 class SearchSpace:
     """Ranges of the searched knobs (all inclusive). ``cache_dtypes`` with one entry, ``extrapolate_max`` 0 and
-    ``refresh_robust_max`` 0 fix that knob (it is not asked of the trial)."""
+    ``refresh_robust_max`` 0 fix that knob (a one-value distribution)."""
 
     tau_low: float
     tau_high: float
@@ -85,23 +85,26 @@ class SearchSpace:
         return cls(**d)
 
     def suggest(self, trial) -> dict:
-        """Ask an Optuna trial for one point; returns ``{name: value}`` in :data:`PARAMS` order (fixed knobs at
-        their one value, not asked of the trial)."""
-        return {
+        """Ask an Optuna trial for one point; returns ``{name: value}`` of exactly the knobs asked (so it equals
+        ``trial.params``), in :data:`PARAMS` order. A version-2 space asks for all of them (a fixed knob is a
+        one-value distribution); a version-1 space for the first five only (the policy takes the cache knobs'
+        defaults: :func:`sixbit_tune.search.policies.tdc_options`)."""
+        point = {
             "tau": trial.suggest_float("tau", self.tau_low, self.tau_high),
             "delta": trial.suggest_float("delta", self.delta_low, self.delta_high),
             "warmup": trial.suggest_int("warmup", 0, self.warmup_max),
             "cooldown": trial.suggest_int("cooldown", 0, self.cooldown_max),
             "max_skips": trial.suggest_int("max_skips", self.max_skips_low, self.max_skips_high),
-            "cache_dtype": trial.suggest_categorical("cache_dtype", list(self.cache_dtypes))
-            if len(self.cache_dtypes) > 1 else self.cache_dtypes[0],
-            "extrapolate": trial.suggest_int("extrapolate", 0, 1) if self.extrapolate_max else 0,
-            "refresh_robust": trial.suggest_int("refresh_robust", 0, 1) if self.refresh_robust_max else 0,
         }
+        if self.version >= 2:
+            point["cache_dtype"] = trial.suggest_categorical("cache_dtype", list(self.cache_dtypes))
+            point["extrapolate"] = trial.suggest_int("extrapolate", 0, self.extrapolate_max)
+            point["refresh_robust"] = trial.suggest_int("refresh_robust", 0, self.refresh_robust_max)
+        return point
 
     def corner(self, tau: float, delta: float = 0.0) -> dict:
-        """A point of the space with the given τ, δ, the middle of the window knobs and the first cache dtype,
-        no extrapolation and no robust refresh; only the knobs :meth:`suggest` asks for (an enqueued trial)."""
+        """A point of the space with the given τ, δ, the middle of the window knobs and (version 2) the first cache
+        dtype, no extrapolation and no robust refresh: the knobs :meth:`suggest` asks for (an enqueued trial)."""
         point = {
             "tau": min(max(tau, self.tau_low), self.tau_high),
             "delta": min(max(delta, self.delta_low), self.delta_high),
@@ -109,12 +112,8 @@ class SearchSpace:
             "cooldown": self.cooldown_max // 2,
             "max_skips": self.max_skips_low,
         }
-        if len(self.cache_dtypes) > 1:
-            point["cache_dtype"] = self.cache_dtypes[0]
-        if self.extrapolate_max:
-            point["extrapolate"] = 0
-        if self.refresh_robust_max:
-            point["refresh_robust"] = 0
+        if self.version >= 2:
+            point.update(cache_dtype=self.cache_dtypes[0], extrapolate=0, refresh_robust=0)
         return point
 
 
