@@ -7,9 +7,10 @@ replaced) and varies the tolerance, ``max_skips``, ``cache_dtype`` and ``extrapo
     python benchmarks/tdc_cap_sweep.py > benchmarks/results/tdc-cap-sweep-cpu.md
 
 ``--steps``, ``--prompts`` and ``--grid tolerance:max_skips,...`` shrink it (a code-path check);
-``--cache-dtypes`` and ``--extrapolate`` (comma-separated) cross the grid with the cache knobs; ``--json PATH``
-also writes every row (rewritten after each one, so an interrupted sweep keeps what it measured). The skip share
-of a row is over all its prompts' runs; the cache bytes are the largest per-run peak.
+``--cache-dtypes`` and ``--extrapolate`` (comma-separated) cross each grid point with the cache knobs (rows in grid
+order, the knobs inside); ``--json PATH`` also writes every row (rewritten after each one, so an interrupted sweep
+keeps what it measured). The skip share of a row is over all its prompts' runs; the cache bytes are the largest
+per-run peak.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _parse(p: argparse.ArgumentParser, args) -> list[tuple[str, int, float, int]
         extra = [-1]
     if not extra or any(e not in (0, 1) for e in extra):
         p.error(f"--extrapolate {args.extrapolate!r}: give 0, 1 or 0,1")
-    return [(d, e, t, c) for d in dtypes for e in extra for t, c in grid]
+    return [(d, e, t, c) for t, c in grid for d in dtypes for e in extra]
 
 
 def main(argv=None) -> int:
