@@ -163,3 +163,23 @@ def test_refresh_after_a_skip_takes_the_robust_route(refresh):
             expected_int8 = 0
         assert s.layer_calls["int8"] == expected_int8, (s.context, s.step, s.layer_calls)
         assert s.skipped_blocks == (1 if s.step == 2 else 0)
+
+
+def test_compiled_statistics_store_the_same_fp8_cache():
+    """``compile_stats=True`` fuses the FP8 encoding of Δ with the statistics: same skips, bytes and output."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = get_pipe("hunyuanvideo")  # dual-stream blocks: two cached streams per block
+    policy = make_static_policy(pipe, "int8", 1e9, warmup=2, cooldown=1, max_skips=2, cache_dtype="float8_e4m3fn",
+                                extrapolate=1)
+    runs = {}
+    for fused in (False, True):
+        with apply_policy(pipe, policy, compile_stats=fused) as h:
+            runs[fused] = (run_pipe(pipe, "hunyuanvideo", steps=6), h.stats())
+    assert counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+    (eager, es), (got, fs) = runs[False], runs[True]
+    assert not any("torch.compile failed" in n for n in fs.notes), fs.notes
+    assert es.skipped_blocks > 0 and fs.steps == es.steps and fs.cache_bytes == es.cache_bytes
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
