@@ -298,8 +298,16 @@ def test_quantized_linear_compiles_fullgraph_gpu(fmt):
     torch._dynamo.reset()
     y = torch.compile(block, fullgraph=True)(x)
     ref = block(x)
-    # same kernels (Triton ops) or the same operations (FP8); compiled bf16 arithmetic may round differently
-    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+    # Compiled bf16 layer norm rounds a few activations differently; the activation quantizer then picks other
+    # codes for them. NVFP4's codes are 1/6 of a block's range apart: on the H100 that moved the output by 2.25%
+    # (relative L2) against 1e-2 for the 8-bit formats.
+    bound = 5e-2 if fmt == "nvfp4" else 1e-2
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < bound
+    # On one and the same input the compiled op is the eager one.
+    h = torch.nn.functional.layer_norm(x.float(), (K,)).to(x.dtype)
+    lin = torch.compile(lambda t: kernels.quantized_linear(t, qw, b, fmt, check_finite=False), fullgraph=True)
+    eager = kernels.quantized_linear(h, qw, b, fmt, check_finite=False)
+    assert float((lin(h).float() - eager.float()).norm() / eager.float().norm()) < 1e-3
 
 
 @pytest.mark.gpu
