@@ -52,3 +52,21 @@ def ieee_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
     rounds differently; a same-device tensor divisor keeps the true division that the formats specify.
     """
     return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
+def norm_axis(axis: int, ndim: int) -> int:
+    """``axis`` as a non-negative index of a tensor with ``ndim`` dims; ValueError when out of range."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for a tensor with {ndim} dim(s)")
+    return axis % ndim
+
+
+def slice_amax(x: torch.Tensor, axis: int, what: str, check: bool) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """``(float32 x, axis as an index, amax(|x|) over that axis)`` of a quantizer input, validated as
+    :func:`check_float_input` does (``check``: the NaN/Inf scan). An empty axis has amax 0."""
+    check_float_input(x, what, finite=check)
+    ax = norm_axis(axis, x.dim())
+    xf = x.detach().to(torch.float32)
+    if xf.shape[ax] == 0:
+        return xf, ax, xf.new_zeros(xf.shape[:ax] + xf.shape[ax + 1 :])
+    return xf, ax, xf.abs().amax(dim=ax)

@@ -23,16 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from sixbit_tune.formats.common import check_float_input, ieee_div
+from sixbit_tune.formats.common import ieee_div, norm_axis, slice_amax
 
 E4M3_MAX = 448.0
 DTYPE = torch.float8_e4m3fn
 
-
-def _norm_axis(axis: int, ndim: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis={axis} is out of range for a tensor with {ndim} dim(s)")
-    return axis % ndim
 
 
 def scales_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +72,7 @@ def quantize(x: torch.Tensor, axis: int = -1, *, check: bool = True) -> tuple[to
         TypeError: ``x`` is not a float32/float16/bfloat16 tensor.
         ValueError: ``axis`` out of range.
     """
-    check_float_input(x, "FP8 input", finite=check)
-    ax = _norm_axis(axis, x.dim())
-    xf = x.detach().to(torch.float32)
-    if xf.shape[ax] == 0:
-        amax = xf.new_zeros(xf.shape[:ax] + xf.shape[ax + 1 :])
-    else:
-        amax = xf.abs().amax(dim=ax)
+    xf, ax, amax = slice_amax(x, axis, "FP8 input", check)
     scales, r = scales_from_amax(amax)
     return encode(xf, r.unsqueeze(ax)), scales
 
@@ -94,7 +83,7 @@ def dequantize(
     """``float32(q) * scales`` (scales broadcast back along ``axis``), then cast to ``dtype``."""
     if q.dtype != DTYPE:
         raise TypeError(f"FP8 dequantize expects float8_e4m3fn q, got {q.dtype}")
-    ax = _norm_axis(axis, q.dim())
+    ax = norm_axis(axis, q.dim())
     expected = q.shape[:ax] + q.shape[ax + 1 :]
     if scales.shape != expected:
         raise ValueError(
