@@ -26,9 +26,13 @@ class Backend:
             raise ValueError(f"kernel_preference must be one of {KERNEL_PREFERENCES}, got {preference!r}")
         self.preference = kernels.KernelPreference(str(preference))
 
-    def quantize_weight(self, weight: torch.Tensor, fmt: str) -> Any:
-        """The stored encoding of ``weight`` ``[N, K]`` in ``fmt`` (``kernels.quantize_weight``)."""
-        return kernels.quantize_weight(weight, fmt, preference=self.preference)
+    def quantize_weight(self, weight: torch.Tensor, fmt: str, encoder: str = "standard",
+                        hessian: torch.Tensor | None = None) -> Any:
+        """The stored encoding of ``weight`` ``[N, K]`` in ``fmt`` (``kernels.quantize_weight``); ``encoder`` and
+        ``hessian`` choose the NVFP4 weight encoder and are ignored for the other formats."""
+        if fmt != "nvfp4":
+            encoder, hessian = "standard", None
+        return kernels.quantize_weight(weight, fmt, preference=self.preference, encoder=encoder, hessian=hessian)
 
     def linear(self, x: torch.Tensor, qweight: Any, bias: torch.Tensor | None, fmt: str, out_dtype) -> torch.Tensor:
         """``Q(x) @ Q(W).T + bias`` in ``out_dtype`` (``kernels.quantized_linear``)."""

@@ -135,6 +135,7 @@ def apply_policy(
     num_inference_steps: int | None = None,
     original_weights: str = "cpu",
     compile_stats: bool = False,
+    nvfp4_hessians: Mapping[str, torch.Tensor] | None = None,
 ) -> PolicyHandle:
     """Install a policy into a diffusers pipeline or its transformer.
 
@@ -159,6 +160,9 @@ def apply_policy(
             ``torch.compile`` (a few kernels instead of about fifteen eager ones per block; same numbers, eager
             fallback with a warning if compilation fails). Worth it where the host is the bottleneck (small models,
             compiled blocks); costs compile time at the first call.
+        nvfp4_hessians: per layer name (as in ``policy.dmpq.layers``), the sum of ``xᵀx`` over calibration inputs
+            ``[K, K]``: needed by the ``"gptq"`` NVFP4 weight encoder (``policy.dmpq.nvfp4_weight_encoder``) for
+            every layer that stores an NVFP4 encoding; the other encoders need none.
 
     Works with (checked on CPU with tiny pipelines, in either order with ``apply_policy``):
 
@@ -208,7 +212,8 @@ def apply_policy(
     _check_target(policy, device_target(device, backend), strict_gpu)
     handle = PolicyHandle(transformer, policy, pipeline)
     try:
-        handle._install(adapter, backend, device, num_inference_steps, original_weights, compile_stats)
+        handle._install(adapter, backend, device, num_inference_steps, original_weights, compile_stats,
+                        nvfp4_hessians or {})
     except BaseException:
         handle.remove()
         raise
@@ -230,8 +235,18 @@ class PolicyHandle:
 
     # ------------------------------------------------------------------------------------------------ install
     def _install(self, adapter: ModelAdapter, backend: Backend, device, num_steps, original_weights,
-                 compile_stats: bool = False) -> None:
+                 compile_stats: bool = False, nvfp4_hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         policy = self.policy
+        encoder = policy.dmpq.nvfp4_weight_encoder
+        nvfp4_hessians = nvfp4_hessians or {}
+        if encoder == "gptq":
+            missing = [name for name, lp in policy.dmpq.layers.items()
+                       if lp.mode in ("nvfp4", "dynamic") and name not in nvfp4_hessians]
+            if missing:
+                raise PolicyError(
+                    f"the gptq NVFP4 weight encoder needs a calibration Hessian per NVFP4 layer "
+                    f"(apply_policy(..., nvfp4_hessians={{name: sum of x.T @ x}})); {len(missing)} missing, e.g. "
+                    f"{missing[0]!r}", key="dmpq.nvfp4_weight_encoder")
         setattr(self.transformer, _HANDLE_ATTR, self)
         first = policy.dmpq.first_step_format
         cache_blocks = set(range(len(adapter.blocks()))) if policy.tdc.blocks is None else set(policy.tdc.blocks)
@@ -247,7 +262,8 @@ class PolicyHandle:
                     static["none"] += 1
                     weight_bytes["none"] += lin.weight.numel() * lin.weight.element_size()
                     continue
-                new = MixedPrecisionLinear(lin, lp.mode, backend, first, "cpu" if original_weights == "cpu" else "keep")
+                new = MixedPrecisionLinear(lin, lp.mode, backend, first, "cpu" if original_weights == "cpu" else "keep",
+                                           encoder, nvfp4_hessians.get(f"{ref.name}.{rel}"))
                 parent_name, _, attr = rel.rpartition(".")
                 parent = ref.module.get_submodule(parent_name) if parent_name else ref.module
                 setattr(parent, attr, new)

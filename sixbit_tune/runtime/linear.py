@@ -73,6 +73,8 @@ class MixedPrecisionLinear(nn.Module):
         backend: Backend,
         initial_format: str = "int8",
         original_weight: str = "keep",
+        nvfp4_encoder: str = "standard",
+        nvfp4_hessian: torch.Tensor | None = None,
     ):
         super().__init__()
         if mode not in ("nvfp4", "int8", "dynamic"):
@@ -89,7 +91,9 @@ class MixedPrecisionLinear(nn.Module):
         # The bias Parameter itself is shared (same object, same state_dict key as before).
         self.bias = original.bias
         w = original.weight.detach()
-        self.qweights: dict[str, Any] = {f: backend.quantize_weight(w, f) for f in self.formats}
+        self.qweights: dict[str, Any] = {
+            f: backend.quantize_weight(w, f, nvfp4_encoder, nvfp4_hessian) for f in self.formats
+        }
         self._weight_home: torch.device | None = None
         if original_weight == "cpu" and w.device.type != "cpu":
             self._weight_home = w.device
