@@ -86,7 +86,8 @@ def replay_policy(transformer, ref_policy, nvfp4_share: float | None, skip: bool
             layers[name] = P.LayerPolicy(m, lin.in_features, lin.out_features)
     base = make_static_policy(transformer, "int8")
     tdc = P.TDC(tolerance=1e-30 if skip else 0.0, warmup=0, cooldown=0, max_skips=10_000,
-                cache_dtype=ref_policy.tdc.cache_dtype)
+                cache_dtype=ref_policy.tdc.cache_dtype, extrapolate=ref_policy.tdc.extrapolate,
+                refresh_robust=ref_policy.tdc.refresh_robust)
     dmpq = P.DMPQ(threshold=0.0, layers=layers, first_step_format=ref_policy.dmpq.first_step_format)
     return dataclasses.replace(base, dmpq=dmpq, tdc=tdc), {"modes": {m: assigned.count(m) for m in counts},
                                                            "dynamic_pinned_nvfp4": fp4_dyn}
