@@ -14,8 +14,8 @@ budget=${BUDGET_S:-480}
 case $workload in
   reference)
     args=(--workloads reference --prompts 2
-          --policy policies/reference-h200-tdc.json,benchmarks/results/e2e-policy-reference-int8-tdc.json
-          --policy-name ours-tdc,ours-int8-tdc
+          --policy policies/reference-h200-tdc.json,benchmarks/results/e2e-policy-reference-int8-tdc.json,policies/reference-tdc-fp8-extrapolate.json
+          --policy-name ours-tdc,ours-int8-tdc,ours-tdc-fp8-x
           --fbc-thresholds 0.02,0.05,0.1 --dbcache-thresholds 0.02,0.05,0.1 --taylorseer-thresholds 0.05,0.1) ;;
   cogvideox)
     args=(--workloads shape:cogvideox-2b --steps-timed 10 --replay-from artifacts/e2e-reference/e2e.json) ;;
