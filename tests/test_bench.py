@@ -339,7 +339,7 @@ def test_several_policies_each_need_a_distinct_name_and_an_existing_file(tmp_pat
 def test_tdc_cap_sweep_runs_from_the_root():
     res = _run("benchmarks/tdc_cap_sweep.py", "--steps", "2", "--prompts", "1", "--grid", "0.5:2", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = [line for line in res.stdout.splitlines() if line.startswith("| 0.5 | 2 |")]
+    table = [line for line in res.stdout.splitlines() if line.startswith("| bfloat16 | 0 | 0.5 | 2 |")]
     assert len(table) == 1, res.stdout
 
 
