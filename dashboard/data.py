@@ -406,23 +406,34 @@ def param_importance(
 
 def _study_from_trials(trials: pd.DataFrame, names: Sequence[str]):
     import optuna
-    from optuna.distributions import FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     study = optuna.create_study(directions=["minimize" if d == "min" else "maximize" for _, d in OBJECTIVES])
     done = trials[(trials["state"] == "COMPLETE")].dropna(subset=list(names))
     pcols = [c for c in trials.columns if c.startswith("param_")]
     dists = {}
     for c in pcols:
-        v = pd.to_numeric(done[c], errors="coerce").dropna()
+        raw = done[c].dropna()
+        if raw.empty:
+            continue
+        if any(isinstance(x, str) for x in raw):  # a categorical knob (e.g. tdc cache_dtype)
+            dists[c[6:]] = CategoricalDistribution(sorted({str(x) for x in raw}))
+            continue
+        v = pd.to_numeric(raw, errors="coerce").dropna()
         if v.empty:
             continue
-        if (v == v.round()).all() and not any(isinstance(x, float) for x in done[c].dropna()):
+        if (v == v.round()).all() and not any(isinstance(x, float) for x in raw):
             dists[c[6:]] = IntDistribution(int(v.min()), int(v.max()))
         else:
             dists[c[6:]] = FloatDistribution(float(v.min()), float(v.max()))
+
+    def value(d, x):
+        if isinstance(d, CategoricalDistribution):
+            return str(x)
+        return int(x) if isinstance(d, IntDistribution) else float(x)
+
     for _, r in done.iterrows():
-        params = {p: (int(r[f"param_{p}"]) if isinstance(d, IntDistribution) else float(r[f"param_{p}"]))
-                  for p, d in dists.items() if pd.notna(r[f"param_{p}"])}
+        params = {p: value(d, r[f"param_{p}"]) for p, d in dists.items() if pd.notna(r[f"param_{p}"])}
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions={p: dists[p] for p in params}, values=[float(r[n]) for n in names]
         ))

@@ -215,6 +215,20 @@ def test_param_importance_falls_back_to_the_store(store, tmp_path):
     assert "not usable" in imp2.source and len(imp2.table) > 0
 
 
+def test_store_fallback_keeps_categorical_knobs():
+    """The store's mirrored trials rebuild an Optuna study with string knobs (``cache_dtype``) as categoricals."""
+    import pandas as pd
+
+    rows = [dict(state="COMPLETE", latency_ms=10.0 + i, memory_bytes=100.0 * (i % 2 + 1), psnr_db=30.0 + i,
+                 param_delta=0.1 * i, param_max_skips=i % 3 + 1,
+                 param_cache_dtype=("bfloat16", "float8_e4m3fn")[i % 2]) for i in range(6)]
+    study = data._study_from_trials(pd.DataFrame(rows), [n for n, _ in data.OBJECTIVES])
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6
+    assert [t.params["cache_dtype"] for t in trials] == [r["param_cache_dtype"] for r in rows]
+    assert {t.params["max_skips"] for t in trials} == {1, 2, 3}
+
+
 # ------------------------------------------------------------------------------------------------ policy
 
 
