@@ -24,10 +24,16 @@ def _mirror(store_path, study):
 
 
 def test_search_beats_static_int8_and_mirrors_every_trial(store_copy):
-    from sixbit_tune.search.study import feasible, run_search
+    from sixbit_tune.search.export import load_study
+    from sixbit_tune.search.study import feasible
 
+    # The search runs in its own process, as users run it: its latencies are measured on a process that earlier
+    # tests of this session have not touched (after the dashboard tests, in-process timings of the cached trials
+    # came out 1.6x slower than the static INT8 corner's and no trial beat it).
     config = search_config(store_copy, trials=6)
-    study = run_search(config, log=lambda *_: None)
+    res = run_cli(cli_args(store_copy, 6, "--study", config.study_name))
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = load_study(store_copy, config.study_name)
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in trials] == list(range(6))
     refs = {t.user_attrs.get("reference"): t for t in trials if t.user_attrs.get("reference")}
