@@ -13,7 +13,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-HELP = "End-to-end benchmark: bf16 (compiled, CUDA graphs), torchao, step caches and sixbit-tune policies."
 #: the name the benchmark package is loaded under (not ``benchmarks.e2e``: no folder is put on ``sys.path``)
 MODULE = "sixbit_tune_bench_e2e"
 
