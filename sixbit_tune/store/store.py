@@ -306,6 +306,9 @@ def checksum_parts(root: str | os.PathLike) -> tuple[int, list[DamagedPart]]:
     return done, damaged
 
 
+_PROBE = ".write-probe-"
+
+
 def _require_writable(root: Path) -> None:
     """Raise :class:`StoreReadOnlyError` unless a file can really be created in every folder writers use.
 
@@ -315,7 +318,7 @@ def _require_writable(root: Path) -> None:
     for folder in (root, root / TMP, *(root / name for name in TABLES)):
         if not folder.is_dir():
             continue
-        probe = folder / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe = folder / f"{_PROBE}{uuid.uuid4().hex[:8]}"
         try:
             os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             os.unlink(probe)
@@ -455,7 +458,12 @@ class Store:
                 f"cannot create the store folder {root}: {e.strerror}; choose a folder you can write to"
             ) from None
         layout = {*TABLES, TMP, META, QUARANTINE}
-        foreign = sorted(p.name for p in root.iterdir() if p.name not in layout and not p.name.startswith(META))
+        # Another process creating the same store at once leaves its meta.json.*.tmp and write probes there.
+        foreign = sorted(
+            p.name
+            for p in root.iterdir()
+            if p.name not in layout and not p.name.startswith((META, _PROBE))
+        )
         if foreign:
             raise FileExistsError(
                 f"{root} is not empty ({foreign[:5]}) and is no store; choose an empty or new folder for the store"

@@ -226,3 +226,14 @@ def test_processes_creating_the_same_store_at_once_all_succeed(tmp_path):
         assert p.returncode == 0, err
     with Store.open(path, read_only=True) as s:
         assert s.trials("s")["number"].tolist() == [0, 1, 2, 3]
+
+
+def test_create_ignores_what_a_concurrent_create_leaves_in_the_folder(tmp_path):
+    """A write probe or a meta.json temp file of another process creating the same store is no foreign file."""
+    path = tmp_path / "store"
+    path.mkdir()
+    (path / ".write-probe-0123abcd").touch()
+    (path / "meta.json.0123abcd.tmp").write_text("{}")
+    Store.create(path).close()
+    with Store.open(path, read_only=True) as s:
+        assert s.trials("s").empty
