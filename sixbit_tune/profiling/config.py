@@ -8,16 +8,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DTYPES", "PROFILE_FORMATS", "ProfileConfig", "load_prompts"]
+__all__ = ["DTYPES", "PROFILE_ATTENTION_FORMATS", "PROFILE_FORMATS", "ProfileConfig", "load_prompts"]
 
 #: Model dtypes a run may use.
 DTYPES = ("bfloat16", "float16", "float32")
 #: Formats recorded by default: ``sixbit_tune.formats.FORMATS`` (checked equal in ``__post_init__``; that
 #: package imports torch, this module must not).
 PROFILE_FORMATS = ("nvfp4", "int8")
-
-
-DTYPES = ("bfloat16", "float16", "float32")
+#: Attention formats whose ``attn_err`` is recorded by default (a subset of
+#: ``sixbit_tune.formats.attention.QK_FORMATS``, checked in ``__post_init__``).
+PROFILE_ATTENTION_FORMATS = ("fp8",)
 
 
 @dataclass
@@ -42,6 +42,10 @@ class ProfileConfig:
             statistics are recorded at every step, so every recorded out_err_t still has its Γ_{t−1}). 1 = every
             step. Larger values trade calibration pairs for a cheaper run.
         formats: formats whose per-layer errors are recorded.
+        attention_formats: attention formats (Q·Kᵀ in ``"fp8"`` or ``"int8"``) whose ``attn_err`` each block's
+            self-attention records; empty: no attention errors (a cheaper run).
+        attention_every: record ``attn_err`` on every ``attention_every``-th step only (steps 0, k, 2k, ...), as
+            ``layer_every`` does for the layer errors.
         compile_stats: fuse the statistic computations with ``torch.compile`` (None: on CUDA only).
         progress: show a tqdm bar over prompts x steps.
         run_id: explicit run id (default: generated).
@@ -61,6 +65,8 @@ class ProfileConfig:
     workers: int = 1
     layer_every: int = 1
     formats: tuple[str, ...] = PROFILE_FORMATS
+    attention_formats: tuple[str, ...] = PROFILE_ATTENTION_FORMATS
+    attention_every: int = 1
     compile_stats: bool | None = None
     progress: bool = True
     run_id: str | None = None
@@ -73,7 +79,7 @@ class ProfileConfig:
             raise ValueError("prompts: give at least one prompt")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("prompts: empty prompt text")
-        for name in ("steps", "workers", "layer_every"):
+        for name in ("steps", "workers", "layer_every", "attention_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -90,6 +96,15 @@ class ProfileConfig:
         self.formats = tuple(self.formats)
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        from sixbit_tune.formats.attention import QK_FORMATS
+
+        self.attention_formats = tuple(self.attention_formats)
+        if any(f not in QK_FORMATS for f in self.attention_formats) or len(set(self.attention_formats)) != len(
+            self.attention_formats
+        ):
+            raise ValueError(
+                f"attention_formats must be distinct values of {QK_FORMATS} (or none), got {list(self.attention_formats)}"
+            )
         if not str(self.store):
             raise ValueError("store: give a folder")
         self.store = str(self.store)

@@ -5,7 +5,8 @@
 * the transformer (a root hook that notes which ``cache_context`` the call runs in),
 * every transformer block (clones the block's input streams before it runs, then computes Γ, ‖Δ‖, and the change
   of Δ against the same block's Δ at the previous step of the same context, from ``sixbit_tune.stats``),
-* every ``nn.Linear`` inside the blocks (``act_err``/``out_err`` per format, :mod:`sixbit_tune.profiling.quant`).
+* every ``nn.Linear`` inside the blocks (``act_err``/``out_err`` per format, :mod:`sixbit_tune.profiling.quant`),
+* every block's self-attention module (``attn_err`` per attention format, :mod:`sixbit_tune.profiling.attention`).
 
 The hooks never change what a module returns: outputs of an instrumented model are bit-identical to an
 uninstrumented one. Statistics stay on the device as small ``[.., B]`` tensors appended to lists; :meth:`flush`
@@ -49,6 +50,14 @@ from sixbit_tune.compat import (
 from sixbit_tune.errors import NonFiniteError
 from sixbit_tune.formats import FORMATS
 from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
+from sixbit_tune.profiling.attention import (
+    SDPACapture,
+    attention_errors,
+    combine_calls,
+    fmt_ok,
+    self_attention,
+    warn_not_captured,
+)
 from sixbit_tune.profiling.quant import (
     QuantizedWeight,
     nvfp4_gemm_path,
@@ -61,9 +70,13 @@ from sixbit_tune.stats import Compiled, block_stats, delta_change, stream_delta
 __all__ = ["FALLBACK_CONTEXT", "HOOK_NAME", "Instrumentation", "StepRecords", "block_record", "instrument"]
 
 HOOK_NAME = "sixbit_tune.profile"
+#: Attention formats recorded unless told otherwise.
+DEFAULT_ATTENTION_FORMATS = ("fp8",)
 FALLBACK_CONTEXT = "inference"
 #: Order of the per-block statistics inside a block record tensor ``[4, B]``.
 BLOCK_FIELDS = ("gamma", "delta_change", "delta_cos", "delta_norm")
+#: Columns of :attr:`StepRecords.attention` (the store's ``attn_steps`` without run_id).
+ATTENTION_COLUMNS = ("prompt_index", "branch", "step", "block_index", "format", "attn_err")
 
 
 def block_record(
@@ -111,6 +124,7 @@ class _Call:
     context: str | None
     blocks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block index, [4, B])
     layers: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer id, [F, 2, B])
+    attention: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block index, [F, B])
 
 
 class _Recorder:
@@ -119,6 +133,7 @@ class _Recorder:
         self.current: _Call | None = None
         self.enabled = True
         self.record_layers = True
+        self.record_attention = True
         # (input tensor, its _version, formats key, quantize_activation result) of the last linear call:
         # linears reading the same tensor (attention q/k/v) reuse the quantized activation and its act_err.
         self.act_cache: tuple | None = None
@@ -216,6 +231,45 @@ class _LinearHook(ModelHook):
         return out
 
 
+class _AttentionHook(ModelHook):
+    """On a block's self-attention module: records every ``scaled_dot_product_attention`` call it makes and
+    appends the block's ``attn_err`` ``[F, B]`` to the current call."""
+
+    def __init__(self, recorder: _Recorder, block: BlockRef, name: str, formats: tuple[str, ...]):
+        super().__init__()
+        self.recorder = recorder
+        self.block = block
+        self.name = name
+        self.formats = formats
+        self.warned = False
+
+    def new_forward(self, module, *args, **kwargs):
+        rec = self.recorder
+        if rec.current is None or not rec.record_attention:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        with SDPACapture() as cap:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        x = args[0] if args else kwargs.get("hidden_states")
+        why = None
+        if not cap.calls:
+            why = ("its attention made no torch.nn.functional.scaled_dot_product_attention call (an attention "
+                   "backend other than diffusers' 'native' one?)")
+        else:
+            skipped = [c.skip for c in cap.calls if c.skip]
+            if skipped:
+                why = f"its attention call has {skipped[0]}"
+        if why is None:
+            parts = [attention_errors(c, self.formats) for c in cap.calls]
+            try:
+                rec.current.attention.append((self.block.index, combine_calls(parts, x.shape[0])))
+            except ValueError as e:
+                why = str(e)
+        if why is not None and not self.warned:
+            self.warned = True
+            warn_not_captured(self.name, why)
+        return out
+
+
 def _version(x: torch.Tensor) -> int | None:
     """The tensor's in-place version counter; None for inference-mode tensors, which have none (for them the
     activation cache relies on identity alone: nothing between a module's q/k/v projections writes their input)."""
@@ -227,30 +281,35 @@ def _version(x: torch.Tensor) -> int | None:
 
 @dataclass
 class StepRecords:
-    """Host-side rows of one flush, column-wise, named as the store's ``block_steps``/``layer_steps`` columns.
+    """Host-side rows of one flush, column-wise, named as the store's ``block_steps``/``layer_steps``/
+    ``attn_steps`` columns.
 
     ``blocks`` keys: prompt_index, branch, step, timestep, block_index, block, gamma, delta_change, delta_cos,
     delta_norm. ``layers`` keys: prompt_index, branch, step, block_index, layer, format, act_err, out_err.
+    ``attention`` keys: prompt_index, branch, step, block_index, format, attn_err.
     NaN statistics that mean "not defined" (Δ change at a block's first step) are None.
     """
 
     blocks: dict[str, list]
     layers: dict[str, list]
+    attention: dict[str, list] = field(default_factory=lambda: {k: [] for k in ATTENTION_COLUMNS})
 
     @staticmethod
     def empty() -> StepRecords:
         return StepRecords(
             {k: [] for k in ("prompt_index", "branch", "step", "timestep", "block_index", "block", *BLOCK_FIELDS)},
             {k: [] for k in ("prompt_index", "branch", "step", "block_index", "layer", "format", "act_err", "out_err")},
+            {k: [] for k in ATTENTION_COLUMNS},
         )
 
     def extend(self, other: StepRecords) -> None:
-        for mine, theirs in ((self.blocks, other.blocks), (self.layers, other.layers)):
+        for mine, theirs in ((self.blocks, other.blocks), (self.layers, other.layers),
+                             (self.attention, other.attention)):
             for k, v in theirs.items():
                 mine[k].extend(v)
 
     def __len__(self) -> int:
-        return len(self.blocks["step"]) + len(self.layers["step"])
+        return len(self.blocks["step"]) + len(self.layers["step"]) + len(self.attention["step"])
 
 
 class Instrumentation:
@@ -262,6 +321,8 @@ class Instrumentation:
         formats: the profiled formats.
         layer_names: full module names of the instrumented linears (index = layer id).
         layer_formats: per layer, the formats recorded for it (NVFP4 is left out where K % 16 != 0).
+        attention_formats: the attention formats whose ``attn_err`` is recorded (empty: none).
+        attention_modules: ``block index -> full module name`` of each instrumented self-attention.
     """
 
     def __init__(
@@ -270,6 +331,7 @@ class Instrumentation:
         formats: Sequence[str] = FORMATS,
         layers: bool = True,
         compile_stats: bool | None = None,
+        attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
     ):
         self.adapter = get_adapter(model)
         self.transformer = self.adapter.transformer
@@ -277,6 +339,8 @@ class Instrumentation:
         unknown = [f for f in self.formats if f not in FORMATS]
         if unknown or not self.formats:
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
+        self.attention_formats = fmt_ok(attention_formats)
+        self.attention_modules: dict[int, str] = {}
         self._recorder = _Recorder()
         device = next(self.transformer.parameters()).device
         if compile_stats is None:
@@ -300,6 +364,11 @@ class Instrumentation:
             self._register(self.transformer, _RootHook(self._recorder))
             for ref in self._blocks:
                 self._register(ref.module, _BlockHook(self._recorder, self.adapter, ref, block_fn))
+                attn = self_attention(ref.module) if self.attention_formats else None
+                if attn is not None:
+                    name = f"{ref.name}.{attn[0]}"
+                    self.attention_modules[ref.index] = name
+                    self._register(attn[1], _AttentionHook(self._recorder, ref, name, self.attention_formats))
                 if not layers:
                     continue
                 for rel, lin in self.adapter.linears(ref).items():
@@ -351,6 +420,16 @@ class Instrumentation:
     @record_layers.setter
     def record_layers(self, value: bool) -> None:
         self._recorder.record_layers = bool(value)
+
+    @property
+    def record_attention(self) -> bool:
+        """Whether ``attn_err`` is recorded for the calls to come (the runner turns it off on steps that
+        ``ProfileConfig.attention_every`` skips)."""
+        return self._recorder.record_attention
+
+    @record_attention.setter
+    def record_attention(self, value: bool) -> None:
+        self._recorder.record_attention = bool(value)
 
     def _register(self, module: torch.nn.Module, hook: ModelHook) -> None:
         self._registrations.append(register_hook(module, hook, HOOK_NAME))
@@ -416,14 +495,14 @@ class Instrumentation:
         if not calls:
             return out
         n = len(prompt_indices)
-        tensors = [t for c in calls for _, t in (*c.blocks, *c.layers)]
+        tensors = [t for c in calls for _, t in (*c.blocks, *c.layers, *c.attention)]
         if not tensors:
             return out
         host = torch.cat([t.reshape(-1) for t in tensors]).double().cpu().tolist()
         pos = 0
         ts = None if timestep is None else float(timestep)
         for call in calls:
-            batch = call.blocks[0][1].shape[-1] if call.blocks else call.layers[0][1].shape[-1]
+            batch = next(t.shape[-1] for _, t in (*call.blocks, *call.layers, *call.attention))
             ctx = call.context
             if ctx is None and self.adapter.cfg_mode == "separate":
                 ctx = "cond"
@@ -479,11 +558,40 @@ class Instrumentation:
                         lay["format"].append(fmt)
                         lay["act_err"].append(act)
                         lay["out_err"].append(err)
+            att = out.attention
+            fmts = self.attention_formats
+            for block_index, t in call.attention:
+                if t.shape[-1] != batch:
+                    raise ValueError(
+                        f"{self.attention_modules[block_index]}: attention of {t.shape[-1]} rows but the block batch "
+                        f"has {batch}; cannot attribute its errors to (prompt, branch) rows"
+                    )
+                vals = host[pos : pos + len(fmts) * batch]
+                pos += len(fmts) * batch
+                for fi, fmt in enumerate(fmts):
+                    for r in range(batch):
+                        err = vals[fi * batch + r]
+                        if not math.isfinite(err):
+                            raise NonFiniteError(
+                                f"attention {self.attention_modules[block_index]} ({fmt}) at step {step} "
+                                f"({branches[r]}, prompt {prompts[r]}) has a non-finite attn_err: its q, k, v or "
+                                "output holds NaN/Inf"
+                            )
+                        att["prompt_index"].append(prompts[r])
+                        att["branch"].append(branches[r])
+                        att["step"].append(step)
+                        att["block_index"].append(block_index)
+                        att["format"].append(fmt)
+                        att["attn_err"].append(err)
         return out
 
 
 def instrument(
-    model: Any, formats: Sequence[str] = FORMATS, layers: bool = True, compile_stats: bool | None = None
+    model: Any,
+    formats: Sequence[str] = FORMATS,
+    layers: bool = True,
+    compile_stats: bool | None = None,
+    attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
 ) -> Instrumentation:
     """Attach recording hooks to a diffusers pipeline's transformer (or a transformer).
 
@@ -491,6 +599,8 @@ def instrument(
         model: a pipeline or transformer of a supported family.
         formats: formats whose per-layer errors are recorded.
         layers: also instrument the linears (False: block statistics only).
+        attention_formats: attention formats (``"fp8"``, ``"int8"``) whose ``attn_err`` each block's
+            self-attention records; empty: none.
         compile_stats: ``torch.compile`` the statistic functions (fused device kernels); default: on CUDA only.
             Hooks and model stay eager either way. Measured on the H200 at CogVideoX-2B: the compiled layer
             statistics differ from the eager ones (which match ``sixbit_tune.formats`` to 1e-7) by up to 4.9e-3
@@ -504,4 +614,5 @@ def instrument(
         UnsupportedModelError: the model is not a supported family.
         NonFiniteError: a weight holds NaN or Inf.
     """
-    return Instrumentation(model, formats=formats, layers=layers, compile_stats=compile_stats)
+    return Instrumentation(model, formats=formats, layers=layers, compile_stats=compile_stats,
+                           attention_formats=attention_formats)

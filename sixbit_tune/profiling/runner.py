@@ -4,7 +4,8 @@ statistics written into a store one prompt at a time.
 ``profile(ProfileConfig(...)) -> run_id`` is the Python API; ``sixbit-tune profile`` takes its defaults from the
 same dataclass. Prompts are sharded over worker processes (one per GPU with several GPUs, CPU processes
 otherwise); every worker writes its own part files into the store, and ends when the parent process ends, however
-it ends. A prompt's rows are written when the prompt has finished (``layer_steps`` first, then ``block_steps``), so
+it ends. A prompt's rows are written when the prompt has finished (``layer_steps`` and ``attn_steps`` first, then
+``block_steps``), so
 a killed run loses at most the prompts in flight; a run that ends normally is marked ``finished``, one that raises
 ``failed`` with the error.
 
@@ -115,6 +116,8 @@ def _settings(config: ProfileConfig, devices: list[str], meta: dict) -> dict:
     s = asdict(config)
     s.pop("progress")
     s["formats"] = list(config.formats)
+    s["attention_formats"] = list(config.attention_formats)
+    s["attention_modules"] = meta["attention_modules"]
     s["devices"] = devices
     s["dtype"] = meta["dtype"]
     s["num_prompts"] = len(config.prompts)
@@ -182,7 +185,8 @@ def _run_shard(
         model = load_pipeline(config.model, device=device, dtype=dtype)
         if hasattr(model, "set_progress_bar_config"):
             model.set_progress_bar_config(disable=True)
-    inst = instrument(model, formats=config.formats, compile_stats=config.compile_stats)
+    inst = instrument(model, formats=config.formats, compile_stats=config.compile_stats,
+                      attention_formats=config.attention_formats)
     adapter = inst.adapter
     meta = {
         "model_class": type(adapter.transformer).__name__,
@@ -194,6 +198,7 @@ def _run_shard(
         "cfg_mode": adapter.cfg_mode,
         "compile_stats": inst.compile_stats,
         "nvfp4_gemm": inst.nvfp4_gemm,
+        "attention_modules": {str(i): n for i, n in inst.attention_modules.items()},
         "mode": "transformer" if shape_mode else "pipeline",
     }
     if shape_mode:
@@ -213,9 +218,11 @@ def _run_shard(
             if state.get("timesteps") is None:
                 state["timesteps"] = timesteps
             prompt = config.prompts[prompt_index]
-            # layer rows first: block rows present mean the prompt's rows are complete.
+            # layer and attention rows first: block rows present mean the prompt's rows are complete.
             if records.layers["step"]:
                 writer.write_layer_steps(records.layers, run_id=run_id)
+            if records.attention["step"]:
+                writer.write_attn_steps(records.attention, run_id=run_id)
             writer.write_block_steps({**records.blocks, "prompt": [prompt] * len(records.blocks["step"])},
                                      run_id=run_id)
     finally:
@@ -253,11 +260,12 @@ def _pipeline_prompt(pipe, inst, config: ProfileConfig, prompt_index: int, devic
         timesteps.append(ts)
         records.extend(inst.flush(i, [prompt_index], ts))
         inst.record_layers = (i + 1) % config.layer_every == 0
+        inst.record_attention = (i + 1) % config.attention_every == 0
         on_step(1)
         return {}
 
     kwargs["callback_on_step_end"] = on_step_end
-    inst.record_layers = True
+    inst.record_layers = inst.record_attention = True
     try:
         with torch.inference_mode():
             pipe(**kwargs)
@@ -342,6 +350,7 @@ def _shape_prompt(model, inst, config: ProfileConfig, prompt_index: int, device:
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
             inst.record_layers = i % config.layer_every == 0
+            inst.record_attention = i % config.attention_every == 0
             if batched:
                 x = latents.repeat(rows, *([1] * (latents.dim() - 1)))
                 tt = torch.full((rows,), t, device=device, dtype=torch.long)

@@ -5,7 +5,7 @@ Layout and why
 A store is a FOLDER of Parquet part files, one sub-folder per table, plus ``meta.json`` holding the schema
 version::
 
-    <store>/meta.json                       {"format": "sixbit-tune-store", "schema_version": 2, ...}
+    <store>/meta.json                       {"format": "sixbit-tune-store", "schema_version": 3, ...}
     <store>/<table>/00000000000000000000-schema.parquet     zero-row seed: the table's exact column types
     <store>/<table>/<time_ns>-<worker>-<seq>-<rand>.sha256-<hex>.parquet   one part per write_* call; <hex> is
                                             the SHA-256 of the file's bytes
@@ -37,10 +37,11 @@ Many small parts make reads slow (2,000 trial parts: 1.2 s per ``trials()``; aft
 cores): ``store.compact()`` / ``python -m sixbit_tune.store compact <store>`` merges the parts of the entity
 tables into one, safely while readers and writers run (search may call it now and then).
 
-Fact tables (``block_steps``, ``layer_steps``) are append-only: rows written twice count twice, so write each
+Fact tables (``block_steps``, ``layer_steps``, ``attn_steps``) are append-only: rows written twice count twice, so write each
 prompt once (a resumed profile uses a new run_id). Entity tables are keyed and the latest write of a
 key wins in the views (a trial written RUNNING then COMPLETE shows once, COMPLETE): ``runs`` (run_id),
-``trials`` (study, number), ``predictors`` (fit_id, layer, format), ``policies`` (name). Their views add
+``trials`` (study, number), ``predictors`` (fit_id, layer, format), ``attn_predictors`` (fit_id, block_index,
+branch, format), ``policies`` (name). Their views add
 ``created`` (first write of the key) and ``updated`` (latest write). "Latest" is the part file name order: the
 writer's wall clock in ns (strictly increasing per writer). A run killed before ``finish_run`` stays ``running``
 (look at ``updated``/``host``/``pid``). Every view has a ``store`` column (the folder, or the label given to
@@ -56,7 +57,8 @@ migrate <store>`` when a migration exists, upgrading sixbit-tune for a newer sto
 See ``sixbit_tune.store.migrations``. Version 1 stores (parts without checksums) stay readable without migrating:
 ``Store.open(path, read_only=True)`` reads them with a ``StoreChecksumWarning``, checking each part by decoding it
 completely (this finds truncated and garbage parts, not every changed value); writing to them needs the
-migration (1 -> 2 renames each part to carry its SHA-256, setting aside parts that do not decode).
+migration (1 -> 2 renames each part to carry its SHA-256, setting aside parts that do not decode). Version 2 stores
+(no attention tables) are read the same way, their attention tables empty; 2 -> 3 adds those tables.
 
 Writable opens (``Store.open(path)``, ``Store.create``) first create and remove a probe file in every folder
 writers use, and raise ``StoreReadOnlyError`` (a ``StoreError`` and a ``PermissionError``) when the store cannot be
@@ -78,8 +80,10 @@ Public API
                          settings=None, gpu=None, versions=None, seed=None, timesteps=None, run_id=None) -> str
     w.write_block_steps(rows, *, run_id=None) -> Path   # rows: pyarrow Table | pandas DataFrame |
     w.write_layer_steps(rows, *, run_id=None) -> Path   #       dict of columns | list of row dicts
+    w.write_attn_steps(rows, *, run_id=None) -> Path
     w.finish_run(run_id, status="finished", *, timesteps=None, error=None)   # status "finished" | "failed"
     fit_id = w.write_predictors(rows, *, run_ids, fit_id=None, settings=None) -> str
+    w.write_attn_predictors(rows, *, run_ids, fit_id, settings=None) -> Path
     w.write_trial(study, number, *, state, params=None, latency_ms=None, speedup=None, peak_memory_bytes=None,
                   weight_bytes=None, cache_bytes=None, psnr_db=None, ssim=None, quality=None, skip_share=None,
                   nvfp4_share=None, fail_reason=None, gpu=None, nvfp4_path=None, kernel_path=None,
@@ -90,6 +94,7 @@ Public API
     store.to_arrow(sql, params=None) -> pyarrow.Table
     store.runs(*, kind=None, run_ids=None); store.block_steps(run_ids=None)
     store.layer_steps(run_ids=None, *, formats=None); store.predictors(fit_id=None); store.latest_fit_id()
+    store.attn_steps(run_ids=None, *, formats=None); store.attn_predictors(fit_id=None)
     store.trials(study=None); store.policies()
     store.compact() -> dict[str, int]                    # merge entity-table parts; safe beside readers/writers
     store.damaged_parts() -> list[DamagedPart]           # (table, path, reason, moved_to) of parts set aside
@@ -107,8 +112,12 @@ Columns (``sixbit_tune.store.schema``; * = required):
   gamma*, delta_change, delta_cos, delta_norm.
 - layer_steps: run_id*, prompt_index*, branch*, step*, block_index*, layer*, format* (nvfp4|int8), act_err,
   out_err*.
+- attn_steps: run_id*, prompt_index*, branch*, step*, block_index*, format* (fp8|int8: the Q·Kᵀ format),
+  attn_err*.
 - predictors: fit_id*, layer*, format*, alpha, beta, r2, n*, trusted*, run_ids* VARCHAR[], settings JSON, host,
   worker_id, created, updated.
+- attn_predictors: fit_id*, block_index*, branch*, format*, alpha, beta, r2, n*, rmse, mean_err, ss_tot, pooled*,
+  trusted*, run_ids* VARCHAR[], settings JSON, host, worker_id, created, updated.
 - trials: study*, number*, state* (COMPLETE|FAIL|PRUNED|RUNNING), params JSON, latency_ms, speedup,
   peak_memory_bytes, weight_bytes, cache_bytes, psnr_db (may be +inf), ssim, quality JSON, skip_share,
   nvfp4_share, fail_reason (required for FAIL), gpu, nvfp4_path (emulated|native|reference), kernel_path,
@@ -134,6 +143,7 @@ from sixbit_tune.errors import StoreError, StoreReadOnlyError
 from sixbit_tune.store.env import gpu_info, versions
 from sixbit_tune.store.migrations import MIGRATIONS, Migration, migrate
 from sixbit_tune.store.schema import (
+    ATTENTION_FORMATS,
     BRANCHES,
     LAYER_FORMATS,
     RUN_KINDS,
@@ -153,6 +163,7 @@ from sixbit_tune.store.store import (
 )
 
 __all__ = [
+    "ATTENTION_FORMATS",
     "BRANCHES",
     "DamagedPart",
     "GPU_KEYS",

@@ -50,12 +50,20 @@ def _checksum_parts(root: Path) -> None:
     checksum_parts(root)
 
 
+def _add_attention_tables(root: Path) -> None:
+    """Version 2 -> 3: the new tables ``attn_steps`` and ``attn_predictors`` (folders; ``migrate`` writes their seed
+    files). No existing part changes."""
+    for name in ("attn_steps", "attn_predictors"):
+        (root / name).mkdir(exist_ok=True)
+
+
 MIGRATIONS: dict[int, Migration] = {
     1: Migration(
         1,
         "name every part with the SHA-256 of its bytes (parts that do not decode are moved to quarantine/)",
         _checksum_parts,
     ),
+    2: Migration(2, "add the attention tables attn_steps and attn_predictors (empty)", _add_attention_tables),
 }
 """``from_version -> Migration``. Version 1 is the first released schema."""
 

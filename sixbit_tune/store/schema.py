@@ -15,14 +15,17 @@ import pyarrow.compute as pc
 
 from sixbit_tune.errors import NonFiniteError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the on-disk layout and of every table below (kept in ``<store>/meta.json``). Version 2: every part's
-name carries the SHA-256 of its bytes (version 1 parts carry none; the tables are the same)."""
+name carries the SHA-256 of its bytes (version 1 parts carry none; the tables are the same). Version 3: the tables
+``attn_steps`` (attention errors) and ``attn_predictors`` (their fitted predictors); the others are unchanged."""
 
 RUN_KINDS = ("profile", "search", "bench", "fit")
 RUN_STATUSES = ("running", "finished", "failed")
 BRANCHES = ("cond", "uncond")
 LAYER_FORMATS = ("nvfp4", "int8")
+ATTENTION_FORMATS = ("fp8", "int8")
+"""Attention formats: the Q·Kᵀ operand format of the 8-bit attention (``sixbit_tune.formats.attention``)."""
 TRIAL_STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
 NVFP4_PATHS = ("emulated", "native", "reference")
 
@@ -167,6 +170,21 @@ LAYER_STEPS = Table(
     doc="one (run, prompt, branch, step, layer, format): quantization errors",
 )
 
+ATTN_STEPS = Table(
+    "attn_steps",
+    (
+        _c("run_id", pa.string(), required=True),
+        _c("prompt_index", pa.int32(), required=True),
+        _c("branch", pa.string(), "CFG branch", required=True, allowed=BRANCHES),
+        _c("step", pa.int32(), "denoising step index, 0-based", required=True),
+        _c("block_index", pa.int32(), required=True),
+        _c("format", pa.string(), "attention format (Q·Kᵀ operands)", required=True, allowed=ATTENTION_FORMATS),
+        _c("attn_err", pa.float64(), "||O_a-O||_2/||O||_2 of the block's self-attention, O the unquantized output",
+           required=True),
+    ),
+    doc="one (run, prompt, branch, step, block, attention format): the 8-bit attention error",
+)
+
 PREDICTORS = Table(
     "predictors",
     (
@@ -184,6 +202,31 @@ PREDICTORS = Table(
     ),
     key=("fit_id", "layer", "format"),
     doc="one per-layer predictor out_err ~ alpha*gamma_prev + beta of one fit",
+)
+
+ATTN_PREDICTORS = Table(
+    "attn_predictors",
+    (
+        _c("fit_id", pa.string(), required=True),
+        _c("block_index", pa.int32(), required=True),
+        _c("branch", pa.string(), "CFG branch the line is used for", required=True, allowed=BRANCHES),
+        _c("format", pa.string(), required=True, allowed=ATTENTION_FORMATS),
+        _c("alpha", pa.float64()),
+        _c("beta", pa.float64()),
+        _c("r2", pa.float64()),
+        _c("n", pa.int64(), "number of (prompt, step) pairs fitted", required=True),
+        _c("rmse", pa.float64(), "root mean squared residual"),
+        _c("mean_err", pa.float64(), "mean attn_err of the fitted pairs"),
+        _c("ss_tot", pa.float64(), "sum of squared deviations of attn_err from its mean"),
+        _c("pooled", pa.bool_(), "the line is the fit pooled over every branch (the fit chose pooling)",
+           required=True),
+        _c("trusted", pa.bool_(), "the fit is good enough to drive the attention rule", required=True),
+        _c("run_ids", pa.list_(pa.string()), "profile runs the fit used", required=True),
+        _c("settings", JSON, "fit settings"),
+        *_WHO,
+    ),
+    key=("fit_id", "block_index", "branch", "format"),
+    doc="one attention predictor attn_err ~ alpha*gamma_prev + beta of one fit, per block and CFG branch",
 )
 
 TRIALS = Table(
@@ -228,7 +271,9 @@ POLICIES = Table(
     doc="an exported policy",
 )
 
-TABLES: dict[str, Table] = {t.name: t for t in (RUNS, BLOCK_STEPS, LAYER_STEPS, PREDICTORS, TRIALS, POLICIES)}
+TABLES: dict[str, Table] = {
+    t.name: t for t in (RUNS, BLOCK_STEPS, LAYER_STEPS, ATTN_STEPS, PREDICTORS, ATTN_PREDICTORS, TRIALS, POLICIES)
+}
 
 RowsLike = Any  # pyarrow.Table | pandas.DataFrame | Mapping[str, Sequence] | Sequence[Mapping[str, Any]]
 

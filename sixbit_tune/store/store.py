@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 
 from sixbit_tune.errors import StoreReadOnlyError, StoreSchemaError
 from sixbit_tune.store.schema import (
+    ATTN_PREDICTORS,
+    ATTN_STEPS,
     BLOCK_STEPS,
     LAYER_STEPS,
     POLICIES,
@@ -53,9 +55,10 @@ _CHECKSUM = re.compile(r"\.sha256-([0-9a-f]{64})\.parquet$")
 """A part's name ends with ``.sha256-<hex>.parquet``: the SHA-256 of the whole file, computed after it was written
 and fsynced, before it was renamed into its table folder. Parts named without it (schema version 1 wrote them) are
 "unchecksummed"."""
-_LEGACY_READABLE = frozenset({1})
+_LEGACY_READABLE = frozenset({1, 2})
 """Older schema versions that :meth:`Store.open` still reads (read-only) without a migration: version 1 differs
-only in carrying no checksums."""
+only in carrying no checksums and no attention tables, version 2 only in having no attention tables (they read as
+empty)."""
 
 
 class StoreDamageWarning(UserWarning):
@@ -338,6 +341,8 @@ def _check_version(root: Path, meta: Mapping[str, Any], *, read_only: bool = Fal
     if found == SCHEMA_VERSION:
         return
     if read_only and found in _LEGACY_READABLE:
+        if found != 1:
+            return  # no attention tables: they read as empty
         _warn(
             StoreChecksumWarning(
                 f"the store at {root} has schema version {found}: its parts carry no checksums, so reading checks "
@@ -734,7 +739,8 @@ class Store:
     def to_arrow(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pa.Table:
         """Run a query over the views and return an Arrow table.
 
-        Tables: ``runs``, ``block_steps``, ``layer_steps``, ``predictors``, ``trials``, ``policies`` (columns:
+        Tables: ``runs``, ``block_steps``, ``layer_steps``, ``attn_steps``, ``predictors``, ``attn_predictors``,
+        ``trials``, ``policies`` (columns:
         ``sixbit_tune.store.schema``; JSON columns have DuckDB type JSON, e.g. ``settings->>'steps'``).
 
         Args:
@@ -789,6 +795,26 @@ class Store:
             "AND ($fmts IS NULL OR list_contains($fmts, format)) "
             "ORDER BY run_id, prompt_index, branch, step, block_index, layer, format",
             {"ids": _opt_list(run_ids), "fmts": _opt_list(formats)},
+        )
+
+    def attn_steps(
+        self, run_ids: Iterable[str] | None = None, *, formats: Iterable[str] | None = None
+    ) -> pd.DataFrame:
+        """Attention errors, ordered by run, prompt, branch, step, block, format."""
+        return self.query(
+            "SELECT * FROM attn_steps WHERE ($ids IS NULL OR list_contains($ids, run_id)) "
+            "AND ($fmts IS NULL OR list_contains($fmts, format)) "
+            "ORDER BY run_id, prompt_index, branch, step, block_index, format",
+            {"ids": _opt_list(run_ids), "fmts": _opt_list(formats)},
+        )
+
+    def attn_predictors(self, fit_id: str | None = None) -> pd.DataFrame:
+        """Attention predictors of one fit, or of every fit when ``fit_id`` is None; ordered by fit, format,
+        block, branch."""
+        return self.query(
+            "SELECT * FROM attn_predictors WHERE ($fit IS NULL OR fit_id = $fit) "
+            "ORDER BY created, fit_id, format, block_index, branch",
+            {"fit": fit_id},
         )
 
     def predictors(self, fit_id: str | None = None) -> pd.DataFrame:
@@ -992,6 +1018,10 @@ class StoreWriter:
         """Append layer errors as one part file; same contract as :meth:`write_block_steps`."""
         return self._write_facts(LAYER_STEPS, rows, run_id)
 
+    def write_attn_steps(self, rows: RowsLike, *, run_id: str | None = None) -> Path:
+        """Append attention errors (``attn_steps``) as one part file; same contract as :meth:`write_block_steps`."""
+        return self._write_facts(ATTN_STEPS, rows, run_id)
+
     def _write_facts(self, table: Table, rows: RowsLike, run_id: str | None) -> Path:
         data = conform(table, rows, fill={"run_id": run_id} if run_id is not None else None)
         for rid in set(data.column("run_id").unique().to_pylist()):
@@ -1030,6 +1060,27 @@ class StoreWriter:
         })
         self._write(PREDICTORS, data)
         return fit_id
+
+    def write_attn_predictors(
+        self,
+        rows: RowsLike,
+        *,
+        run_ids: Sequence[str],
+        fit_id: str,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Record the attention predictors of fit ``fit_id``: rows with ``block_index, branch, format, alpha, beta,
+        r2, n, rmse, mean_err, ss_tot, pooled, trusted``. Re-writing the same ``(fit_id, block_index, branch,
+        format)`` replaces the earlier row. Other arguments as :meth:`write_predictors`."""
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
+        data = conform(ATTN_PREDICTORS, rows, fill={
+            "fit_id": fit_id,
+            "run_ids": list(run_ids),
+            "settings": to_json_text(dict(settings) if settings is not None else None, "attn_predictors.settings"),
+            **self._who(),
+        })
+        return self._write(ATTN_PREDICTORS, data)
 
     def write_trial(
         self,
