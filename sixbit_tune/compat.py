@@ -18,6 +18,10 @@ them changes this file only. ``tests/test_compat.py`` checks each behaviour reli
   ``module._old_forward`` (the forward it found); ``remove_hook_from_module`` puts ``_old_forward`` back as the
   module's forward. Model CPU offload in diffusers removes and re-adds these hooks at the end of every pipeline
   call, so whatever wrapped the forward after accelerate did is dropped then.
+* diffusers' attention dispatch (``diffusers.models.attention_dispatch``, 0.42): a processor that dispatches
+  holds its backend as ``_attention_backend`` (None: the registry's active backend, which the
+  ``attention_backend`` context and the ``DIFFUSERS_ATTN_BACKEND`` variable set, in
+  ``_AttentionBackendRegistry._active_backend``).
 * torch: ``torch.compile(module)`` returns an ``OptimizedModule`` holding the module as ``_orig_mod``.
 
 Imports torch, diffusers and accelerate only (``import sixbit_tune.runtime`` stays light).
@@ -41,6 +45,7 @@ __all__ = [
     "Registration",
     "StateManager",
     "StatefulHook",
+    "attention_backend_name",
     "cache_hook_names",
     "current_context",
     "diffusers_cache_hooks",
@@ -206,6 +211,19 @@ def remove_hook(reg: Registration) -> None:
 def _is_class_forward(module: torch.nn.Module, fn: Any) -> bool:
     """Whether ``fn`` is ``module``'s class ``forward`` bound to ``module`` (what the attribute lookup gives anyway)."""
     return getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward
+
+
+def attention_backend_name(processor: Any) -> str:
+    """The diffusers attention backend an attention processor dispatches to (its own, else the active one), as a
+    string; ``"none (the processor calls SDPA itself)"`` for a processor without one."""
+    if not hasattr(processor, "_attention_backend"):
+        return "none (the processor calls SDPA itself)"
+    backend = processor._attention_backend
+    if backend is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry._active_backend
+    return str(getattr(backend, "value", backend))
 
 
 def unwrap_compiled(module: Any) -> Any:

@@ -23,6 +23,10 @@ Facts the table encodes (diffusers 0.42, read in ``diffusers/models/transformers
   ``true_cfg_scale > 1`` and a negative prompt): one call per branch, the context name is the branch.
   (HunyuanVideo's image-to-video pipelines call the transformer outside any ``cache_context``; there the branch of a
   call cannot be known and :meth:`ModelAdapter.row_branches` raises.)
+- Attention modules per block: CogVideoX ``attn1`` and Mochi ``attn1`` attend over video and text tokens together
+  ("joint"; Mochi drops padded text tokens itself, per batch row); HunyuanVideo ``attn`` (both block kinds) is joint
+  with a boolean key-padding mask over the text tokens; Wan and LTX ``attn1`` is self-attention over video tokens
+  and ``attn2`` cross-attention to the text (LTX passes the text mask to ``attn2`` as an additive bias).
 - Only ``pipe.transformer`` is adapted; a Wan 2.2 ``transformer_2`` needs its own adapter (``get_adapter(pipe.
   transformer_2)``).
 """
@@ -43,6 +47,8 @@ from sixbit_tune.errors import UnsupportedModelError
 __all__ = [
     "FAMILIES",
     "STREAM_ARGUMENTS",
+    "ATTENTION_KINDS",
+    "AttentionRef",
     "BlockListSpec",
     "BlockRef",
     "FamilySpec",
@@ -68,12 +74,15 @@ class BlockListSpec:
         streams: the streams each block updates, in the order the block returns them.
         returns_tuple: True if the block returns a tuple ``(hidden, encoder)``; False if it returns the hidden
             tensor alone.
+        attentions: the block's attention modules as ``(name relative to the block, kind)`` pairs, in execution
+            order; kind is one of :data:`ATTENTION_KINDS`.
     """
 
     attr: str
     block_classes: tuple[str, ...]
     streams: tuple[str, ...]
     returns_tuple: bool
+    attentions: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,11 +115,15 @@ class FamilySpec:
 _DUAL = ("hidden", "encoder")
 _HIDDEN = ("hidden",)
 
+#: Kinds of attention inside a block: ``"self"`` (video tokens attend to video tokens), ``"joint"`` (video and text
+#: tokens concatenated, attending to each other) and ``"cross"`` (video queries, text keys and values).
+ATTENTION_KINDS = ("self", "joint", "cross")
+
 FAMILIES: dict[str, FamilySpec] = {
     "cogvideox": FamilySpec(
         name="cogvideox",
         transformer_classes=("CogVideoXTransformer3DModel",),
-        block_lists=(BlockListSpec("transformer_blocks", ("CogVideoXBlock",), _DUAL, True),),
+        block_lists=(BlockListSpec("transformer_blocks", ("CogVideoXBlock",), _DUAL, True, (("attn1", "joint"),)),),
         input_layout="BFCHW",
         block_call="keywords",
         cfg_mode="batched",
@@ -119,7 +132,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "wan": FamilySpec(
         name="wan",
         transformer_classes=("WanTransformer3DModel",),
-        block_lists=(BlockListSpec("blocks", ("WanTransformerBlock",), _HIDDEN, False),),
+        block_lists=(BlockListSpec("blocks", ("WanTransformerBlock",), _HIDDEN, False,
+                                  (("attn1", "self"), ("attn2", "cross"))),),
         input_layout="BCFHW",
         block_call="positional",
         cfg_mode="separate",
@@ -134,12 +148,14 @@ FAMILIES: dict[str, FamilySpec] = {
                 ("HunyuanVideoTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock"),
                 _DUAL,
                 True,
+                (("attn", "joint"),),
             ),
             BlockListSpec(
                 "single_transformer_blocks",
                 ("HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock"),
                 _DUAL,
                 True,
+                (("attn", "joint"),),
             ),
         ),
         input_layout="BCFHW",
@@ -154,7 +170,8 @@ FAMILIES: dict[str, FamilySpec] = {
     "ltx": FamilySpec(
         name="ltx",
         transformer_classes=("LTXVideoTransformer3DModel",),
-        block_lists=(BlockListSpec("transformer_blocks", ("LTXVideoTransformerBlock",), _HIDDEN, False),),
+        block_lists=(BlockListSpec("transformer_blocks", ("LTXVideoTransformerBlock",), _HIDDEN, False,
+                                  (("attn1", "self"), ("attn2", "cross"))),),
         input_layout="tokens",
         block_call="keywords",
         cfg_mode="batched",
@@ -163,7 +180,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "mochi": FamilySpec(
         name="mochi",
         transformer_classes=("MochiTransformer3DModel",),
-        block_lists=(BlockListSpec("transformer_blocks", ("MochiTransformerBlock",), _DUAL, True),),
+        block_lists=(BlockListSpec("transformer_blocks", ("MochiTransformerBlock",), _DUAL, True, (("attn1", "joint"),)),),
         input_layout="BCFHW",
         block_call="keywords",
         cfg_mode="batched",
@@ -234,6 +251,26 @@ class BlockRef:
 
 
 @dataclass(frozen=True)
+class AttentionRef:
+    """One attention module inside a transformer block.
+
+    Attributes:
+        block: index of the block (as :attr:`BlockRef.index`).
+        name: module name inside the transformer, e.g. ``"blocks.3.attn1"``.
+        rel: module name relative to the block, e.g. ``"attn1"``.
+        module: the attention module (a diffusers ``Attention``, ``MochiAttention`` or ``AttentionModuleMixin``
+            module: it has a ``processor``).
+        kind: ``"self"``, ``"joint"`` or ``"cross"`` (:data:`ATTENTION_KINDS`).
+    """
+
+    block: int
+    name: str
+    rel: str
+    module: nn.Module
+    kind: str
+
+
+@dataclass(frozen=True)
 class _BlockIO:
     """Argument positions and return layout of one block, resolved once at adapter construction."""
 
@@ -260,6 +297,7 @@ class ModelAdapter:
         self.cfg_mode: str = self.family.cfg_mode
         self._blocks: list[BlockRef] = []
         self._io: list[_BlockIO] = []
+        self._attention_specs: list[tuple[tuple[str, str], ...]] = []
         signatures: dict[type, dict[str, int]] = {}
         for list_spec in self.family.block_lists:
             blocks = getattr(self.transformer, list_spec.attr, None)
@@ -288,6 +326,7 @@ class ModelAdapter:
                     BlockRef(len(self._blocks), f"{list_spec.attr}.{i}", block, list_spec.streams)
                 )
                 self._io.append(_BlockIO(names, tuple(positions[n] for n in names), list_spec.returns_tuple))
+                self._attention_specs.append(list_spec.attentions)
 
     # ----------------------------------------------------------------------------------------- structure
     def blocks(self) -> list[BlockRef]:
@@ -310,6 +349,31 @@ class ModelAdapter:
             for rel, mod in self.linears(ref).items():
                 out[f"{ref.name}.{rel}"] = mod
         return out
+
+    def attentions(self, block: BlockRef | int) -> list[AttentionRef]:
+        """The attention modules of a block, in execution order, with their kind.
+
+        Raises:
+            UnsupportedModelError: a listed attention module is missing from the block or has no ``processor``.
+        """
+        ref = self._ref(block)
+        out = []
+        for rel, kind in self._attention_specs[ref.index]:
+            try:
+                module = ref.module.get_submodule(rel)
+            except AttributeError:
+                module = None
+            if module is None or not hasattr(module, "processor"):
+                raise UnsupportedModelError(
+                    f"{ref.name} ({type(ref.module).__name__}) has no attention module {rel!r} with a processor "
+                    f"(family {self.family.name!r} expects {[r for r, _ in self._attention_specs[ref.index]]})"
+                )
+            out.append(AttentionRef(ref.index, f"{ref.name}.{rel}", rel, module, kind))
+        return out
+
+    def all_attentions(self) -> list[AttentionRef]:
+        """Every in-block attention module of the model, in block order."""
+        return [a for ref in self._blocks for a in self.attentions(ref)]
 
     # ----------------------------------------------------------------------------------------- streams
     def streams_in(self, block: BlockRef | int, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
