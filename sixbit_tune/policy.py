@@ -1,16 +1,31 @@
 """The precision/cache policy: typed dataclasses, versioned JSON, strict validation, JSON Schema.
 
-A policy is what the search exports and the runtime loads::
+A policy is what the search exports and the runtime loads (schema version 2)::
 
-    {"schema_version": 1,
+    {"schema_version": 2,
      "model":  {"class": "WanTransformer3DModel", "family": "wan", "config_hash": "…", "blocks": 8},
-     "target": {"gpu": "NVIDIA H200", "compute_capability": "9.0", "nvfp4_path": "emulated"},
-     "dmpq":   {"threshold": 0.12, "first_step_format": "int8", "nvfp4_weight_encoder": "standard",
-                "layers": {"blocks.0.attn1.to_q": {"mode": "dynamic", "in_features": 256, "out_features": 256,
-                                                   "alpha": 0.8, "beta": 0.01, "r2": 0.93, "n": 96}}},
+     "target": {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+                "menu": {"fp8/fp8": {"implementation": "scaled-mm-fp8", "tflops": 1166.0}}},
+     "dmpq":   {"threshold": 0.12, "first_step": "robust", "nvfp4_weight_encoder": "standard",
+                "layers": {"blocks.0.attn1.to_q": {"weight": "nvfp4", "fast": "nvfp4", "robust": "int8",
+                                                   "mode": "dynamic", "in_features": 256, "out_features": 256,
+                                                   "predictor": {"cond": [0.8, 0.01, 0.93, 96],
+                                                                 "uncond": [0.5, 0.02, 0.9, 96]},
+                                                   "encoder": null}}},
+     "attention": {"threshold": 0.05, "format": "int8",
+                   "blocks": {"0": {"mode": "dynamic", "predictor": {"pooled": [0.3, 0.01, 0.8, 96]}}}},
      "tdc":    {"tolerance": 0.05, "warmup": 3, "cooldown": 2, "max_skips": 2, "cache_dtype": "bfloat16",
                 "extrapolate": 0, "refresh_robust": 0, "blocks": null},
      "measured": {...}, "provenance": {...}}
+
+A layer stores its weight once (``weight``: one of ``sixbit_tune.routes.WEIGHT_FORMATS``) and has a fast and a
+robust activation route over it (``fast``, ``robust``: routes ``sixbit_tune.routes.ROUTES`` lists); ``mode``
+``"dynamic"`` lets its predictor choose per step, ``"fast"``/``"robust"`` always take that route. A predictor is a
+map from guidance branch (``"cond"``, ``"uncond"``) or ``"pooled"`` to a line ``[alpha, beta, r2, n]``
+(``r2`` and ``n`` may be null). ``attention`` is optional: absent or null means the model's own (bf16) attention in
+every block. Version-1 policies load through :data:`MIGRATIONS` (``"dynamic"`` -> NVFP4 weight, fast NVFP4,
+robust INT8; ``"nvfp4"`` -> NVFP4 weight on its fast route; ``"int8"`` -> INT8 weight; ``"none"`` -> unquantized);
+:func:`save` writes version 2.
 
 Every class below validates itself on construction, so a ``Policy`` built in Python is as checked as one loaded
 from a file. Every failure is a :class:`~sixbit_tune.errors.PolicyError` whose ``key`` is the JSON path of the
@@ -23,20 +38,22 @@ Limits (each a module constant, each published in ``policies/schema.json`` where
 * a policy file or text is at most ``MAX_POLICY_BYTES`` (4 MiB), checked before parsing;
 * ``tdc.warmup``, ``tdc.cooldown`` and ``tdc.max_skips`` are at most ``MAX_STEPS`` (10,000 denoising steps);
 * ``model.blocks`` is at most ``MAX_BLOCKS`` (10,000); ``in_features``/``out_features`` at most ``MAX_FEATURES``;
-  counts of bytes, pairs and trials at most ``MAX_COUNT`` (2**63 - 1, a signed 64-bit integer);
+  counts of bytes, pairs and trials at most ``MAX_COUNT`` (2**63 - 1, a signed 64-bit integer); a predictor holds at
+  most ``MAX_BRANCHES`` lines;
 * strings are non-empty; ``target.compute_capability`` is ``"<major>.<minor>"``; ``model.config_hash`` is a sha256
   hex digest; ``tdc.blocks`` holds no index twice.
 
-Numbers must be finite, with one exception: ``dmpq.threshold`` may be ±infinity (every dynamic layer always NVFP4
-or always INT8), written in JSON as the strings ``"inf"`` and ``"-inf"`` because JSON has no infinity. The JSON
-literals ``NaN``, ``Infinity`` and numbers beyond the float range (``1e400``) are rejected, naming their key.
+Numbers must be finite, with one exception: ``dmpq.threshold`` and ``attention.threshold`` may be ±infinity, written
+in JSON as the strings ``"inf"`` and ``"-inf"`` because JSON has no infinity. The JSON literals ``NaN``,
+``Infinity`` and numbers beyond the float range (``1e400``) are rejected, naming their key.
 
 The field tables (``_FIELDS``) are the single source for parsing, serialisation and :func:`json_schema`; the
 committed ``policies/schema.json`` is generated from them (``python -m sixbit_tune.policy --schema``) and a test
 fails when it is stale. Each field kind is checked by one function (``_KIND_CHECKS``) and described in the schema
 by one branch of :func:`_schema_of`.
 
-This module imports the standard library only: the runtime loads policies in serving processes.
+This module imports the standard library only (and ``sixbit_tune.routes``, which does too): the runtime loads
+policies in serving processes.
 """
 
 from __future__ import annotations
@@ -53,15 +70,25 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from sixbit_tune import __version__
+from sixbit_tune import routes as _routes
 from sixbit_tune.errors import PolicyError
 
-SCHEMA_VERSION = 1
-LAYER_MODES = ("dynamic", "nvfp4", "int8", "none")
-FORMATS = ("nvfp4", "int8")
+SCHEMA_VERSION = 2
+WEIGHT_FORMATS = _routes.WEIGHT_FORMATS
+ACTIVATION_FORMATS = _routes.ACTIVATION_FORMATS
+LAYER_MODES = _routes.LAYER_MODES
+ROUTE_ROLES = _routes.ROUTE_ROLES
+ATTENTION_FORMATS = _routes.ATTENTION_FORMATS
+ATTENTION_MODES = _routes.ATTENTION_MODES
+# The version-1 vocabulary, read by the migration (and by callers still speaking version 1).
+V1_LAYER_MODES = _routes.V1_LAYER_MODES
+FORMATS = _routes.V1_FORMATS
 NVFP4_PATHS = ("emulated", "native", "reference")
+# A version-1 target.nvfp4_path and the sixbit_tune.kernels path of the NVFP4 W4A4 route it names.
+NVFP4_PATH_IMPLEMENTATIONS = {"emulated": "triton-nvfp4-emulated", "native": "native-nvfp4", "reference": "reference"}
 # How NVFP4 weights are encoded when the policy is applied; the same names as
 # sixbit_tune.formats.nvfp4.WEIGHT_ENCODERS (this module imports no torch; a test keeps the two equal).
 NVFP4_WEIGHT_ENCODERS = ("standard", "scale-search", "gptq")
@@ -74,11 +101,11 @@ MAX_STEPS = 10_000  # denoising steps a run can have, as far as the TDC step win
 MAX_BLOCKS = 10_000  # transformer blocks in a model
 MAX_FEATURES = 1 << 20  # in_features / out_features of one linear layer
 MAX_COUNT = 2**63 - 1  # bytes, fitted pairs, trial numbers: what a signed 64-bit store column holds
+MAX_BRANCHES = 16  # predictor lines of one layer or block (guidance branches, plus "pooled")
 _MAX_INT_DIGITS = 309  # an integer literal with more digits is beyond every limit above and the float range
 
-# Migrations of older schema versions: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict.
-# Version 1 is the first released schema, so there is nothing to migrate yet. When version 2 is introduced,
-# add MIGRATIONS[1] here (and a test loading a committed version-1 file).
+# Migrations of older schema versions: MIGRATIONS[v] turns a version-v dict into a version-(v+1) dict. Filled below
+# the classes (MIGRATIONS[1]: version 1 -> 2).
 MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 
 
@@ -89,7 +116,7 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
 @dataclass(frozen=True)
 class _Field:
     key: str  # JSON key
-    kind: str  # "str" | "int" | "float" | "enum" | "list[str]" | "list[int]" | "obj" | "map"
+    kind: str  # "str" | "int" | "float" | "enum" | "list[str]" | "list[int]" | "obj" | "map" | "lines"
     attr: str | None = None  # Python attribute, when it differs from the key ("class" -> "cls")
     required: bool = True
     nullable: bool = False
@@ -267,7 +294,52 @@ def _check_map(f: _Field, value: Any, key: str) -> dict:
     return out
 
 
+class Line(NamedTuple):
+    """One fitted predictor line: predicted error = ``alpha * gamma_prev + beta``; its R² and number of pairs."""
+
+    alpha: float
+    beta: float
+    r2: float | None = None
+    n: int | None = None
+
+    def predict(self, gamma_prev: float) -> float:
+        return self.alpha * gamma_prev + self.beta
+
+
+# The items of a line, in order: checked like fields of their own (a line is written as a 4-item JSON list).
+_LINE_ITEMS = (
+    _Field("alpha", "float", doc="slope"),
+    _Field("beta", "float", doc="intercept"),
+    _Field("r2", "float", nullable=True, maximum=1.0 + 1e-9, doc="fit R^2"),
+    _Field("n", "int", nullable=True, minimum=0, maximum=MAX_COUNT, doc="number of fitted pairs"),
+)
+
+
+def _check_line(value: Any, key: str) -> Line:
+    if isinstance(value, _BadNumber) or not isinstance(value, list | tuple):
+        raise _fail(key, f"expected a predictor line [alpha, beta, r2, n], got {_show(value)}")
+    if len(value) != len(_LINE_ITEMS):
+        raise _fail(key, f"a predictor line is [alpha, beta, r2, n] (r2 and n may be null), got {_show(value)}")
+    return Line(*(_check_value(f, v, f"{key}[{i}]") for i, (f, v) in enumerate(zip(_LINE_ITEMS, value))))
+
+
+def _check_lines(f: _Field, value: Any, key: str) -> dict[str, Line]:
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"expected an object of predictor lines (branch -> [alpha, beta, r2, n]), got {_show(value)}")
+    if not value:
+        raise _fail(key, 'needs at least one line ("pooled", or one per guidance branch); use null for none')
+    if len(value) > MAX_BRANCHES:
+        raise _fail(key, f"{_show(value)}, more than the {MAX_BRANCHES} predictor lines allowed")
+    out = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not name:
+            raise _fail(key, f"keys must be non-empty strings, got {_show(name)}")
+        out[name] = _check_line(v, f"{key}.{name}")
+    return out
+
+
 _KIND_CHECKS: dict[str, Callable[[_Field, Any, str], Any]] = {
+    "lines": _check_lines,
     "str": _check_str,
     "enum": _check_enum,
     "int": _check_int,
@@ -347,10 +419,16 @@ class _Checked:
     def _check_more(self, prefix: str) -> None:
         """Cross-field rules; override in subclasses."""
 
+    # Optional fields written only when set (absent and null mean the same for them).
+    _OMIT_NONE: ClassVar[tuple[str, ...]] = ()
+
     def to_dict(self) -> dict:
         out = {}
         for f in self._FIELDS:
-            out[f.key] = _dump(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if value is None and f.key in self._OMIT_NONE:
+                continue
+            out[f.key] = _dump(value)
         return out
 
 
@@ -370,49 +448,171 @@ def _dump(value: Any) -> Any:
 # The policy classes.
 
 
-@dataclass(frozen=True)
-class LayerPolicy(_Checked):
-    """How one linear layer inside a transformer block runs.
+def _set(obj: Any, **values: Any) -> None:
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
 
-    ``mode``: ``"dynamic"`` (NVFP4 when the predictor ``alpha * gamma_prev + beta`` is at most the threshold, else
-    INT8), ``"nvfp4"`` or ``"int8"`` (static), ``"none"`` (left in the model dtype). ``in_features`` and
+
+@dataclass(frozen=True, init=False)
+class LayerPolicy(_Checked):
+    """How one linear layer inside a transformer block stores its weight and runs.
+
+    The weight is stored once, in ``weight`` (``"none"``: left in the model dtype). ``fast`` and ``robust`` are the
+    activation formats of the layer's two routes over that weight (``sixbit_tune.routes.ROUTES``; absent: the
+    weight's defaults, ``sixbit_tune.routes.DEFAULT_ROUTES``). ``mode`` ``"dynamic"`` takes the fast route when the
+    predictor says the error stays under the threshold, else the robust one; ``"fast"`` and ``"robust"`` always take
+    that route. ``predictor`` maps ``"pooled"`` or a guidance branch to a line ``[alpha, beta, r2, n]``.
+    ``encoder`` overrides ``dmpq.nvfp4_weight_encoder`` for this layer (NVFP4 weights only). ``in_features`` and
     ``out_features`` let the runtime check the policy against the model it is applied to.
+
+    In Python, the version-1 spellings still construct a layer: ``LayerPolicy("dynamic", K, N, alpha=…, beta=…)``
+    (an NVFP4 weight, fast NVFP4, robust INT8, dynamic), ``LayerPolicy("nvfp4" | "int8" | "none", K, N)``.
     """
 
-    mode: str
+    weight: str
     in_features: int
     out_features: int
-    alpha: float | None = None
-    beta: float | None = None
-    r2: float | None = None
-    n: int | None = None
+    fast: str | None = None
+    robust: str | None = None
+    mode: str = "fast"
+    predictor: dict[str, Line] | None = None
+    encoder: str | None = None
 
     _FIELDS: ClassVar = (
-        _Field("mode", "enum", choices=LAYER_MODES, doc="dynamic | nvfp4 | int8 | none"),
+        _Field("weight", "enum", choices=WEIGHT_FORMATS, doc="the stored weight format"),
+        _Field("fast", "enum", required=False, choices=ACTIVATION_FORMATS,
+               doc="activation format of the fast route (absent: the weight's default)"),
+        _Field("robust", "enum", required=False, choices=ACTIVATION_FORMATS,
+               doc="activation format of the robust route (absent: the weight's default)"),
+        _Field("mode", "enum", required=False, choices=LAYER_MODES,
+               doc="dynamic | fast | robust (absent: fast)"),
         _Field("in_features", "int", minimum=1, maximum=MAX_FEATURES),
         _Field("out_features", "int", minimum=1, maximum=MAX_FEATURES),
-        _Field("alpha", "float", required=False, nullable=True, doc="predictor slope"),
-        _Field("beta", "float", required=False, nullable=True, doc="predictor intercept"),
-        _Field("r2", "float", required=False, nullable=True, maximum=1.0 + 1e-9, doc="fit R^2"),
-        _Field("n", "int", required=False, nullable=True, minimum=0, maximum=MAX_COUNT, doc="number of fitted pairs"),
+        _Field("predictor", "lines", required=False, nullable=True,
+               doc='"pooled" or guidance branch -> [alpha, beta, r2, n] of the fast route\'s error predictor'),
+        _Field("encoder", "enum", required=False, nullable=True, choices=NVFP4_WEIGHT_ENCODERS,
+               doc="NVFP4 weight encoder of this layer (absent or null: dmpq.nvfp4_weight_encoder)"),
     )
+    _OMIT_NONE: ClassVar = ("predictor", "encoder")
+
+    def __init__(self, weight: str, in_features: int, out_features: int, fast: str | None = None,
+                 robust: str | None = None, mode: str | None = None, predictor: Mapping | None = None,
+                 encoder: str | None = None, *, alpha: float | None = None, beta: float | None = None,
+                 r2: float | None = None, n: int | None = None):
+        if weight == "dynamic":  # the version-1 spelling of a dynamic layer
+            weight, mode = "nvfp4", "dynamic" if mode is None else mode
+        if predictor is None and (alpha is not None or beta is not None):
+            predictor = {"pooled": (alpha, beta, r2, n)}
+        _set(self, weight=weight, in_features=in_features, out_features=out_features, fast=fast, robust=robust,
+             mode="fast" if mode is None else mode, predictor=predictor, encoder=encoder)
+        self._check("")
+
+    def _check(self, prefix: str) -> None:
+        if isinstance(self.weight, str) and self.weight in _routes.DEFAULT_ROUTES:
+            fast, robust = _routes.DEFAULT_ROUTES[self.weight]
+            _set(self, fast=fast if self.fast is None else self.fast,
+                 robust=robust if self.robust is None else self.robust)
+        super()._check(prefix)
 
     def _check_more(self, prefix: str) -> None:
+        for role in ROUTE_ROLES:
+            act = getattr(self, role)
+            if not _routes.is_route(self.weight, act):
+                raise _fail(_join(prefix, role), f"{act!r} activations do not run over a {self.weight!r} weight "
+                            f"(a {self.weight} weight supports {list(_routes.ROUTES[self.weight])})")
         if self.mode == "dynamic":
-            for name in ("alpha", "beta"):
-                if getattr(self, name) is None:
-                    raise _fail(_join(prefix, name), "a 'dynamic' layer needs a finite predictor alpha and beta")
-        if self.mode in ("nvfp4", "dynamic") and self.in_features % 16:
+            if self.weight == "none":
+                raise _fail(_join(prefix, "mode"), "a layer with weight 'none' has one route and cannot be 'dynamic'")
+            if self.predictor is None:
+                raise _fail(_join(prefix, "predictor"), "a 'dynamic' layer needs a predictor line (finite alpha "
+                            "and beta), pooled or per guidance branch")
+        if self.encoder is not None and self.weight != "nvfp4":
+            raise _fail(_join(prefix, "encoder"), f"only NVFP4 weights have an encoder; this weight is {self.weight!r}")
+        if self.weight == "nvfp4" and self.in_features % 16:
             raise _fail(
                 _join(prefix, "in_features"),
                 f"NVFP4 needs K (in_features) to be a multiple of 16, got {self.in_features}",
             )
 
-    def predict(self, gamma_prev: float) -> float:
-        """Predicted NVFP4 output error at a step whose block had ``gamma_prev`` at the previous step."""
-        if self.alpha is None or self.beta is None:
-            raise ValueError(f"layer mode {self.mode!r} has no predictor")
-        return self.alpha * gamma_prev + self.beta
+    # Routes --------------------------------------------------------------------------------------------------
+    def route(self, role: str) -> _routes.Route:
+        """The ``"fast"`` or ``"robust"`` route."""
+        if role not in ROUTE_ROLES:
+            raise ValueError(f"role must be one of {ROUTE_ROLES}, got {role!r}")
+        return _routes.Route(self.weight, getattr(self, role))
+
+    @property
+    def routes(self) -> tuple[_routes.Route, ...]:
+        """The routes this layer can run: both for a dynamic layer, else the one its mode names."""
+        if self.mode == "dynamic":
+            return (self.route("fast"), self.route("robust"))
+        return (self.route(self.mode),)
+
+    @property
+    def v1_mode(self) -> str | None:
+        """The version-1 mode with the same behaviour (``"dynamic"``, ``"nvfp4"``, ``"int8"``, ``"none"``), or None
+        where version 1 had none (FP8, other routes)."""
+        if self.weight == "none":
+            return "none"
+        pair = (self.weight, self.fast, self.robust)
+        if self.mode == "dynamic":
+            return "dynamic" if pair == ("nvfp4", "nvfp4", "int8") else None
+        route = self.route(self.mode)
+        if route == ("nvfp4", "nvfp4"):
+            return "nvfp4"
+        return "int8" if route == ("int8", "int8") else None
+
+    # Predictor -----------------------------------------------------------------------------------------------
+    def line(self, branch: str | None = None) -> Line | None:
+        """The predictor line of ``branch`` (its own line, else the pooled one); with ``branch`` None,
+        :attr:`decision_line`."""
+        if self.predictor is None:
+            return None
+        if branch is None:
+            return self.decision_line
+        return self.predictor.get(branch, self.predictor.get("pooled"))
+
+    @property
+    def decision_line(self) -> Line | None:
+        """One line for a decision shared by every guidance branch: the pooled line if there is one, else the upper
+        envelope of the branch lines (largest alpha, largest beta), which predicts at least what each branch line
+        predicts for every Γ >= 0; so when it is under the threshold, every branch's line is too."""
+        if self.predictor is None:
+            return None
+        if "pooled" in self.predictor:
+            return self.predictor["pooled"]
+        lines = list(self.predictor.values())
+        if len(lines) == 1:
+            return lines[0]
+        return Line(max(ln.alpha for ln in lines), max(ln.beta for ln in lines), None,
+                    min((ln.n for ln in lines if ln.n is not None), default=None))
+
+    @property
+    def alpha(self) -> float | None:
+        line = self.decision_line
+        return None if line is None else line.alpha
+
+    @property
+    def beta(self) -> float | None:
+        line = self.decision_line
+        return None if line is None else line.beta
+
+    @property
+    def r2(self) -> float | None:
+        line = self.decision_line
+        return None if line is None else line.r2
+
+    @property
+    def n(self) -> int | None:
+        line = self.decision_line
+        return None if line is None else line.n
+
+    def predict(self, gamma_prev: float, branch: str | None = None) -> float:
+        """Predicted fast-route output error at a step whose block had ``gamma_prev`` at the previous step."""
+        line = self.line(branch)
+        if line is None:
+            raise ValueError(f"this {self.weight} layer (mode {self.mode!r}) has no predictor")
+        return line.predict(gamma_prev)
 
 
 @dataclass(frozen=True)
@@ -435,37 +635,165 @@ class ModelInfo(_Checked):
 
 
 @dataclass(frozen=True)
+class MenuEntry(_Checked):
+    """One route of the target GPU's menu: how it runs there and how fast it was measured (null: not measured)."""
+
+    implementation: str
+    tflops: float | None = None
+    speedup: float | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("implementation", "str", doc="the execution path (sixbit_tune.kernels.kernel_path names)"),
+        _Field("tflops", "float", required=False, nullable=True, minimum=0.0,
+               doc="measured throughput of the route's GEMM, TFLOP/s"),
+        _Field("speedup", "float", required=False, nullable=True, minimum=0.0,
+               doc="measured speed of the route's GEMM against bf16 at the same shape"),
+    )
+    _OMIT_NONE: ClassVar = ("tflops", "speedup")
+
+
+@dataclass(frozen=True, init=False)
 class Target(_Checked):
-    """The GPU the policy was tuned on, and the NVFP4 execution path measured there."""
+    """The GPU the policy was tuned on, and its menu: route (``"<weight>/<activation>"``) -> how it runs there.
+
+    In Python, ``Target(gpu, capability, "emulated")`` (a version-1 ``nvfp4_path`` as the third argument) still
+    constructs a target: its menu then holds the NVFP4 W4A4 route's implementation.
+    """
 
     gpu: str | None = None
     compute_capability: str | None = None
-    nvfp4_path: str = "reference"
+    menu: dict[str, MenuEntry] = field(default_factory=dict)
 
     _FIELDS: ClassVar = (
         _Field("gpu", "str", nullable=True, doc="NVML/torch device name; null = CPU"),
         _Field("compute_capability", "str", nullable=True, pattern=r"^[0-9]+\.[0-9]+$", doc='"<major>.<minor>", e.g. "9.0"'),
-        _Field("nvfp4_path", "enum", choices=NVFP4_PATHS),
+        _Field("menu", "map", required=False, cls="MenuEntry",
+               doc='route "<weight>/<activation>" -> its implementation and measured speed on this GPU'),
     )
 
+    def __init__(self, gpu: str | None = None, compute_capability: str | None = None,
+                 menu: Mapping | str | None = None, *, nvfp4_path: str | None = None):
+        if isinstance(menu, str):  # the version-1 positional nvfp4_path
+            menu, nvfp4_path = None, menu
+        menu = dict(menu or {})
+        if nvfp4_path is not None:
+            if nvfp4_path not in NVFP4_PATH_IMPLEMENTATIONS:
+                raise _fail("nvfp4_path", f"must be one of {list(NVFP4_PATHS)}, got {_show(nvfp4_path)}")
+            menu.setdefault("nvfp4/nvfp4", MenuEntry(NVFP4_PATH_IMPLEMENTATIONS[nvfp4_path]))
+        _set(self, gpu=gpu, compute_capability=compute_capability, menu=menu)
+        self._check("")
 
-@dataclass(frozen=True)
+    def _check_more(self, prefix: str) -> None:
+        for key in self.menu:
+            try:
+                _routes.Route.parse(key)
+            except ValueError as e:
+                raise _fail(_join(prefix, f"menu.{key}"), str(e)) from None
+
+    @property
+    def nvfp4_path(self) -> str:
+        """The version-1 name of the NVFP4 W4A4 route's implementation (``"reference"`` where the menu lacks it)."""
+        entry = self.menu.get("nvfp4/nvfp4")
+        names = {v: k for k, v in NVFP4_PATH_IMPLEMENTATIONS.items()}
+        return names.get(entry.implementation, "reference") if entry is not None else "reference"
+
+
+_FIRST_STEP_V1 = {_routes.FAST_FORMAT: "fast", _routes.ROBUST_FORMAT: "robust"}
+
+
+@dataclass(frozen=True, init=False)
 class DMPQ(_Checked):
-    """Dynamic mixed-precision quantization: a threshold and one entry per linear layer inside the blocks."""
+    """Dynamic mixed-precision quantization: a threshold and one entry per linear layer inside the blocks.
+
+    In Python, a version-1 ``first_step_format`` (``"nvfp4"``/``"int8"``) is accepted for ``first_step``.
+    """
 
     threshold: float
     layers: dict[str, LayerPolicy] = field(default_factory=dict)
-    first_step_format: str = "int8"
+    first_step: str = "robust"
     nvfp4_weight_encoder: str = "standard"
 
     _FIELDS: ClassVar = (
         _Field("threshold", "float", allow_inf=True, doc='tau; "inf"/"-inf" allowed'),
-        _Field("first_step_format", "enum", choices=FORMATS, doc="format of dynamic layers at the first step"),
+        _Field("first_step", "enum", choices=ROUTE_ROLES, doc="route of dynamic layers at the first step"),
         _Field("nvfp4_weight_encoder", "enum", required=False, choices=NVFP4_WEIGHT_ENCODERS,
                doc="how NVFP4 weights are encoded when the policy is applied (absent: standard); the codes are "
                "valid NVFP4 for every encoder"),
         _Field("layers", "map", cls="LayerPolicy", doc="full module name -> layer policy"),
     )
+
+    def __init__(self, threshold: float, layers: Mapping | None = None, first_step: str = "robust",
+                 nvfp4_weight_encoder: str = "standard", *, first_step_format: str | None = None):
+        if first_step_format is not None:
+            first_step = first_step_format
+        if isinstance(first_step, str) and first_step in _FIRST_STEP_V1:
+            first_step = _FIRST_STEP_V1[first_step]
+        _set(self, threshold=threshold, layers=dict(layers or {}), first_step=first_step,
+             nvfp4_weight_encoder=nvfp4_weight_encoder)
+        self._check("")
+
+    @property
+    def first_step_format(self) -> str:
+        """The first-step route in the names of ``sixbit_tune.rules`` (``FAST_FORMAT`` for the fast route,
+        ``ROBUST_FORMAT`` for the robust one), as the runtime's decisions name the two routes."""
+        return _routes.FAST_FORMAT if self.first_step == "fast" else _routes.ROBUST_FORMAT
+
+    def encoder_of(self, name: str) -> str:
+        """The NVFP4 weight encoder of layer ``name`` (its own, else ``nvfp4_weight_encoder``)."""
+        lp = self.layers[name]
+        return lp.encoder or self.nvfp4_weight_encoder
+
+
+_BLOCK_KEY = r"^(0|[1-9][0-9]{0,8})$"
+
+
+@dataclass(frozen=True)
+class AttentionBlock(_Checked):
+    """How one block's attention runs: ``"8bit"``, ``"bf16"`` (the model's own), or ``"dynamic"`` (8-bit when its
+    predictor's error stays under ``attention.threshold``)."""
+
+    mode: str = "bf16"
+    predictor: dict[str, Line] | None = None
+
+    _FIELDS: ClassVar = (
+        _Field("mode", "enum", choices=ATTENTION_MODES, doc="dynamic | 8bit | bf16"),
+        _Field("predictor", "lines", required=False, nullable=True,
+               doc='"pooled" or guidance branch -> [alpha, beta, r2, n] of the 8-bit attention error predictor'),
+    )
+
+    def _check_more(self, prefix: str) -> None:
+        if self.mode == "dynamic" and self.predictor is None:
+            raise _fail(_join(prefix, "predictor"), "a 'dynamic' attention block needs a predictor line")
+
+
+@dataclass(frozen=True)
+class Attention(_Checked):
+    """Attention precision per block. A block absent from ``blocks`` runs the model's own (bf16) attention."""
+
+    threshold: float = 0.0
+    format: str = "int8"
+    blocks: dict[str, AttentionBlock] = field(default_factory=dict)
+
+    _FIELDS: ClassVar = (
+        _Field("threshold", "float", allow_inf=True, doc='tau of the attention rule; "inf"/"-inf" allowed'),
+        _Field("format", "enum", choices=ATTENTION_FORMATS, doc="format of the 8-bit attention's Q and K"),
+        _Field("blocks", "map", cls="AttentionBlock", doc='block index ("0", "1", ...) -> its attention'),
+    )
+
+    def _check_more(self, prefix: str) -> None:
+        for key in self.blocks:
+            if not re.fullmatch(_BLOCK_KEY, key):
+                raise _fail(_join(prefix, f"blocks.{key}"), "attention block keys are block indices: \"0\", \"1\", …")
+
+    def mode_of(self, index: int) -> str:
+        """The attention mode of block ``index`` (``"bf16"`` where the policy does not name it)."""
+        block = self.blocks.get(str(index))
+        return "bf16" if block is None else block.mode
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any block may run 8-bit attention."""
+        return any(b.mode != "bf16" for b in self.blocks.values())
 
 
 @dataclass(frozen=True)
@@ -561,7 +889,10 @@ class Provenance(_Checked):
 
 @dataclass(frozen=True)
 class Policy(_Checked):
-    """A complete, deployable policy. See the module docstring for the JSON layout."""
+    """A complete, deployable policy. See the module docstring for the JSON layout.
+
+    ``attention`` None (absent in the JSON) means the model's own attention in every block.
+    """
 
     model: ModelInfo
     target: Target
@@ -570,16 +901,20 @@ class Policy(_Checked):
     measured: Measured = field(default_factory=Measured)
     provenance: Provenance = field(default_factory=Provenance)
     schema_version: int = SCHEMA_VERSION
+    attention: Attention | None = None
 
     _FIELDS: ClassVar = (
         _Field("schema_version", "int", minimum=1),
         _Field("model", "obj", cls="ModelInfo"),
         _Field("target", "obj", cls="Target"),
         _Field("dmpq", "obj", cls="DMPQ"),
+        _Field("attention", "obj", cls="Attention", required=False, nullable=True,
+               doc="attention precision per block; absent or null: the model's own attention everywhere"),
         _Field("tdc", "obj", cls="TDC"),
         _Field("measured", "obj", cls="Measured", required=False),
         _Field("provenance", "obj", cls="Provenance", required=False),
     )
+    _OMIT_NONE: ClassVar = ("attention",)
 
     def _check_more(self, prefix: str) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -594,6 +929,13 @@ class Policy(_Checked):
                     _join(prefix, "tdc.blocks"),
                     f"block indices {bad} out of range for a model of {self.model.blocks} blocks",
                 )
+        if self.attention is not None:
+            bad_keys = sorted((k for k in self.attention.blocks if int(k) >= self.model.blocks), key=int)
+            if bad_keys:
+                raise _fail(
+                    _join(prefix, f"attention.blocks.{bad_keys[0]}"),
+                    f"block index {bad_keys[0]} out of range for a model of {self.model.blocks} blocks",
+                )
 
     @classmethod
     def from_dict(cls, data: Mapping) -> Policy:
@@ -606,8 +948,72 @@ class Policy(_Checked):
 
 
 _CLASSES: dict[str, type] = {
-    c.__name__: c for c in (LayerPolicy, ModelInfo, Target, DMPQ, TDC, Measured, Provenance, Policy)
+    c.__name__: c
+    for c in (LayerPolicy, ModelInfo, MenuEntry, Target, DMPQ, AttentionBlock, Attention, TDC, Measured, Provenance,
+              Policy)
 }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Version 1 -> 2. Only what version 1 spelled differently is rewritten; everything else is passed on unchanged for
+# the version-2 checks to name. The values the rewrite reads are checked here, under their version-1 keys.
+
+_V1_LINE = tuple(dataclasses.replace(f, nullable=True) for f in _LINE_ITEMS)
+_V1_LAYERS = {  # v1 mode -> weight, fast, robust, mode
+    "dynamic": ("nvfp4", "nvfp4", "int8", "dynamic"),
+    "nvfp4": ("nvfp4", "nvfp4", "int8", "fast"),
+    "int8": ("int8", "int8", "int8", "fast"),
+    "none": ("none", "none", "none", "fast"),
+}
+_V1_MODE = _Field("mode", "enum", choices=V1_LAYER_MODES)
+_V1_FIRST_STEP = _Field("first_step_format", "enum", choices=FORMATS)
+_V1_NVFP4_PATH = _Field("nvfp4_path", "enum", choices=NVFP4_PATHS)
+
+
+def _v1_layer(data: Any, key: str) -> Any:
+    if not isinstance(data, Mapping):
+        return data
+    out = {k: v for k, v in data.items() if k not in ("mode", "alpha", "beta", "r2", "n")}
+    if "mode" not in data:
+        raise _fail(_join(key, "mode"), "missing required key")
+    mode = _check_value(_V1_MODE, data["mode"], _join(key, "mode"))
+    line = [_check_value(f, data.get(f.key), _join(key, f.key)) for f in _V1_LINE]
+    out["weight"], out["fast"], out["robust"], out["mode"] = _V1_LAYERS[mode]
+    if line[0] is not None and line[1] is not None:
+        out["predictor"] = {"pooled": line}
+    elif mode == "dynamic":
+        missing = "alpha" if line[0] is None else "beta"
+        raise _fail(_join(key, missing), "a 'dynamic' layer needs a finite predictor alpha and beta")
+    return out
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """A version-1 policy dict as version 2 (see the module docstring for the mapping of layer modes)."""
+    out = dict(data)
+    out["schema_version"] = 2
+    target = data.get("target")
+    if isinstance(target, Mapping) and "nvfp4_path" in target:
+        t = {k: v for k, v in target.items() if k != "nvfp4_path"}
+        path = _check_value(_V1_NVFP4_PATH, target["nvfp4_path"], "target.nvfp4_path")
+        t["menu"] = {"nvfp4/nvfp4": {"implementation": NVFP4_PATH_IMPLEMENTATIONS[path]}}
+        out["target"] = t
+    dmpq = data.get("dmpq")
+    if isinstance(dmpq, Mapping):
+        d = {k: v for k, v in dmpq.items() if k != "first_step_format"}
+        if "first_step_format" in dmpq:
+            first = _check_value(_V1_FIRST_STEP, dmpq["first_step_format"], "dmpq.first_step_format")
+            d["first_step"] = _FIRST_STEP_V1[first]
+        layers = dmpq.get("layers")
+        if isinstance(layers, Mapping):
+            d["layers"] = {
+                name: _v1_layer(v, f"dmpq.layers.{name}") if isinstance(name, str) and name else v
+                for name, v in layers.items()
+            }
+        out["dmpq"] = d
+    return out
+
+
+MIGRATIONS[1] = _v1_to_v2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -822,6 +1228,16 @@ def _schema_of(f: _Field) -> dict:
         s = {"$ref": f"#/$defs/{f.cls}"}
     elif kind == "map":
         s = {"type": "object", "propertyNames": {"minLength": 1}, "additionalProperties": {"$ref": f"#/$defs/{f.cls}"}}
+    elif kind == "lines":
+        line = {
+            "type": "array",
+            "description": "[alpha, beta, r2, n]",
+            "prefixItems": [_schema_of(item) for item in _LINE_ITEMS],
+            "minItems": len(_LINE_ITEMS),
+            "maxItems": len(_LINE_ITEMS),
+        }
+        s = {"type": "object", "propertyNames": {"minLength": 1}, "minProperties": 1, "maxProperties": MAX_BRANCHES,
+             "additionalProperties": line}
     else:  # pragma: no cover
         raise AssertionError(kind)
     if f.allow_inf:
@@ -846,8 +1262,9 @@ def _object_schema(cls: type) -> dict:
 def json_schema() -> dict:
     """The JSON Schema (draft 2020-12) of a policy file, generated from the dataclasses' field tables.
 
-    The schema checks structure, types, enums and ranges; cross-field rules (a dynamic layer needs alpha and beta,
-    NVFP4 needs in_features % 16 == 0, tdc.blocks within the model) are enforced by :func:`load`.
+    The schema checks structure, types, enums and ranges; cross-field rules (a dynamic layer needs a predictor,
+    NVFP4 needs in_features % 16 == 0, each route runs over its layer's weight, tdc.blocks and attention.blocks within
+    the model, menu keys are routes) are enforced by :func:`load`.
     """
     schema = _object_schema(Policy)
     schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from policy_helpers import make_policy
+from policy_helpers import make_policy, make_v1_dict
 
 from sixbit_tune import policy as P
 from sixbit_tune.errors import PolicyError
@@ -92,18 +92,68 @@ BAD = [
     ("extrapolate-null", "tdc/extrapolate", None, "tdc.extrapolate", "null"),
     ("refresh-robust-negative", "tdc/refresh_robust", -1, "tdc.refresh_robust", ">= 0"),
     ("refresh-robust-string", "tdc/refresh_robust", "yes", "tdc.refresh_robust", "expected an integer"),
-    ("bad-first-step", "dmpq/first_step_format", "fp16", "dmpq.first_step_format", "one of"),
-    ("bad-nvfp4-path", "target/nvfp4_path", "fast", "target.nvfp4_path", "one of"),
+    ("bad-first-step", "dmpq/first_step", "int8", "dmpq.first_step", "one of"),
+    ("v1-first-step-in-v2", "dmpq/first_step_format", "int8", "dmpq.first_step_format", "unknown key"),
+    ("v1-nvfp4-path-in-v2", "target/nvfp4_path", "emulated", "target.nvfp4_path", "unknown key"),
+    ("bad-menu-route", "target/menu", {"nvfp4/bf16": {"implementation": "x"}}, "target.menu.nvfp4/bf16",
+     "unknown route"),
+    ("menu-without-implementation", "target/menu", {"fp8/fp8": {"tflops": 1.0}},
+     "target.menu.fp8/fp8.implementation", "missing"),
+    ("menu-negative-speed", "target/menu", {"fp8/fp8": {"implementation": "x", "speedup": -1}},
+     "target.menu.fp8/fp8.speedup", ">= 0"),
+    ("bad-weight", "dmpq/layers/blocks.0.ffn.net.2/weight", "int4", "dmpq.layers.blocks.0.ffn.net.2.weight", "one of"),
+    ("missing-weight", "dmpq/layers/blocks.0.ffn.net.2/weight", _DEL, "dmpq.layers.blocks.0.ffn.net.2.weight",
+     "missing"),
+    ("v1-alpha-in-v2", "dmpq/layers/blocks.0.ffn.net.2/alpha", 0.1, "dmpq.layers.blocks.0.ffn.net.2.alpha",
+     "unknown key"),
+    ("route-not-over-weight", "dmpq/layers/blocks.0.ffn.net.2/fast", "nvfp4", "dmpq.layers.blocks.0.ffn.net.2.fast",
+     "do not run over"),
+    ("fp8-weight-int8-route", "dmpq/layers/blocks.1.attn1.to_v/robust", "int8", "blocks.1.attn1.to_v.robust",
+     "do not run over"),
+    ("null-route", "dmpq/layers/blocks.0.ffn.net.2/fast", None, "dmpq.layers.blocks.0.ffn.net.2.fast", "null"),
+    ("dynamic-unquantized", "dmpq/layers/blocks.1.ffn.net.0.proj/mode", "dynamic", "blocks.1.ffn.net.0.proj.mode",
+     "cannot be 'dynamic'"),
+    ("encoder-on-int8", "dmpq/layers/blocks.0.ffn.net.2/encoder", "scale-search", "blocks.0.ffn.net.2.encoder",
+     "only NVFP4"),
+    ("bad-encoder", "dmpq/layers/blocks.1.attn1.to_q/encoder", "best", "blocks.1.attn1.to_q.encoder", "one of"),
+    ("line-too-short", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", [0.1, 0.2], "predictor.cond",
+     "[alpha, beta, r2, n]"),
+    ("line-not-list", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", {"alpha": 1}, "predictor.cond",
+     "expected a predictor line"),
+    ("line-null-alpha", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", [None, 0.2, None, None],
+     "predictor.cond[0]", "null"),
+    ("line-r2-above-one", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", [0.1, 0.2, 1.5, 3],
+     "predictor.cond[2]", "<= 1"),
+    ("line-negative-n", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", [0.1, 0.2, 0.5, -3],
+     "predictor.cond[3]", ">= 0"),
+    ("empty-predictor", "dmpq/layers/blocks.0.attn1.to_q/predictor", {}, "blocks.0.attn1.to_q.predictor",
+     "at least one line"),
+    ("too-many-lines", "dmpq/layers/blocks.0.attn1.to_q/predictor",
+     {f"b{i}": [0.1, 0.2, None, None] for i in range(P.MAX_BRANCHES + 1)}, "blocks.0.attn1.to_q.predictor",
+     "lines allowed"),
+    ("predictor-not-object", "dmpq/layers/blocks.0.attn1.to_q/predictor", 5, "blocks.0.attn1.to_q.predictor",
+     "expected an object of predictor lines"),
+    ("bad-attention-mode", "attention/blocks/1/mode", "fp4", "attention.blocks.1.mode", "one of"),
+    ("bad-attention-format", "attention/format", "nvfp4", "attention.format", "one of"),
+    ("attention-block-out-of-range", "attention/blocks", {"8": {"mode": "8bit"}}, "attention.blocks.8",
+     "out of range"),
+    ("attention-block-not-index", "attention/blocks", {"01": {"mode": "8bit"}}, "attention.blocks.01",
+     "block indices"),
+    ("dynamic-attention-without-predictor", "attention/blocks/0/predictor", None, "attention.blocks.0.predictor",
+     "needs a predictor"),
+    ("nan-attention-threshold", "attention/threshold", math.nan, "attention.threshold", "NaN"),
+    ("unknown-attention-key", "attention/window", 1, "attention.window", "unknown key"),
     ("bad-nvfp4-encoder", "dmpq/nvfp4_weight_encoder", "best", "dmpq.nvfp4_weight_encoder", "one of"),
     ("null-nvfp4-encoder", "dmpq/nvfp4_weight_encoder", None, "dmpq.nvfp4_weight_encoder", "null"),
-    ("dynamic-without-alpha", "dmpq/layers/blocks.0.attn1.to_q/alpha", None, "alpha", "predictor"),
+    ("dynamic-without-predictor", "dmpq/layers/blocks.0.attn1.to_q/predictor", None, "predictor", "predictor"),
     ("nvfp4-k-not-16", "dmpq/layers/blocks.1.attn1.to_q/in_features", 100, "in_features", "multiple of 16"),
     ("block-out-of-range", "tdc/blocks", [0, 8], "tdc.blocks", "out of range"),
     ("inf-latency", "measured/latency_ms", "inf", "measured.latency_ms", "expected a number"),
     ("nan-number", "dmpq/threshold", math.nan, "dmpq.threshold", "NaN"),
-    ("inf-alpha", "dmpq/layers/blocks.0.attn1.to_q/alpha", math.inf, "alpha", "finite"),
+    ("inf-alpha", "dmpq/layers/blocks.0.attn1.to_q/predictor/cond", [math.inf, 0, None, None], "cond[0]", "finite"),
     ("newer-version", "schema_version", P.SCHEMA_VERSION + 1, "schema_version", "upgrade sixbit-tune"),
     ("older-version-no-migration", "schema_version", 0, "schema_version", "no migration"),
+    ("v2-body-as-v1", "schema_version", 1, "dmpq.layers.blocks.0.attn1.to_q.alpha", "predictor alpha"),
     ("version-not-int", "schema_version", "1", "schema_version", "integer"),
     # Values that are legal JSON of the right type but cannot be meant.
     ("warmup-2-to-64", "tdc/warmup", 2**64, "tdc.warmup", f"<= {P.MAX_STEPS}"),
@@ -122,10 +172,20 @@ BAD = [
     ("bytes-beyond-int64", "measured/weight_bytes", 2**63, "measured.weight_bytes", "<="),
     ("trial-beyond-int64", "provenance/trial", 2**64, "provenance.trial", "<="),
     ("empty-profile-run", "provenance/profile_runs", ["r1", ""], "provenance.profile_runs[1]", "empty"),
-    ("empty-layer-name", "dmpq/layers", {"": {"mode": "none", "in_features": 16, "out_features": 16}},
+    ("empty-layer-name", "dmpq/layers", {"": {"weight": "none", "in_features": 16, "out_features": 16}},
      "dmpq.layers", "non-empty"),
-    ("float-beyond-range", "dmpq/layers/blocks.0.attn1.to_q/alpha", 10**400, "alpha", "out of range"),
+    ("float-beyond-range", "dmpq/layers/blocks.0.attn1.to_q/predictor/uncond", [10**400, 0, None, None], "uncond[0]",
+     "out of range"),
 ]
+
+
+# Rules JSON Schema does not express (enforced by load()).
+CROSS_FIELD = {
+    "dmpq/layers/blocks.0.attn1.to_q/predictor", "dmpq/layers/blocks.1.attn1.to_q/in_features", "tdc/blocks",
+    "target/menu", "dmpq/layers/blocks.0.ffn.net.2/fast", "dmpq/layers/blocks.1.attn1.to_v/robust",
+    "dmpq/layers/blocks.1.ffn.net.0.proj/mode", "dmpq/layers/blocks.0.ffn.net.2/encoder", "attention/blocks",
+    "attention/blocks/0/predictor",
+}
 
 
 @pytest.mark.parametrize("path,value,key,words", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
@@ -155,10 +215,10 @@ def test_out_of_range_number_literals_name_their_key(literal):
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_nan_literal_names_its_key(literal):
-    text = P.to_json(make_policy()).replace('"r2": 0.93', f'"r2": {literal}')
+    text = P.to_json(make_policy()).replace("0.93", literal)
     with pytest.raises(PolicyError, match=f"literal {literal} is not allowed") as e:
         P.loads(text)
-    assert e.value.key == "dmpq.layers.blocks.0.attn1.to_q.r2"
+    assert e.value.key == "dmpq.layers.blocks.0.attn1.to_q.predictor.cond[2]"
 
 
 def test_duplicate_keys_and_bad_json_rejected(tmp_path):
@@ -178,15 +238,27 @@ def test_duplicate_keys_and_bad_json_rejected(tmp_path):
 def test_python_construction_is_validated_too():
     with pytest.raises(PolicyError, match="tolerance"):
         P.TDC(tolerance=-1.0)
-    with pytest.raises(PolicyError, match="mode"):
+    with pytest.raises(PolicyError, match="weight"):
         P.LayerPolicy("int4", 16, 16)
     with pytest.raises(PolicyError, match="dynamic"):
         P.LayerPolicy("dynamic", 16, 16)
+    with pytest.raises(PolicyError, match="do not run over") as e:
+        P.LayerPolicy("int8", 16, 16, fast="nvfp4")
+    assert e.value.key == "fast"
+    with pytest.raises(PolicyError, match="nvfp4_path"):
+        P.Target(None, None, "fast")
+    with pytest.raises(PolicyError, match="unknown route") as e:
+        P.Target(None, None, {"int8/nvfp4": P.MenuEntry("x")})
+    assert e.value.key == "menu.int8/nvfp4"
+    with pytest.raises(PolicyError, match="one of"):
+        P.DMPQ(0.1, first_step="fp16")
+    with pytest.raises(PolicyError, match="needs a predictor"):
+        P.AttentionBlock("dynamic")
 
 
 def test_migration_hook_is_applied(monkeypatch):
-    # A version-0 file becomes loadable once a migration 0 -> 1 is registered (the mechanism later versions use).
-    d = as_dict()
+    # A version-0 file becomes loadable once a migration 0 -> 1 is registered; migrations chain (0 -> 1 -> 2).
+    d = make_v1_dict()
     d["schema_version"] = 0
     d["tdc"]["window"] = d["tdc"].pop("warmup")
 
@@ -197,12 +269,22 @@ def test_migration_hook_is_applied(monkeypatch):
         return new
 
     monkeypatch.setitem(P.MIGRATIONS, 0, v0_to_v1)
-    assert P.load(d) == make_policy()
+    v1 = make_v1_dict()
+    assert P.load(d) == P.load(v1)
+    assert P.load(d).schema_version == P.SCHEMA_VERSION == 2
 
 
 def test_predict():
     lp = make_policy().dmpq.layers["blocks.0.attn1.to_q"]
-    assert lp.predict(0.5) == pytest.approx(0.8 * 0.5 + 0.01)
+    assert lp.predict(0.5, "cond") == pytest.approx(0.8 * 0.5 + 0.01)
+    assert lp.predict(0.5, "uncond") == pytest.approx(0.5 * 0.5 + 0.02)
+    # One decision for both branches: the upper envelope of the branch lines (largest alpha, largest beta).
+    assert (lp.alpha, lp.beta) == (0.8, 0.02)
+    for g in (0.0, 0.3, 2.0):
+        assert lp.predict(g) >= max(lp.predict(g, "cond"), lp.predict(g, "uncond"))
+    pooled = P.LayerPolicy("nvfp4", 16, 16, mode="dynamic", predictor={"pooled": (1.0, 0.0, None, None),
+                                                                      "cond": (2.0, 0.5, None, None)})
+    assert pooled.predict(1.0) == 1.0 and pooled.predict(1.0, "uncond") == 1.0 and pooled.predict(1.0, "cond") == 2.5
     with pytest.raises(ValueError):
         make_policy().dmpq.layers["blocks.0.ffn.net.2"].predict(0.1)
 
@@ -217,12 +299,14 @@ def test_schema_accepts_valid_and_rejects_malformed():
     jsonschema.Draft202012Validator.check_schema(schema)
     validator = jsonschema.Draft202012Validator(schema)
     validator.validate(json.loads(P.to_json(make_policy())))
-    for _, path, value, _, _ in BAD:
-        if path in ("dmpq/layers/blocks.0.attn1.to_q/alpha", "dmpq/layers/blocks.1.attn1.to_q/in_features", "tdc/blocks"):
+    for name, path, value, _, _ in BAD:
+        if name in ("inf-alpha", "float-beyond-range"):
+            continue  # numbers no JSON number can be (the float range): covered by the literal tests
+        if path in CROSS_FIELD:
             continue  # cross-field rules: enforced by load(), documented as outside the schema
         if isinstance(value, float) and value.is_integer():
             continue  # JSON Schema counts 8.0 as an integer; load() is stricter and rejects it
-        if path == "schema_version" and value == 0:
+        if path == "schema_version" and value in (0, 1):
             continue  # older versions are for load() to migrate
         d = mutate(path, None, delete=True) if value is _DEL else mutate(path, value)
         if isinstance(value, float) and math.isnan(value):
@@ -251,8 +335,17 @@ def test_committed_policies_are_found():
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_policies_load_and_match_the_schema(path):
     policy = P.load(path)
-    jsonschema.Draft202012Validator(P.json_schema()).validate(json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    if data["schema_version"] == P.SCHEMA_VERSION:  # older versions are for load() to migrate
+        jsonschema.Draft202012Validator(P.json_schema()).validate(data)
+    jsonschema.Draft202012Validator(P.json_schema()).validate(json.loads(P.to_json(policy)))
     assert policy.provenance.tool_version
+
+
+def test_shipped_policies_are_current():
+    for path in (ROOT / "policies").glob("*.json"):
+        if path.name != "schema.json":
+            assert json.loads(path.read_text())["schema_version"] == P.SCHEMA_VERSION, path.name
 
 
 # ------------------------------------------------------------------------------------ NVFP4 weight encoder
@@ -271,6 +364,8 @@ def test_nvfp4_weight_encoder_defaults_to_standard_when_absent():
 def test_nvfp4_weight_encoder_round_trips(tmp_path, encoder):
     p = make_policy()
     p = p.replace(dmpq=P.DMPQ(0.12, p.dmpq.layers, nvfp4_weight_encoder=encoder))
+    assert p.dmpq.encoder_of("blocks.1.attn1.to_q") == "scale-search"  # the layer's own encoder
+    assert p.dmpq.encoder_of("blocks.0.attn1.to_q") == encoder
     assert json.loads(P.to_json(p))["dmpq"]["nvfp4_weight_encoder"] == encoder
     assert P.load(P.save(p, tmp_path / "p.json")).dmpq.nvfp4_weight_encoder == encoder
     jsonschema.Draft202012Validator(P.json_schema()).validate(p.to_dict())

@@ -15,6 +15,7 @@ Every error must also be one printable line of bounded length (the CLI prints it
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 from policy_helpers import make_policy
 
 from sixbit_tune import policy as P
+from sixbit_tune import routes
 from sixbit_tune.errors import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,7 @@ VALID_DICT = json.loads(VALID_TEXT)
 SEEDS = [VALID_TEXT] + [
     p.read_text(encoding="utf-8")
     for p in sorted((ROOT / "policies").glob("*.json")) + sorted((ROOT / "benchmarks" / "results").glob("*policy*.json"))
+    + [ROOT / "tests" / "policy_v1_demo_reference_cpu.json"]  # version 1, through the migration
     if p.name != "schema.json"
 ]
 
@@ -175,7 +178,7 @@ def test_mixed_type_keys(where, key):
     node = d
     for k in where:
         node = node[k]
-    node[key] = {"mode": "none", "in_features": 16, "out_features": 16} if where == ("dmpq", "layers") else 1
+    node[key] = {"weight": "none", "in_features": 16, "out_features": 16} if where == ("dmpq", "layers") else 1
     e = error(d)
     assert "keys must be" in str(e) and e.key == (".".join(where) or "policy")
 
@@ -242,7 +245,7 @@ def test_size_cap_is_checked_before_parsing(tmp_path):
 
 def test_control_characters_in_names_stay_on_one_line():
     d = copy.deepcopy(VALID_DICT)
-    d["dmpq"]["layers"]["bad\nname\x00"] = {"mode": "fast", "in_features": 16, "out_features": 16}
+    d["dmpq"]["layers"]["bad\nname\x00"] = {"weight": "int8", "in_features": 16, "out_features": 16, "mode": "x"}
     e = error(d)
     assert e.key.startswith("dmpq.layers.bad\\nname")
     d = copy.deepcopy(VALID_DICT)
@@ -401,6 +404,10 @@ def _strategy(f: P._Field, **bounds):
     elif kind.startswith("list["):
         item = _strategy(P._Field(f.key, kind[5:-1], minimum=f.minimum, maximum=bounds.get("maximum", f.maximum)))
         s = st.lists(item, max_size=5, unique=f.unique)
+    elif kind == "lines":
+        line = st.tuples(*(_strategy(item) for item in P._LINE_ITEMS)).map(lambda t: P.Line(*t))
+        s = st.dictionaries(st.sampled_from(["pooled", "cond", "uncond"]) | st.text(min_size=1, max_size=8), line,
+                            min_size=1, max_size=3)
     else:  # pragma: no cover - objects are built in valid_policies
         raise AssertionError(kind)
     return (st.none() | s) if f.nullable else s
@@ -411,27 +418,54 @@ def _section(cls, **overrides):
     return st.fixed_dictionaries(fields).map(lambda kw: cls(**kw))
 
 
+def _field(cls, key):
+    return next(f for f in cls._FIELDS if f.key == key)
+
+
+@st.composite
+def _layer(draw):
+    """A valid layer: a stored weight, two routes it supports, a mode, a predictor where the mode needs one."""
+    weight = draw(st.sampled_from(routes.WEIGHT_FORMATS))
+    fast, robust = (draw(st.sampled_from(routes.ROUTES[weight])) for _ in range(2))
+    modes = ("fast", "robust") if weight == "none" else P.LAYER_MODES
+    mode = draw(st.sampled_from(modes))
+    lines = _strategy(dataclasses.replace(_field(P.LayerPolicy, "predictor"), nullable=False))
+    return P.LayerPolicy(
+        weight,
+        draw(st.integers(1, P.MAX_FEATURES // 16).map(lambda k: 16 * k)),
+        draw(st.integers(1, P.MAX_FEATURES)),
+        fast, robust, mode,
+        draw(lines) if mode == "dynamic" else draw(st.none() | lines),
+        draw(st.none() | st.sampled_from(P.NVFP4_WEIGHT_ENCODERS)) if weight == "nvfp4" else None,
+    )
+
+
+@st.composite
+def _attention(draw, blocks: int):
+    lines = _strategy(dataclasses.replace(_field(P.AttentionBlock, "predictor"), nullable=False))
+
+    @st.composite
+    def block(draw):
+        mode = draw(st.sampled_from(P.ATTENTION_MODES))
+        return P.AttentionBlock(mode, draw(lines) if mode == "dynamic" else draw(st.none() | lines))
+
+    keys = st.integers(0, blocks - 1).map(str)
+    return draw(_section(P.Attention, blocks=st.dictionaries(keys, block(), max_size=4)))
+
+
 @st.composite
 def valid_policies(draw):
     blocks = draw(st.integers(1, 48))
-    layer = st.builds(
-        P.LayerPolicy,
-        mode=st.sampled_from(P.LAYER_MODES),
-        in_features=st.integers(1, P.MAX_FEATURES // 16).map(lambda k: 16 * k),
-        out_features=st.integers(1, P.MAX_FEATURES),
-        alpha=st.floats(allow_nan=False, allow_infinity=False),
-        beta=st.floats(allow_nan=False, allow_infinity=False),
-        r2=st.none() | st.floats(max_value=1.0, allow_nan=False, allow_infinity=False),
-        n=st.none() | st.integers(0, P.MAX_COUNT),
-    )
-    tdc_blocks = next(f for f in P.TDC._FIELDS if f.key == "blocks")
+    menu = st.dictionaries(st.sampled_from(routes.all_route_keys()), _section(P.MenuEntry), max_size=3)
+    tdc_blocks = _field(P.TDC, "blocks")
     return P.Policy(
         model=draw(_section(P.ModelInfo, blocks=st.just(blocks))),
-        target=draw(_section(P.Target)),
-        dmpq=draw(_section(P.DMPQ, layers=st.dictionaries(st.text(min_size=1, max_size=30), layer, max_size=4))),
+        target=draw(_section(P.Target, menu=menu)),
+        dmpq=draw(_section(P.DMPQ, layers=st.dictionaries(st.text(min_size=1, max_size=30), _layer(), max_size=4))),
         tdc=draw(_section(P.TDC, blocks=_strategy(tdc_blocks, maximum=blocks - 1))),
         measured=draw(_section(P.Measured)),
         provenance=draw(_section(P.Provenance)),
+        attention=draw(st.none() | _attention(blocks)),
     )
 
 
