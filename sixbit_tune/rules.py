@@ -11,7 +11,10 @@ dashboard replays a policy on profiled statistics with them. They see plain Pyth
 * **TDC.** Block ``l`` is skipped at step ``t`` iff the tolerance is positive, ``t`` lies in the window
   ``warmup <= t < num_steps - cooldown``, the block may cache, it has a cached Δ and a measured per-step change
   rate, it has been skipped fewer than ``max_skips`` times in a row, and for *every* row the change accumulated
-  since its last full computation plus the rate stays ``<= tolerance``. Tolerance 0 never skips; the cap on
+  since its last full computation plus the rate stays ``<= tolerance``. That is the joint rule a batched call of several rows
+  (batched classifier-free guidance: ``[uncond rows; cond rows]``) takes by default; with the per-row rule
+  (:func:`tdc_skip_rows`) each row is decided alone, from its own accumulated change, rate and consecutive skips,
+  and the block is computed on the rows that are not skipped only. Tolerance 0 never skips; the cap on
   consecutive skips and the per-step accumulation rule out skipping forever.
 * **TDC output.** A skipped block returns ``X + Δ_last`` (its Δ of its last full computation, at step ``s``), or,
   with ``tdc.extrapolate = 1``, ``X + tdc_extrapolate(Δ_last, Δ_prev, t − s, s − s_prev)`` where ``Δ_prev`` is the
@@ -182,6 +185,49 @@ def tdc_skip(
     if all(v <= tolerance for v in new_acc):
         return new_acc
     return None
+
+
+def tdc_skip_rows(
+    accumulated: Sequence[float] | None,
+    rate: Sequence[float | None] | None,
+    consecutive: Sequence[int],
+    *,
+    tolerance: float,
+    max_skips: int,
+    in_window: bool,
+    has_cache: bool,
+    cacheable: bool = True,
+) -> list[float | None]:
+    """The TDC decision for one block at one step, taken for every batch row on its own (``tdc.cfg_rows =
+    "per_row"``): row ``r`` is skipped iff :func:`tdc_skip` holds for that row alone, with its own accumulated
+    change, rate and consecutive skips.
+
+    Args:
+        accumulated: per row, the change accumulated since the row's last full computation of the block (None or
+            empty: 0 for every row).
+        rate: per row, the row's last measured per-step change, None for a row without one (None: no row has one).
+        consecutive: per row, how many steps in a row the block has been skipped for that row just before this one;
+            its length is the number of rows.
+        tolerance, max_skips, in_window, has_cache, cacheable: as in :func:`tdc_skip`.
+
+    Returns:
+        Per row, the row's new accumulated change if the row is skipped, else None (the row is computed).
+
+    Raises:
+        ValueError: ``accumulated`` or ``rate`` holds another number of rows than ``consecutive``.
+    """
+    n = len(consecutive)
+    acc = list(accumulated) if accumulated else [0.0] * n
+    rates = list(rate) if rate else [None] * n
+    if len(acc) != n or len(rates) != n:
+        raise ValueError(f"{n} rows of consecutive skips but {len(acc)} of accumulated change and {len(rates)} of "
+                         "change rate")
+    out: list[float | None] = []
+    for a, r, c in zip(acc, rates, consecutive):
+        got = tdc_skip([a], None if r is None else [r], c, tolerance=tolerance, max_skips=max_skips,
+                       in_window=in_window, has_cache=has_cache, cacheable=cacheable, rows=1)
+        out.append(None if got is None else got[0])
+    return out
 
 
 def tdc_extrapolate(last, prev, since: int, gap: int):

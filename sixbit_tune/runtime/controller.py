@@ -71,14 +71,19 @@ from sixbit_tune import stats as _stats
 from sixbit_tune.compat import BaseState, CacheContext, StateManager, current_context, diffusers_cache_hooks
 from sixbit_tune.errors import NonFiniteError, PolicyError
 from sixbit_tune.formats import fp8 as _fp8
+from sixbit_tune.models.adapters import STREAM_ARGUMENTS, _positional_indices
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats, StepStats
+from sixbit_tune.runtime.rows import RowSplitRefused, put_rows, row_runs, split_call, take_rows
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "float8_e4m3fn": _fp8.DTYPE}
 #: One stream of a cached Δ: a tensor in the cache dtype, or (FP8 codes, float32 scale per token).
 CachedStream = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 DEFAULT_CONTEXT = "inference"
+#: ``tdc.cfg_rows``: how a block call of several batch rows is decided (module docstring).
+CFG_ROWS = ("joint", "per_row")
+DEFAULT_CFG_ROWS = "joint"
 
 
 @dataclass
@@ -105,22 +110,36 @@ class ContextState(BaseState):
         self.rows: int | None = None
         self.step = 0
         self.last_timestep: float | None = None
-        self.gamma_dev: list[torch.Tensor | None] = [None] * n
-        self.gamma: list[list[float] | None] = [None] * n
-        self.change_dev: list[torch.Tensor | None] = [None] * n
-        self.change_gap: list[int] = [1] * n
-        self.rate: list[list[float] | None] = [None] * n
+        # Per block; the lists inside hold one entry per batch row. A value on the device comes with the rows it
+        # was measured for (None: every row) and, for the change of Δ, each row's steps since its computation before.
+        self.gamma_dev: list[tuple[torch.Tensor, list[int] | None] | None] = [None] * n
+        self.gamma: list[list[float | None] | None] = [None] * n
+        self.change_dev: list[tuple[torch.Tensor, list[int] | None, list[int]] | None] = [None] * n
+        self.rate: list[list[float | None] | None] = [None] * n
         self.acc: list[list[float]] = [[] for _ in range(n)]
-        self.consec = [0] * n
-        self.last_compute: list[int | None] = [None] * n
+        self.consec: list[list[int]] = [[] for _ in range(n)]
+        self.last_compute: list[list[int | None]] = [[] for _ in range(n)]
         self.cache: list[tuple[CachedStream, ...] | None] = [None] * n
         self.cache_prev: list[tuple[CachedStream, ...] | None] = [None] * n  # tdc.extrapolate: the Δ before
-        self.prev_compute: list[int | None] = [None] * n  # the step of cache_prev
-        self.skip = [False] * n
+        self.prev_compute: list[list[int | None]] = [[] for _ in range(n)]  # per row, the step of cache_prev
+        self.skip = [False] * n  # skipped for every row
+        # tdc.cfg_rows "per_row": the rows to skip where some rows skip and others do not (None elsewhere), and the
+        # skipped rows' new accumulated change; applied, or turned into a full computation, when the block is called.
+        self.split: list[list[bool] | None] = [None] * n
+        self.split_acc: list[list[float | None] | None] = [None] * n
         self.fmts: list[list[str]] = [[] for _ in range(n)]
         self.measure_gamma = [False] * n
         self.measure_delta = [False] * n
         self.finite_dev: torch.Tensor | None = None  # isfinite(all) of the last call's output, not yet fetched
+
+    def set_rows(self, rows: int) -> None:
+        """Size the per-row lists for calls of ``rows`` rows (the state was reset when the rows changed)."""
+        self.rows = rows
+        for i in range(self.n):
+            if len(self.consec[i]) != rows:
+                self.consec[i] = [0] * rows
+                self.last_compute[i] = [None] * rows
+                self.prev_compute[i] = [None] * rows
 
 
 @dataclass
@@ -159,6 +178,11 @@ class Controller:
         self.cache_dtype = _DTYPES[tdc.cache_dtype]
         self.extrapolate = bool(tdc.extrapolate)
         self.refresh_robust = bool(tdc.refresh_robust)
+        cfg_rows = getattr(tdc, "cfg_rows", DEFAULT_CFG_ROWS)
+        if cfg_rows not in CFG_ROWS:
+            raise PolicyError(f"must be one of {list(CFG_ROWS)}, got {cfg_rows!r}", key="tdc.cfg_rows")
+        self.per_row = cfg_rows == "per_row"
+        self._param_names: dict[type, tuple[str | None, ...]] = {}
         self.tdc_enabled = tdc.tolerance > 0 and tdc.max_skips > 0 and any(b.cacheable for b in blocks)
         self._cache_bytes = 0
         self._new_run_stats()
@@ -167,7 +191,9 @@ class Controller:
         self._measure = _stats.Compiled(measure_block) if compile_stats else measure_block
         # PolicyHandle.record_skips / force_skips: {context: {step: [skip per block]}} and {context: [[skip]]}.
         self.skip_record: dict[str, dict[int, list[bool]]] | None = None
-        self.forced_skips: dict[str, list[list[bool]]] | None = None
+        self.forced_skips: dict[str, list[list[bool | list[bool]]]] | None = None
+        # {context: {step: [[skip per row] per block]}}, filled beside skip_record when not None.
+        self.skip_record_rows: dict[str, dict[int, list[list[bool]]]] | None = None
         self._call_state: ContextState | None = None
         self._own_context = False
         self._seen: list[bool] = []
@@ -326,7 +352,7 @@ class Controller:
         if state.rows is not None and rows != state.rows:  # another batch in the same context: start over
             self._drop_cache(state)
             state.reset()
-        state.rows = rows
+        state.set_rows(rows)
         if ctx.step_index is not None:
             state.step = ctx.step_index
         self._decide(state, ctx)
@@ -360,9 +386,9 @@ class Controller:
         for name, st in self.states.items():
             for i in range(len(self.blocks)):
                 if st.gamma_dev[i] is not None:
-                    parts.append(("g", st, name, i, st.gamma_dev[i]))
+                    parts.append(("g", st, name, i, st.gamma_dev[i][0]))
                 if st.change_dev[i] is not None:
-                    parts.append(("c", st, name, i, st.change_dev[i]))
+                    parts.append(("c", st, name, i, st.change_dev[i][0]))
             if st.finite_dev is not None:
                 parts.append(("f", st, name, -1, st.finite_dev.reshape(1)))
         t_value = float(timestep) if isinstance(timestep, int | float) else None
@@ -382,7 +408,7 @@ class Controller:
             vals = fetched[d][offsets[d] : offsets[d] + n]
             offsets[d] += n
             if kind == "g":
-                st.gamma[i] = vals
+                st.gamma[i] = _scatter_rows(st.gamma[i], vals, st.gamma_dev[i][1], st.rows)
                 st.gamma_dev[i] = None
                 if any(math.isnan(v) for v in vals):
                     raise NonFiniteError(
@@ -390,7 +416,9 @@ class Controller:
                         "with the policy applied"
                     )
             elif kind == "c":
-                st.rate[i] = _rules.tdc_rate(vals, st.change_gap[i])
+                _, rows, gaps = st.change_dev[i]
+                rates = [_rules.tdc_rate([v], gap)[0] for v, gap in zip(vals, gaps)]
+                st.rate[i] = _scatter_rows(st.rate[i], rates, rows, st.rows)
                 st.change_dev[i] = None
             elif kind == "f":
                 st.finite_dev = None
@@ -427,46 +455,76 @@ class Controller:
             )
         in_window = tdc_on and _rules.tdc_in_window(t, tdc.warmup, tdc.cooldown, n_steps)
         future_window = tdc_on and _rules.tdc_may_skip_later(t, tdc.cooldown, n_steps)
-        # The runtime's own decision: per block, the new accumulated change if it is skipped, else None.
-        decided = [
-            _rules.tdc_skip(state.acc[i], state.rate[i], state.consec[i], tolerance=self.tolerance,
-                            max_skips=tdc.max_skips, in_window=in_window, has_cache=state.cache[i] is not None,
-                            cacheable=info.cacheable, rows=rows)
-            for i, info in enumerate(self.blocks)
-        ]
-        skips = [a is not None for a in decided]
-        if self.forced_skips is not None:
-            skips = self._forced_row(ctx.name, t, state)
-        tau = self.threshold
+        per_row = self.per_row and rows > 1
+        forced = self._forced_rows(ctx.name, t, state) if self.forced_skips is not None else None
         for i, info in enumerate(self.blocks):
-            skip = skips[i]
-            if skip:
-                acc = decided[i]
-                if acc is None:  # forced: accumulate the measured change where there is one
-                    rate = state.rate[i] if state.rate[i] is not None and len(state.rate[i]) == rows else [0.0] * rows
-                    acc = [a + r for a, r in zip(state.acc[i] or [0.0] * rows, rate)]
-                state.acc[i] = acc
-                state.consec[i] += 1
+            has_cache = state.cache[i] is not None and cached_rows(state.cache[i]) == rows
+            # The runtime's own decision: per row, the new accumulated change if the row is skipped, else None.
+            if per_row:
+                decided = _rules.tdc_skip_rows(state.acc[i], state.rate[i], state.consec[i],
+                                               tolerance=self.tolerance, max_skips=tdc.max_skips,
+                                               in_window=in_window, has_cache=has_cache, cacheable=info.cacheable)
             else:
-                refresh = self.refresh_robust and state.consec[i] > 0  # the first computation after a skip
-                state.acc[i] = [0.0] * rows
-                state.consec[i] = 0
-                if info.dynamic:
-                    g = state.gamma[i]
-                    state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, g if g is not None and len(g) == rows
-                                                        else None, tau, self.first_format, refresh_robust=refresh)
-            state.skip[i] = skip
+                rate = state.rate[i]
+                joint = _rules.tdc_skip(state.acc[i], None if rate is None or None in rate else rate,
+                                        max(state.consec[i]), tolerance=self.tolerance, max_skips=tdc.max_skips,
+                                        in_window=in_window, has_cache=has_cache, cacheable=info.cacheable, rows=rows)
+                decided = list(joint) if joint is not None else [None] * rows
+            skips = [a is not None for a in decided]
+            if forced is not None:
+                skips = forced[i] if per_row or len(set(forced[i])) == 1 else [False] * rows
+            if all(skips) or not any(skips):
+                self._commit(state, i, skips, decided)
+                state.split[i] = state.split_acc[i] = None
+            else:  # some rows skip, others do not: decided when the block is called (its arguments must split)
+                state.skip[i] = False
+                state.split[i], state.split_acc[i] = skips, decided
             state.measure_gamma[i] = bool(info.dynamic)
             keep_cache = future_window and info.cacheable
             state.measure_delta[i] = keep_cache
-            if not keep_cache and state.cache[i] is not None and not skip:
+            if not keep_cache and state.cache[i] is not None and not any(skips):
                 self._set_cache(state, i, None, None)
         if self.skip_record is not None:
             self.skip_record.setdefault(ctx.name, {})[t] = list(state.skip)
+        if self.skip_record_rows is not None:
+            self.skip_record_rows.setdefault(ctx.name, {})[t] = [
+                list(state.split[i]) if state.split[i] is not None else [state.skip[i]] * rows
+                for i in range(len(self.blocks))
+            ]
 
-    def _forced_row(self, name: str, step: int, state: ContextState) -> list[bool]:
-        """The forced skips of context ``name`` at ``step`` (see ``PolicyHandle.force_skips``): block i is skipped
-        iff the map says so and the block holds a cached Δ for this call's rows."""
+    def _commit(self, state: ContextState, i: int, skips: list[bool], decided: list[float | None]) -> None:
+        """Take the decision for block ``i``: per row, skipped (``skips[r]``; its accumulated change becomes
+        ``decided[r]``, or, for a forced skip, grows by its measured rate) or computed (accumulated change and
+        consecutive skips back to 0); the DMPQ formats of a computation come from the computed rows' Γ."""
+        info = self.blocks[i]
+        rows = len(skips)
+        acc = state.acc[i] if len(state.acc[i]) == rows else [0.0] * rows
+        rate = state.rate[i] if state.rate[i] is not None and len(state.rate[i]) == rows else [None] * rows
+        new_acc, computed, refresh = [], [], False
+        for r in range(rows):
+            if skips[r]:
+                a = decided[r]
+                if a is None:  # forced: accumulate the measured change where there is one
+                    a = acc[r] + (rate[r] if rate[r] is not None else 0.0)
+                new_acc.append(a)
+                state.consec[i][r] += 1
+            else:
+                refresh = refresh or (self.refresh_robust and state.consec[i][r] > 0)  # first computation after a skip
+                new_acc.append(0.0)
+                state.consec[i][r] = 0
+                computed.append(r)
+        state.acc[i] = new_acc
+        state.skip[i] = not computed
+        if computed and info.dynamic:
+            g = state.gamma[i]
+            g = [g[r] for r in computed] if g is not None and len(g) == rows else None
+            state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, None if g is None or None in g else g,
+                                                self.threshold, self.first_format, refresh_robust=refresh)
+
+    def _forced_rows(self, name: str, step: int, state: ContextState) -> list[list[bool]]:
+        """The forced skips of context ``name`` at ``step`` (see ``PolicyHandle.force_skips``), per block and row:
+        a map's entry for a block is one bool for every row, or one bool per row; a row is skipped iff the entry
+        says so and the block holds a cached Δ for this call's rows."""
         maps = self.forced_skips
         if name not in maps:
             raise KeyError(f"force_skips has no skip map for cache context {name!r}; it has {sorted(maps)}")
@@ -476,7 +534,15 @@ class Controller:
         out = []
         for i in range(len(self.blocks)):
             cache = state.cache[i]
-            out.append(i < len(row) and bool(row[i]) and cache is not None and cached_rows(cache) == rows)
+            has = cache is not None and cached_rows(cache) == rows
+            entry = row[i] if i < len(row) else False
+            if isinstance(entry, list | tuple):
+                if len(entry) != rows:
+                    raise ValueError(f"force_skips[{name!r}][{step}][{i}] holds {len(entry)} rows; the call has "
+                                     f"{rows}")
+                out.append([has and bool(v) for v in entry])
+            else:
+                out.append([has and bool(entry)] * rows)
         return out
 
     # ------------------------------------------------------------------------------------------------ blocks
@@ -488,7 +554,7 @@ class Controller:
         state.cache[i] = value
         state.cache_prev[i] = prev
         if prev is None:
-            state.prev_compute[i] = None
+            state.prev_compute[i] = [None] * len(state.prev_compute[i])
         self._peak_cache = max(self._peak_cache, self._cache_bytes)
 
     def _drop_cache(self, state: ContextState) -> None:
@@ -496,23 +562,81 @@ class Controller:
             if state.cache[i] is not None or state.cache_prev[i] is not None:
                 self._set_cache(state, i, None, None)
 
-    def _cached_output(self, state: ContextState, index: int, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """The streams a skipped block returns: X + Δ_last, or X + the extrapolation (module docstring)."""
-        last = state.cache[index]
-        prev = state.cache_prev[index]
-        if not (self.extrapolate and prev is not None and cached_rows(prev) == cached_rows(last)):
+    def _extrapolation(self, state: ContextState, index: int, row: int) -> tuple[int, int] | None:
+        """``(t − s, s − s_prev)`` of row ``row`` of block ``index`` where its skip extrapolates, else None."""
+        if not self.extrapolate or state.cache_prev[index] is None or state.prev_compute[index][row] is None:
+            return None
+        s = state.last_compute[index][row]
+        return state.step - s, s - state.prev_compute[index][row]
+
+    def _cached_output(self, state: ContextState, index: int, xs: tuple[torch.Tensor, ...],
+                       runs: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, ...]:
+        """The streams a skipped block returns: X + Δ_last, or X + the extrapolation (module docstring). ``xs`` are
+        the rows ``runs`` of the input streams (None: every row)."""
+        n = cached_rows(state.cache[index])
+        runs = runs or [(0, n)]
+        rows = [r for a, b in runs for r in range(a, b)]
+        factors = {self._extrapolation(state, index, r) for r in rows}
+        if len(factors) > 1:  # rows last computed at different steps: one row at a time
+            outs = [self._cached_output(state, index, tuple(x[k : k + 1] for x in xs), [(r, r + 1)])
+                    for k, r in enumerate(rows)]
+            return tuple(torch.cat([o[j] for o in outs]) for j in range(len(xs)))
+        whole = runs == [(0, n)]
+        last = state.cache[index] if whole else tuple(take_stream_rows(d, runs) for d in state.cache[index])
+        factor = factors.pop()
+        if factor is None:
             return tuple(x + decode_stream(d, x.dtype) for x, d in zip(xs, last))
-        s = state.last_compute[index]
-        since, gap = state.step - s, s - state.prev_compute[index]
+        prev = state.cache_prev[index] if whole else tuple(take_stream_rows(p, runs) for p in state.cache_prev[index])
         return tuple(
-            x + _rules.tdc_extrapolate(decode_stream(d, torch.float32), decode_stream(p, torch.float32), since,
-                                       gap).to(x.dtype)
+            x + _rules.tdc_extrapolate(decode_stream(d, torch.float32), decode_stream(p, torch.float32),
+                                       *factor).to(x.dtype)
             for x, d, p in zip(xs, last, prev)
         )
 
+    def _arg_names(self, info: BlockInfo) -> tuple[tuple[str | None, ...], tuple[str, ...]]:
+        """The names of the block's positional parameters by position, and its stream arguments."""
+        cls = type(info.ref.module)
+        if cls not in self._param_names:
+            pos = _positional_indices(cls)
+            names: list[str | None] = [None] * (max(pos.values()) + 1 if pos else 0)
+            for name, k in pos.items():
+                names[k] = name
+            self._param_names[cls] = tuple(names)
+        return self._param_names[cls], tuple(STREAM_ARGUMENTS[s] for s in info.ref.streams)
+
+    def _plan_split(self, state: ContextState, index: int, args: tuple, kwargs: dict) -> RowSplit | None:
+        """Apply the per-row decision planned for block ``index`` (``state.split``): the block's call restricted
+        to the computed rows and the skipped rows' outputs, or, where the call's arguments do not split
+        (:class:`~sixbit_tune.runtime.rows.RowSplitRefused`, reason noted), None after deciding a full
+        computation (the joint rule)."""
+        info = self.blocks[index]
+        skips, decided = state.split[index], state.split_acc[index]
+        state.split[index] = state.split_acc[index] = None
+        rows = len(skips)
+        run_rows = [r for r in range(rows) if not skips[r]]
+        run_runs, skip_runs = row_runs(run_rows), row_runs([r for r in range(rows) if skips[r]])
+        names, streams = self._arg_names(info)
+        try:
+            sub_args, sub_kwargs = split_call(names, streams, args, kwargs, rows, run_runs)
+        except RowSplitRefused as e:
+            self._add_note(f"tdc.cfg_rows 'per_row' fell back to the joint rule (the block ran on every row) where "
+                           f"the rows of a block call differed: {e.reason}")
+            self._commit(state, index, [False] * rows, [None] * rows)
+            if self.skip_record_rows is not None:
+                self.skip_record_rows[self._call.context][state.step][index] = [False] * rows
+            return None
+        self._commit(state, index, skips, decided)
+        xs = self.adapter.streams_in(info.ref, args, kwargs)
+        outs = self._cached_output(state, index, tuple(take_rows(x, skip_runs) for x in xs), skip_runs)
+        measured = None
+        if state.measure_gamma[index] or state.measure_delta[index]:
+            measured = tuple(take_rows(x, run_runs).detach().clone() for x in xs)
+        return RowSplit(sub_args, sub_kwargs, rows, run_rows, run_runs, skip_runs, outs, measured)
+
     @torch.compiler.disable
     def block_begin(self, index: int, args: tuple, kwargs: dict) -> tuple[bool, Any]:
-        """Before block ``index`` runs: ``(True, output)`` to skip it, else ``(False, cloned input streams|None)``."""
+        """Before block ``index`` runs: ``(True, output)`` to skip it; ``(False, RowSplit)`` to run it on some rows
+        only (then the hook calls :meth:`block_end_rows`); else ``(False, cloned input streams|None)``."""
         info = self.blocks[index]
         state = self.active
         if state is None:  # a block called outside a transformer call: plain run, first-step formats
@@ -522,6 +646,7 @@ class Controller:
         rec = self._call
         rec.block_calls += 1
         self._seen[index] = True
+        split = self._plan_split(state, index, args, kwargs) if state.split[index] is not None else None
         if state.skip[index]:
             rec.skipped += 1
             xs = self.adapter.streams_in(info.ref, args, kwargs)
@@ -532,6 +657,8 @@ class Controller:
             rec.layer_calls[fmt] += 1
         for k, v in info.static_calls.items():
             rec.layer_calls[k] += v
+        if split is not None:
+            return False, split
         if state.measure_gamma[index] or state.measure_delta[index]:
             xs = tuple(x.detach().clone() for x in self.adapter.streams_in(info.ref, args, kwargs))
             return False, xs
@@ -545,22 +672,85 @@ class Controller:
             return
         info = self.blocks[index]
         ys = tuple(y.detach() for y in self.adapter.streams_out(info.ref, output))
+        self._measure_rows(state, index, xs, ys, None)
+
+    @torch.compiler.disable
+    def block_end_rows(self, index: int, split: RowSplit, output: Any) -> Any:
+        """After block ``index`` ran on the rows ``split.run_rows`` only: measure them (Γ, change of Δ, their rows
+        of the cache) and return the block's output for every row (computed rows and skipped rows' X + Δ)."""
+        info = self.blocks[index]
+        ys = self.adapter.streams_out(info.ref, output)
+        if split.measured is not None:
+            self._measure_rows(self.active, index, split.measured, tuple(y.detach() for y in ys), split)
+        full = tuple(put_rows(split.rows, [(split.run_runs, y), (split.skip_runs, o)])
+                     for y, o in zip(ys, split.skipped_out))
+        return self.adapter.output_from_streams(info.ref, full, like_output=output)
+
+    def _measure_rows(self, state: ContextState, index: int, xs: tuple[torch.Tensor, ...],
+                      ys: tuple[torch.Tensor, ...], split: RowSplit | None) -> None:
+        """Γ and the change of Δ on the device and the cache's refresh, for every row (``split`` None) or for the
+        computed rows of a split call."""
         want_delta = state.measure_delta[index]
         old = state.cache[index]
-        prev = old if want_delta and old is not None and cached_rows(old) == xs[0].shape[0] else None
+        runs = split.run_runs if split is not None else None
+        rows = split.run_rows if split is not None else list(range(xs[0].shape[0]))
+        n = split.rows if split is not None else xs[0].shape[0]
+        prev = None
+        if want_delta and old is not None and cached_rows(old) == n:
+            prev = old if runs is None else tuple(take_stream_rows(d, runs) for d in old)
         gamma, change, parts = self._measure(xs, ys, prev, state.measure_gamma[index], want_delta, self.cache_dtype)
+        tag = None if split is None else list(rows)
         if gamma is not None:
-            state.gamma_dev[index] = gamma
+            state.gamma_dev[index] = (gamma, tag)
         if change is not None:
-            state.change_dev[index] = change
-            state.change_gap[index] = state.step - state.last_compute[index]
-        if parts is not None:
+            state.change_dev[index] = (change, tag, [state.step - state.last_compute[index][r] for r in rows])
+        if parts is None:
+            return
+        before = list(state.last_compute[index])
+        if split is None:
             keep_prev = self.extrapolate and prev is not None
-            before = state.last_compute[index]
             self._set_cache(state, index, parts, prev if keep_prev else None)
             if keep_prev:
                 state.prev_compute[index] = before
-            state.last_compute[index] = state.step
+        elif old is None or cached_rows(old) != n:
+            raise RuntimeError(f"block {self.blocks[index].ref.name} ran on some rows without a cached Δ of every row")
+        else:  # the computed rows' entries of the cache (and of the Δ before, with tdc.extrapolate) are replaced
+            prev_all = state.cache_prev[index]
+            if self.extrapolate:
+                if prev_all is None:
+                    prev_all = tuple(clone_stream(d) for d in old)
+                else:
+                    for p, d in zip(prev_all, old):
+                        write_stream_rows(p, runs, take_stream_rows(d, runs))
+                for r in rows:
+                    state.prev_compute[index][r] = before[r]
+            for d, part in zip(old, parts):
+                write_stream_rows(d, runs, part)
+            self._set_cache(state, index, old, prev_all)
+        for r in rows:
+            state.last_compute[index][r] = state.step
+
+
+@dataclass
+class RowSplit:
+    """A block call run on some batch rows only (``tdc.cfg_rows = "per_row"``).
+
+    Attributes:
+        args, kwargs: the call's arguments restricted to the computed rows.
+        rows: the call's batch rows.
+        run_rows, run_runs: the computed rows, and as contiguous runs; skip_runs: the skipped rows' runs.
+        skipped_out: the skipped rows' output streams (X + Δ), in row order.
+        measured: the computed rows' input streams, cloned before the block ran (None: nothing is measured).
+    """
+
+    args: tuple
+    kwargs: dict
+    rows: int
+    run_rows: list[int]
+    run_runs: list[tuple[int, int]]
+    skip_runs: list[tuple[int, int]]
+    skipped_out: tuple[torch.Tensor, ...]
+    measured: tuple[torch.Tensor, ...] | None
 
 
 def foreign_cache_message(found: list[str]) -> str:
@@ -658,3 +848,36 @@ def _arg(args: tuple, kwargs: dict, name: str, pos: int | None) -> Any:
     if pos is not None and pos < len(args):
         return args[pos]
     return None
+
+
+def _scatter_rows(old: list | None, vals: list, rows: list[int] | None, n: int | None) -> list:
+    """Per-row values: ``vals`` for every row (``rows`` None), or ``old`` with the entries of ``rows`` replaced
+    (None where ``old`` has no entry)."""
+    if rows is None:
+        return list(vals)
+    out = list(old) if old is not None and len(old) == n else [None] * (n or len(rows))
+    for r, v in zip(rows, vals):
+        out[r] = v
+    return out
+
+
+def take_stream_rows(stream: CachedStream, runs: list[tuple[int, int]]) -> CachedStream:
+    """The rows ``runs`` of one cached stream (FP8: of its codes and its scales)."""
+    if isinstance(stream, tuple):
+        return tuple(take_rows(t, runs) for t in stream)
+    return take_rows(stream, runs)
+
+
+def write_stream_rows(stream: CachedStream, runs: list[tuple[int, int]], part: CachedStream) -> None:
+    """Overwrite the rows ``runs`` of a cached stream, in place, with ``part`` (the same format, those rows)."""
+    pairs = zip(stream, part) if isinstance(stream, tuple) else [(stream, part)]
+    for t, p in pairs:
+        k = 0
+        for a, b in runs:
+            t[a:b] = p[k : k + b - a]
+            k += b - a
+
+
+def clone_stream(stream: CachedStream) -> CachedStream:
+    """A copy of one cached stream."""
+    return tuple(t.clone() for t in stream) if isinstance(stream, tuple) else stream.clone()

@@ -10,7 +10,8 @@
     outside ``forward``, so they survive what rewrites ``transformer.forward``: accelerate's model CPU offload,
     which diffusers removes and re-adds at the end of every pipeline call, and other libraries' wrappers.
 * :class:`BlockHook`, a diffusers ``ModelHook`` on every transformer block: skips the block from the Temporal Delta
-  Cache, or sets its dynamic layers' formats, runs it, and measures Γ / Δ on the device.
+  Cache, or sets its dynamic layers' formats, runs it, and measures Γ / Δ on the device; with ``tdc.cfg_rows =
+  "per_row"`` it may run the block on some batch rows only (the others answered from the cache).
 
 ``torch.compile``: the step logic is compiler-disabled host bookkeeping, so compiling the whole transformer
 (``torch.compile(transformer)``, ``transformer.compile()``) traces its forward between graph breaks at the
@@ -27,6 +28,7 @@ import sys
 import torch
 
 from sixbit_tune.compat import ModelHook, StatefulHook
+from sixbit_tune.runtime.controller import RowSplit
 
 STEP_HOOK = "sixbit_tune.step"
 BLOCK_HOOK = "sixbit_tune.block"
@@ -78,6 +80,9 @@ class BlockHook(ModelHook):
         skipped, payload = self.controller.block_begin(self.index, args, kwargs)
         if skipped:
             return payload
+        if isinstance(payload, RowSplit):  # some rows skipped: the block runs on the others only
+            output = self.fn_ref.original_forward(*payload.args, **payload.kwargs)
+            return self.controller.block_end_rows(self.index, payload, output)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if payload is not None:
             self.controller.block_end(self.index, payload, output)
