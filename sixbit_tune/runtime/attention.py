@@ -49,6 +49,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -96,15 +97,17 @@ def _(q, k, v, scale, qk_format):
 
 def attention_path(device, preference: KernelPreference | str = "auto") -> str:
     """``"triton"`` (the kernel) or ``"reference"`` for attention on ``device``, as the linears choose: ``auto``
-    uses the kernel wherever Triton can run it (CUDA), ``triton`` raises where it cannot, ``reference`` never
-    uses it."""
+    uses the kernel on CUDA with Triton and the reference elsewhere, ``triton`` uses the kernel or raises (on the
+    CPU it runs in Triton's interpreter under ``TRITON_INTERPRET=1``), ``reference`` never uses it."""
     pref = KernelPreference(str(preference))
+    device = torch.device(device)
     if pref is KernelPreference.REFERENCE:
         return "reference"
-    if triton_usable_on(device):
+    if triton_usable_on(device) and (device.type == "cuda" or pref is KernelPreference.TRITON):
         return "triton"
     if pref is KernelPreference.TRITON:
-        raise RuntimeError(f"kernel preference TRITON, but the 8-bit attention kernel cannot run on {device}")
+        raise RuntimeError(f"kernel preference TRITON, but the 8-bit attention kernel cannot run on {device} "
+                           "(CPU needs TRITON_INTERPRET=1 set before the kernels are imported, and Triton)")
     return "reference"
 
 
@@ -205,7 +208,7 @@ class _Site:
             self.fallback(reason)
             return F.scaled_dot_product_attention(*args, **kwargs)
         path = attention_path(q.device, self.preference)
-        self.paths[path] = self.paths.get(path, 0) + 1
+        self.paths[path] = self.paths.get(path, 0) + (1 if rows is None else len(rows))
         self.pending_8bit += 1
         if rows is None:
             return attention_8bit(q, k, v, scale, self.fmt, self.preference)
@@ -226,6 +229,9 @@ class _Site:
         return out
 
 
+_PY_TENSOR_METHODS = {name: fn for name, fn in vars(torch.Tensor).items() if isinstance(fn, types.FunctionType)}
+
+
 class _Interceptor(TorchFunctionMode):
     """Sends ``scaled_dot_product_attention`` calls to a site's 8-bit path; every other function runs as called."""
 
@@ -237,6 +243,10 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self.site.attend(*args, **kwargs)
+        if _PY_TENSOR_METHODS.get(getattr(func, "__name__", None)) is func and args:
+            # A Tensor method written in Python (unflatten, split, ...): called as a method, which torch.compile
+            # traces (it cannot trace the function's own super() call); eagerly the same function runs.
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -245,18 +255,19 @@ class _WrappingProcessor:
     itself (diffusers sets the attention backend and parallel config on processors) are the original's."""
 
     def __init__(self, site: _Site):
-        object.__setattr__(self, _WRAPPED_ATTR, site)
+        self.__dict__[_WRAPPED_ATTR] = site
 
-    def __getattr__(self, name):
-        if name == _WRAPPED_ATTR:
+    def __getattr__(self, name):  # only for names the wrapper does not hold
+        site = self.__dict__.get(_WRAPPED_ATTR)
+        if site is None:
             raise AttributeError(name)
-        return getattr(object.__getattribute__(self, _WRAPPED_ATTR).inner, name)
+        return getattr(site.inner, name)
 
     def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, _WRAPPED_ATTR).inner, name, value)
+        setattr(self.__dict__[_WRAPPED_ATTR].inner, name, value)
 
     def __repr__(self) -> str:
-        site = object.__getattribute__(self, _WRAPPED_ATTR)
+        site = self.__dict__[_WRAPPED_ATTR]
         return f"<8-bit attention of block {site.slot.block} ({site.slot.mode}) around {site.inner!r}>"
 
 
@@ -268,7 +279,7 @@ def _wrapper_class(inner_cls: type) -> type:
     diffusers' ``Attention.forward`` passes a processor only the keyword arguments its ``__call__`` names."""
     if inner_cls not in _WRAPPER_CLASSES:
         def __call__(self, attn, *args, **kwargs):
-            return object.__getattribute__(self, _WRAPPED_ATTR).run(attn, args, kwargs)
+            return self._sixbit_attention_site.run(attn, args, kwargs)
 
         __call__.__signature__ = inspect.signature(inner_cls.__call__)
         _WRAPPER_CLASSES[inner_cls] = type(f"Sixbit8bit{inner_cls.__name__}", (_WrappingProcessor,),
@@ -294,7 +305,8 @@ class AttentionStats:
         per_block: the same, per block index.
         fallbacks: per module name, the attention computations left to SDPA while the mode was ``"8bit"``, by
             reason.
-        paths: 8-bit attention computations by path (``"triton"`` or ``"reference"``).
+        paths: calls of the 8-bit operator by path (``"triton"`` or ``"reference"``): one per SDPA call, or one per
+            batch row where a key-padding mask is applied.
     """
 
     calls: dict[str, int] = field(default_factory=dict)
