@@ -10,6 +10,7 @@ Names are the store's column names (``gamma``, ``delta_change``, ``delta_cos``, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -762,3 +763,486 @@ def policy_comparison(policies: Mapping[str, Mapping[str, Any]]) -> tuple[pd.Dat
     knobs_df = pd.DataFrame(knobs).rename_axis("setting").reset_index()
     layers_df = pd.DataFrame.from_dict(layers, orient="index").rename_axis("layer").reset_index()
     return knobs_df, layers_df
+
+
+# ------------------------------------------------------------------------------------------------ per GPU
+
+#: The GPU label of rows measured without a GPU (``trials.gpu`` / ``runs.gpu_name`` NULL).
+NO_GPU = "CPU (no GPU)"
+
+#: Names of the store's per-block attention error table (``attn_err`` per run, prompt, branch, step, block and
+#: attention format), newest schema first; the first one present is read.
+ATTENTION_TABLES = ("attn_steps", "attention")
+
+#: How a schema-1 layer mode stores its weight and which activation routes it runs.
+_V1_WEIGHT = {"dynamic": "nvfp4+int8", "nvfp4": "nvfp4", "int8": "int8", "none": "none"}
+_V1_ROUTE = {"dynamic": "nvfp4 | int8 (dynamic)", "nvfp4": "nvfp4 (W4A4)", "int8": "int8 (W8A8)",
+             "none": "none (model dtype)"}
+
+
+def gpu_trials(stores: Mapping[str, Store]) -> pd.DataFrame:
+    """Every trial of every store, with the GPU it was measured on and its place on its search's Pareto front.
+
+    The front is taken per search (store, study, GPU): trials of different searches were measured against different
+    baselines and settings. ``series`` names the search as the GPU comparison shows it: the GPU name, followed by
+    ``· <store>/<study>`` where one GPU has several searches.
+
+    Columns: store, study, number, state, gpu, series, latency_ms, memory_bytes, memory_metric, psnr_db, speedup,
+    peak_memory_bytes, weight_bytes, nvfp4_share, skip_share, feasible, pareto.
+    """
+    cols = ["store", "study", "number", "state", "gpu", "series", "latency_ms", "memory_bytes", "memory_metric",
+            "psnr_db", "speedup", "peak_memory_bytes", "weight_bytes", "nvfp4_share", "skip_share", "feasible",
+            "pareto"]
+    frames = []
+    for label, store in stores.items():
+        t = store.query(
+            """
+            SELECT study, number, state, coalesce(gpu, $cpu) AS gpu, latency_ms,
+                   coalesce(TRY_CAST(quality->>'memory_bytes' AS BIGINT), peak_memory_bytes) AS memory_bytes,
+                   quality->>'memory_metric' AS memory_metric, psnr_db, speedup, peak_memory_bytes, weight_bytes,
+                   nvfp4_share, skip_share, TRY_CAST(quality->>'feasible' AS BOOLEAN) AS feasible
+            FROM trials ORDER BY study, number
+            """,
+            {"cpu": NO_GPU},
+        )
+        if t.empty:
+            continue
+        t.insert(0, "store", label)
+        t["pareto"] = False
+        for _, g in t.groupby(["study", "gpu"], sort=False):
+            done = (g["state"] == "COMPLETE") & g["feasible"].fillna(True).astype(bool)
+            if done.any():
+                t.loc[g.index[done.to_numpy()], "pareto"] = pareto_mask(g[done])
+        frames.append(t)
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    df = pd.concat(frames, ignore_index=True)
+    searches = df.groupby("gpu")[["store", "study"]].apply(lambda g: len(g.drop_duplicates()))
+    df["series"] = [g if searches[g] == 1 else f"{g} · {s}/{st}" for g, s, st in
+                    zip(df["gpu"], df["store"], df["study"])]
+    return df.reindex(columns=cols)
+
+
+def gpu_overview(stores: Mapping[str, Store], trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per GPU found in the stores' trials (or, for stores without trials, in their runs): where its
+    results are, how many trials and how large its front, its best figures, and the device facts the runs
+    recorded (memory, compute capability, driver).
+
+    Columns: gpu, stores, studies, trials, complete, feasible, front, fastest_feasible_ms, best_speedup,
+    best_psnr_db, gpu_memory_bytes, compute_capability, driver.
+    """
+    cols = ["gpu", "stores", "studies", "trials", "complete", "feasible", "front", "fastest_feasible_ms",
+            "best_speedup", "best_psnr_db", "gpu_memory_bytes", "compute_capability", "driver"]
+    runs = []
+    for label, store in stores.items():
+        r = store.query(
+            """
+            SELECT coalesce(gpu_name, $cpu) AS gpu, max(gpu_memory_bytes) AS gpu_memory_bytes,
+                   string_agg(DISTINCT gpu_compute_capability, ', ') AS compute_capability,
+                   string_agg(DISTINCT gpu_driver, ', ') AS driver
+            FROM runs GROUP BY ALL
+            """,
+            {"cpu": NO_GPU},
+        )
+        r.insert(0, "store", label)
+        runs.append(r)
+    runs_df = pd.concat(runs, ignore_index=True) if runs else pd.DataFrame(columns=["store", "gpu"])
+    with_trials = set(trials["store"]) if len(trials) else set()
+    gpus = list(dict.fromkeys(trials["gpu"])) if len(trials) else []
+    gpus += [g for g in dict.fromkeys(runs_df.loc[~runs_df["store"].isin(with_trials), "gpu"]) if g not in gpus]
+    out = []
+    for gpu in gpus:
+        t = trials[trials["gpu"] == gpu] if len(trials) else trials
+        r = runs_df[runs_df["gpu"] == gpu]
+        done = t[t["state"] == "COMPLETE"] if len(t) else t
+        ok = done[done["feasible"].fillna(True).astype(bool)] if len(done) else done
+        mem = pd.to_numeric(r.get("gpu_memory_bytes"), errors="coerce") if len(r) else pd.Series(dtype=float)
+
+        out.append({
+            "gpu": gpu,
+            "stores": ", ".join(dict.fromkeys(list(t["store"]) + list(r["store"]))),
+            "studies": int(t[["store", "study"]].drop_duplicates().shape[0]) if len(t) else 0,
+            "trials": len(t), "complete": len(done), "feasible": len(ok), "front": int(t["pareto"].sum()) if len(t) else 0,
+            "fastest_feasible_ms": _extreme(ok, "latency_ms", "min"), "best_speedup": _extreme(ok, "speedup", "max"),
+            "best_psnr_db": _extreme(done, "psnr_db", "max"),
+            "gpu_memory_bytes": None if mem.dropna().empty else int(mem.max()),
+            "compute_capability": _joined(r, "compute_capability"), "driver": _joined(r, "driver"),
+        })
+    return pd.DataFrame(out, columns=cols)
+
+
+def _extreme(frame: pd.DataFrame, col: str, how: str) -> float | None:
+    v = pd.to_numeric(frame[col], errors="coerce").dropna() if len(frame) else pd.Series(dtype=float)
+    return None if v.empty else float(getattr(v, how)())
+
+
+def _joined(frame: pd.DataFrame, col: str) -> str | None:
+    vals = [str(v) for v in frame[col].dropna()] if len(frame) else []
+    return ", ".join(dict.fromkeys(vals)) or None
+
+
+@dataclass(frozen=True)
+class ChosenPolicy:
+    """A policy that can stand for a GPU on the GPUs page, and where it comes from.
+
+    ``source`` reads as the page shows it (``"exported chosen (store h100)"``, ``"policies/reference-h200.json"``,
+    ``"fastest feasible trial 3 (store h200, study s)"``). ``measured`` holds the policy's ``measured`` block, or
+    for a trial that was never exported the figures its search recorded.
+    """
+
+    gpu: str
+    source: str
+    policy: Any  # sixbit_tune.policy.Policy
+    measured: Mapping[str, Any]
+    path: str | None = None
+    store: str | None = None
+    study: str | None = None
+    trial: int | None = None
+
+
+def _target_gpu(policy: Any) -> str:
+    return getattr(getattr(policy, "target", None), "gpu", None) or NO_GPU
+
+
+def _measured(policy: Any) -> dict[str, Any]:
+    m = getattr(policy, "measured", None)
+    if m is None:
+        return {}
+    d = m.to_dict() if hasattr(m, "to_dict") else dict(m)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def gpu_policies(
+    stores: Mapping[str, Store], trials: pd.DataFrame, policies_dir: str | os.PathLike | None = None
+) -> tuple[dict[str, list[ChosenPolicy]], list[str]]:
+    """The policies that can stand for each GPU of ``trials`` (:func:`gpu_trials`), best candidate first.
+
+    Candidates, in this order: the policies exported into a store (its ``policies`` table, latest first) whose
+    ``target.gpu`` is the GPU; the policy files in ``policies_dir`` whose ``target.gpu`` is the GPU and whose model
+    (``model.config_hash``) is one the stores' searches ran (a file holding a policy already exported into a store,
+    or recorded there by its path, is listed once); the fastest feasible COMPLETE trial of each of the GPU's
+    searches. Every policy is read with :func:`sixbit_tune.policy.load`.
+
+    Returns:
+        ``(candidates, problems)``: GPU -> candidates; problems lists the policies that could not be read, each
+        with its :class:`~sixbit_tune.errors.PolicyError` message (they are left out, nothing else is).
+    """
+    from sixbit_tune import policy as P
+
+    gpus = list(dict.fromkeys(trials["gpu"])) if len(trials) else []
+    out: dict[str, list[ChosenPolicy]] = {g: [] for g in gpus}
+    problems: list[str] = []
+    hashes: set[str] = set()
+    seen_paths: set[str] = set()
+
+    def read(raw: Any, what: str):
+        try:
+            return P.load(_json(raw) if isinstance(raw, str) else raw)
+        except P.PolicyError as e:
+            problems.append(f"{what}: {e}")
+            return None
+
+    for label, store in stores.items():
+        exported = store.query(
+            "SELECT name, study, trial, path, CAST(policy AS VARCHAR) AS policy FROM policies ORDER BY updated DESC"
+        )
+        for r in exported.itertuples():
+            pol = read(r.policy, f"policy {r.name!r} exported into store {label}")
+            if pol is None:
+                continue
+            hashes.add(pol.model.config_hash)
+            gpu = _target_gpu(pol)
+            if r.path:
+                seen_paths.add(str(Path(r.path).absolute()))
+            if gpu in out:
+                out[gpu].append(ChosenPolicy(gpu, f"exported {r.name} (store {label})", pol, _measured(pol),
+                                             r.path, label, r.study, None if pd.isna(r.trial) else int(r.trial)))
+    fastest: dict[str, list[ChosenPolicy]] = {g: [] for g in gpus}
+    ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"].fillna(True).astype(bool)] if len(trials) \
+        else trials
+    for (label, study, gpu), g in ok.groupby(["store", "study", "gpu"], sort=False):
+        best = g.sort_values("latency_ms").iloc[0]
+        number = int(best["number"])
+        pol = read(trial_policy(stores[label], study, number), f"trial {number} of study {study!r} (store {label})")
+        if pol is None:
+            continue
+        hashes.add(pol.model.config_hash)
+        figures = {k: best[k] for k in ("latency_ms", "speedup", "peak_memory_bytes", "weight_bytes", "psnr_db",
+                                        "nvfp4_share", "skip_share") if pd.notna(best[k])}
+        fastest[gpu].append(ChosenPolicy(gpu, f"fastest feasible trial {number} (store {label}, study {study})",
+                                         pol, _measured(pol) or figures, None, label, study, number))
+    if policies_dir is not None and Path(policies_dir).is_dir():
+        for path in sorted(Path(policies_dir).glob("*.json"), key=lambda p: (-p.stat().st_mtime, p.name)):
+            if path.name == "schema.json" or str(path.absolute()) in seen_paths:
+                continue
+            pol = read(path, f"policy file {path}")
+            if pol is None or pol.model.config_hash not in hashes:
+                continue
+            gpu = _target_gpu(pol)
+            if gpu in out and not any(c.policy == pol for c in out[gpu]):
+                out[gpu].append(ChosenPolicy(gpu, f"{Path(policies_dir).name}/{path.name}", pol, _measured(pol),
+                                             str(path)))
+    for gpu in gpus:
+        out[gpu] += fastest[gpu]
+    return out, problems
+
+
+def _obj_dict(v: Any) -> Any:
+    """A policy part as plain JSON-like data (policy classes through their ``to_dict``, other dataclasses through
+    :func:`dataclasses.asdict`)."""
+    if hasattr(v, "to_dict"):
+        return v.to_dict()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return dataclasses.asdict(v)
+    return v
+
+
+def layer_route(lp: Any) -> tuple[str, str]:
+    """(stored weight format, route) of one layer policy, for schema 1 (``mode`` only) and schema 2 (``weight``,
+    ``fast``, ``robust`` and ``mode`` dynamic | fast | robust) layers."""
+    mode = getattr(lp, "mode", None)
+    weight = getattr(lp, "weight", None)
+    if weight is None:
+        return _V1_WEIGHT.get(mode, str(mode)), _V1_ROUTE.get(mode, str(mode))
+    fast, robust = getattr(lp, "fast", None), getattr(lp, "robust", None)
+    if weight == "none" or mode == "none":
+        return "none", "none (model dtype)"
+    if mode == "dynamic":
+        return weight, f"W{weight}·A{fast} | W{weight}·A{robust} (dynamic)"
+    act = fast if mode == "fast" else robust if mode == "robust" else mode
+    return weight, f"W{weight}·A{act}"
+
+
+def _layer_items(policy: Any) -> dict[str, Any]:
+    return dict(getattr(getattr(policy, "dmpq", None), "layers", None) or {})
+
+
+def route_counts(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
+    """Layers per stored weight format and per route, one column per GPU. Columns: what ("weight" | "route"),
+    value, then one per GPU (counts, 0 where a GPU's policy has none)."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for gpu, c in chosen.items():
+        for lp in _layer_items(c.policy).values():
+            weight, route = layer_route(lp)
+            for key in (("weight", weight), ("route", route)):
+                counts.setdefault(key, {}).setdefault(gpu, 0)
+                counts[key][gpu] += 1
+    rows = [{"what": k[0], "value": k[1], **{g: v.get(g, 0) for g in chosen}} for k, v in counts.items()]
+    return pd.DataFrame(rows, columns=["what", "value", *chosen]).sort_values(["what", "value"], ascending=[False, True],
+                                                                              ignore_index=True)
+
+
+def policy_side_by_side(chosen: Mapping[str, ChosenPolicy], overview: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The chosen policies of several GPUs side by side: one row per setting or figure, one column per GPU.
+
+    Rows (``section``, ``setting``): source; the device (memory, driver, from the :func:`gpu_overview` rows, when
+    given); target (GPU, compute capability, NVFP4 path, menu routes); DMPQ (τ,
+    first-step format, weight encoder, layers per weight format, share of in-block layers storing NVFP4 weights);
+    attention (threshold and block modes, where the policy has them); TDC (every knob); measured (latency, speed-up,
+    peak memory, weight bytes, cache bytes, PSNR, SSIM, NVFP4 share of layer calls, skipped share). Values are the
+    policies' own (numbers stay numbers); None where a policy does not say.
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def put(section: str, setting: str, gpu: str, value: Any) -> None:
+        if isinstance(value, np.generic):
+            value = value.item()
+        rows.setdefault((section, setting), {})[gpu] = _num(value)
+
+    for gpu, c in chosen.items():
+        p = c.policy
+        put("policy", "source", gpu, c.source)
+        put("policy", "model", gpu, f"{p.model.cls} ({p.model.config_hash[:12]})")
+        if overview is not None and len(overview):
+            dev = overview[overview["gpu"] == gpu]
+            put("device", "GPU memory", gpu, None if dev.empty else _num(dev["gpu_memory_bytes"].iloc[0]))
+            put("device", "driver", gpu, None if dev.empty else dev["driver"].iloc[0])
+        target = p.target
+        put("target", "GPU", gpu, target.gpu or NO_GPU)
+        put("target", "compute capability", gpu, target.compute_capability)
+        put("target", "NVFP4 path", gpu, getattr(target, "nvfp4_path", None))
+        menu = _menu(p)
+        put("target", "menu routes", gpu, ", ".join(menu) if menu else None)
+        dmpq = p.dmpq
+        put("DMPQ", "threshold τ", gpu, dmpq.threshold)
+        put("DMPQ", "first step", gpu, getattr(dmpq, "first_step", None) or getattr(dmpq, "first_step_format", None))
+        put("DMPQ", "NVFP4 weight encoder", gpu, getattr(dmpq, "nvfp4_weight_encoder", None))
+        layers = _layer_items(p)
+        weights = [layer_route(lp)[0] for lp in layers.values()]
+        put("DMPQ", "in-block layers", gpu, len(layers))
+        for w in sorted(set(weights)):
+            put("DMPQ", f"layers storing {w}", gpu, weights.count(w))
+        put("DMPQ", "share of layers storing NVFP4 weights", gpu,
+            sum(w.startswith("nvfp4") for w in weights) / len(weights) if weights else None)
+        att = getattr(p, "attention", None)
+        if att is not None:
+            put("attention", "threshold τ_a", gpu, getattr(att, "threshold", None))
+            blocks = getattr(att, "blocks", None) or {}
+            modes = [getattr(b, "mode", b.get("mode") if isinstance(b, Mapping) else b) for b in blocks.values()]
+            for m in sorted({str(m) for m in modes}):
+                put("attention", f"blocks {m}", gpu, sum(str(x) == m for x in modes))
+        tdc = p.tdc
+        for k in ("tolerance", "warmup", "cooldown", "max_skips", "cache_dtype", "extrapolate", "refresh_robust"):
+            put("TDC", "tolerance δ" if k == "tolerance" else k, gpu, getattr(tdc, k, None))
+        put("TDC", "cacheable blocks", gpu, "all" if tdc.blocks is None else ", ".join(map(str, tdc.blocks)))
+        m = c.measured
+        for k in ("latency_ms", "speedup", "peak_memory_bytes", "weight_bytes", "cache_bytes", "psnr_db", "ssim",
+                  "nvfp4_share", "skip_share"):
+            put("measured", k, gpu, m.get(k))
+    sections = list(dict.fromkeys(s for s, _ in rows))
+    order = sorted(rows, key=lambda key: sections.index(key[0]))  # stable: settings keep their order
+    out = [{"section": s, "setting": k, **{g: rows[(s, k)].get(g) for g in chosen}} for s, k in order]
+    return pd.DataFrame(out, columns=["section", "setting", *chosen])
+
+
+def _num(v: Any) -> Any:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA else v
+
+
+def policies_token(folder: str | os.PathLike) -> str:
+    """A token that changes whenever a policy file (``*.json``) in ``folder`` appears, disappears or changes."""
+    h = hashlib.sha256(str(folder).encode())
+    try:
+        entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                         if e.name.endswith(".json"))
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for name, size, mtime in entries:
+        h.update(f"{name}:{size}:{mtime};".encode())
+    return h.hexdigest()[:16]
+
+
+def chosen_points(trials: pd.DataFrame, chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
+    """Where each GPU's chosen policy sits on the fronts of :func:`gpu_trials`: its measured latency, PSNR and
+    memory (the search's memory objective of the trial it came from, where the store has that trial), on the
+    series of its search. Columns: gpu, series, label, latency_ms, psnr_db, memory_bytes."""
+    rows = []
+    for gpu, c in chosen.items():
+        m = c.measured
+        row = {"gpu": gpu, "series": gpu, "label": f"{gpu}: {c.source}", "latency_ms": _num(m.get("latency_ms")),
+               "psnr_db": _num(m.get("psnr_db")),
+               "memory_bytes": _num(m.get("peak_memory_bytes")) or _num(m.get("weight_bytes"))}
+        if len(trials) and c.store is not None and c.study is not None:
+            t = trials[(trials["store"] == c.store) & (trials["study"] == c.study) & (trials["gpu"] == gpu)]
+            if len(t):
+                row["series"] = t["series"].iloc[0]
+                hit = t[t["number"] == c.trial] if c.trial is not None else t.iloc[0:0]
+                if len(hit):
+                    row["memory_bytes"] = _num(hit["memory_bytes"].iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["gpu", "series", "label", "latency_ms", "psnr_db", "memory_bytes"])
+
+
+def _same(values: Sequence[Any]) -> bool:
+    norm = []
+    for v in values:
+        v = _num(v)
+        if isinstance(v, int | float | np.number) and not isinstance(v, bool):
+            v = round(float(v), 9)
+        norm.append(v)
+    return all(v == norm[0] for v in norm[1:])
+
+
+def differing_settings(side_by_side: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`policy_side_by_side` whose value is not the same on every GPU (the policy source and the
+    target GPU always differ and are left out)."""
+    gpus = [c for c in side_by_side.columns if c not in ("section", "setting")]
+    skip = {("policy", "source"), ("target", "GPU")}
+    keep = [
+        (r["section"], r["setting"]) not in skip and not _same([r[g] for g in gpus])
+        for _, r in side_by_side.iterrows()
+    ]
+    return side_by_side[keep].reset_index(drop=True)
+
+
+def layer_decisions(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
+    """Per in-block layer, the route each GPU's policy gives it. Columns: layer, one per GPU (the route of
+    :func:`layer_route`; None where the policy lacks the layer), differs (not the same on every GPU); ordered by
+    layer name with block numbers compared as numbers."""
+    names: dict[str, dict[str, str]] = {}
+    for gpu, c in chosen.items():
+        for name, lp in _layer_items(c.policy).items():
+            names.setdefault(name, {})[gpu] = layer_route(lp)[1]
+    rows = [{"layer": n, **{g: v.get(g) for g in chosen}} for n, v in names.items()]
+    df = pd.DataFrame(rows, columns=["layer", *chosen])
+    df["differs"] = [not _same([r[g] for g in chosen]) for _, r in df.iterrows()] if len(df) else []
+    key = df["layer"].map(lambda s: [int(x) if x.isdigit() else x for x in str(s).split(".")]) if len(df) else None
+    if key is not None:
+        df = df.iloc[sorted(range(len(df)), key=lambda i: [(0, x) if isinstance(x, int) else (1, x)
+                                                           for x in key.iloc[i]])]
+    return df.reset_index(drop=True)
+
+
+def _menu(policy: Any) -> dict[str, dict[str, Any]]:
+    """route -> {implementation, measured speed fields} from a policy's ``target.menu`` (schema 2; {} before)."""
+    menu = getattr(getattr(policy, "target", None), "menu", None)
+    if not menu:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for route, entry in dict(menu).items():
+        e = _obj_dict(entry)
+        if isinstance(e, Mapping):
+            out[str(route)] = {str(k): v for k, v in e.items()}
+        elif isinstance(e, int | float) and not isinstance(e, bool):
+            out[str(route)] = {"speed": e}
+        else:
+            out[str(route)] = {"implementation": e}
+    return out
+
+
+def menu_comparison(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
+    """The routes each GPU's policy was chosen from (``target.menu``: the route's implementation and its measured
+    speed), one row per (route, GPU). Columns: route, gpu, then every field the menus carry (``implementation``
+    first). Empty when no policy carries a menu (schema 1 policies do not)."""
+    rows = []
+    for gpu, c in chosen.items():
+        for route, fields in _menu(c.policy).items():
+            rows.append({"route": route, "gpu": gpu, **fields})
+    if not rows:
+        return pd.DataFrame(columns=["route", "gpu", "implementation"])
+    df = pd.DataFrame(rows)
+    first = ["route", "gpu"] + (["implementation"] if "implementation" in df else [])
+    df = df[first + [c for c in df.columns if c not in first]]
+    for c in df.columns[len(first):]:
+        df[c] = [json.dumps(v, sort_keys=True) if isinstance(v, Mapping | list) else v for v in df[c]]
+    return df.sort_values(["route", "gpu"], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def attention_table(store: Store) -> str | None:
+    """The name of the store's per-block attention error table (:data:`ATTENTION_TABLES`), or None when the store
+    has none (its schema predates it)."""
+    names = store.query(
+        "SELECT table_name FROM information_schema.tables WHERE table_name IN (SELECT unnest($names))",
+        {"names": list(ATTENTION_TABLES)},
+    )["table_name"].tolist()
+    return next((n for n in ATTENTION_TABLES if n in names), None)
+
+
+def attention_formats(store: Store, run_id: str) -> list[str]:
+    """The attention formats profiled in a run ([] when none, or when the store has no attention table)."""
+    table = attention_table(store)
+    if table is None:
+        return []
+    df = store.query(f"SELECT DISTINCT format FROM {table} WHERE run_id = ? ORDER BY format", [run_id])
+    return [str(f) for f in df["format"]]
+
+
+def attention_grid(store: Store, run_id: str, fmt: str, branch: str | None = None) -> pd.DataFrame:
+    """Mean ``attn_err`` per (block, step) of one run and attention format, over prompts (and branches unless
+    ``branch`` picks one). Columns: block_index, step, attn_err, n; empty when the store has no attention table."""
+    table = attention_table(store)
+    if table is None:
+        return pd.DataFrame(columns=["block_index", "step", "attn_err", "n"])
+    return store.query(
+        f"""
+        SELECT block_index, step, avg(attn_err) AS attn_err, count(*) AS n
+        FROM {table}
+        WHERE run_id = $run AND format = $fmt AND ($branch IS NULL OR branch = $branch)
+        GROUP BY block_index, step
+        ORDER BY block_index, step
+        """,
+        {"run": run_id, "fmt": fmt, "branch": branch},
+    )

@@ -235,3 +235,87 @@ def gpu_comparison_figure(comparison: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(range=[0, 1], row=1, col=3)
     fig.update_layout(title=title, barmode="group", legend={"orientation": "h", "y": -0.25})
     return fig
+
+
+GPU_COLOURS = ("#e8833a", "#3b6fb6", "#2e8b57", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d", "#d35400")
+
+
+def gpu_fronts_figure(trials: pd.DataFrame, chosen: pd.DataFrame | None = None) -> go.Figure:
+    """The searches of several GPUs on shared axes: latency against PSNR (left) and against memory (right), one
+    colour per search (:func:`~sixbit_tune.dashboard.data.gpu_trials` ``series``). Pareto-optimal feasible trials
+    are stars joined by a line, other feasible trials small dots, trials below the quality floor hollow.
+    ``chosen`` (columns series, latency_ms, psnr_db, memory_bytes, label) marks each GPU's chosen policy with a
+    ringed diamond where its figures are known."""
+    title = "Pareto fronts per GPU: latency, quality and memory (shared axes)"
+    done = trials[trials["state"] == "COMPLETE"] if not trials.empty else trials
+    done = done.dropna(subset=["latency_ms", "psnr_db"]) if not done.empty else done
+    if done.empty:
+        return _empty(title, "no completed trials on any GPU yet")
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08,
+                        subplot_titles=("latency vs PSNR", "latency vs memory"))
+    metric = next((m for m in done.get("memory_metric", pd.Series(dtype=object)).dropna()), None)
+    for i, (series, g) in enumerate(done.groupby("series", sort=False)):
+        colour = GPU_COLOURS[i % len(GPU_COLOURS)]
+        feasible = g["feasible"].fillna(True).astype(bool).to_numpy()
+        front = g["pareto"].astype(bool).to_numpy()
+        parts = (("front", front, {"symbol": "star", "size": 13}, True),
+                 ("feasible", feasible & ~front, {"size": 7, "opacity": 0.55}, False),
+                 ("below quality floor", ~feasible, {"symbol": "circle-open", "size": 7}, False))
+        for name, sel, marker, legend in parts:
+            s = g[sel]
+            if s.empty:
+                continue
+            custom = s[["number", "store", "study", "memory_bytes", "psnr_db"]].to_numpy(dtype=object)
+            hover = (f"{series}<br>trial %{{customdata[0]}} (%{{customdata[1]}}/%{{customdata[2]}})<br>"
+                     "latency %{x:.1f} ms<br>PSNR %{customdata[4]:.2f} dB<br>memory %{customdata[3]:,} B"
+                     "<extra></extra>")
+            for col, y in ((1, s["psnr_db"]), (2, s["memory_bytes"])):
+                fig.add_trace(go.Scatter(
+                    x=s["latency_ms"], y=y, mode="markers", name=f"{series}" + ("" if legend else f" · {name}"),
+                    legendgroup=str(series), showlegend=legend and col == 1,
+                    marker={**marker, "color": colour, "line": {"width": 1, "color": colour}},
+                    customdata=custom, hovertemplate=hover,
+                ), row=1, col=col)
+        line = g[front].sort_values("latency_ms")
+        if len(line) > 1:
+            for col, y in ((1, "psnr_db"), (2, "memory_bytes")):
+                fig.add_trace(go.Scatter(x=line["latency_ms"], y=line[y], mode="lines", showlegend=False,
+                                         legendgroup=str(series), hoverinfo="skip",
+                                         line={"color": colour, "dash": "dot"}), row=1, col=col)
+    if chosen is not None and not chosen.empty:
+        c = chosen.dropna(subset=["latency_ms"])
+        for col, y in ((1, "psnr_db"), (2, "memory_bytes")):
+            cc = c.dropna(subset=[y])
+            if cc.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=cc["latency_ms"], y=cc[y], mode="markers", name="chosen policy", legendgroup="chosen",
+                showlegend=col == 1, text=cc["label"],
+                marker={"symbol": "diamond-open", "size": 20, "color": "black", "line": {"width": 2}},
+                hovertemplate="chosen: %{text}<br>latency %{x:.1f} ms<extra></extra>",
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="latency (ms, lower is better)", row=1, col=1)
+    fig.update_xaxes(title_text="latency (ms, lower is better)", matches="x", row=1, col=2)
+    fig.update_yaxes(title_text="PSNR vs unquantized (dB, higher is better)", row=1, col=1)
+    fig.update_yaxes(title_text=f"memory ({metric or 'bytes'}, lower is better)", row=1, col=2)
+    fig.update_layout(title=title, legend={"orientation": "h", "y": -0.25}, height=480)
+    return fig
+
+
+def attention_heatmap(grid: pd.DataFrame, fmt: str, log: bool = True) -> go.Figure:
+    """Mean ``attn_err`` of one attention format per block (rows) × step (columns): the 8-bit attention's relative
+    error against the model's own attention output."""
+    title = f"{fmt.upper()} attention error (attn_err), block × step"
+    if grid.empty:
+        return _empty(title, f"no {fmt} attention errors recorded")
+    g = _grid(grid, "block_index", "step", "attn_err")
+    z = g.to_numpy(dtype=float)
+    shown = np.log10(np.where(z > 0, z, np.nan)) if log else z
+    fig = go.Figure(go.Heatmap(
+        z=shown, x=[int(c) for c in g.columns], y=[int(i) for i in g.index], customdata=z, colorscale="Viridis",
+        colorbar={"title": "log10 attn_err" if log else "attn_err"},
+        hovertemplate="block %{y}<br>step %{x}<br>attn_err %{customdata:.4g}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis_title="denoising step", xaxis_dtick=1, yaxis_title="block",
+                      yaxis={"autorange": "reversed", "dtick": 1})
+    return fig

@@ -103,12 +103,6 @@ def query(cfg: Settings, fn: str, *args: Any, **kwargs: Any) -> Any:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _chosen_policies(items: tuple[tuple[str, str], ...], token: str) -> dict[str, dict]:
-    stores = {label: _open(path) for label, path in items}
-    return data.chosen_policies(stores, data.gpu_comparison(stores))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
 def _gpu_comparison(items: tuple[tuple[str, str], ...], token: str) -> pd.DataFrame:
     return data.gpu_comparison({label: _open(path) for label, path in items})
 
@@ -206,12 +200,34 @@ def sensitivity_page() -> None:
         st.info("This run recorded no layer errors: profile with `--formats nvfp4,int8`.")
         return
     st.dataframe(summary, hide_index=True, key="sens_summary")
-    for fmt in ("nvfp4", "int8"):
-        grid = query(cfg, "layer_error_grid", run, fmt, branch)
-        if grid.empty:
-            st.info(f"No {fmt.upper()} errors in this run: profile with `--formats nvfp4,int8`.")
-            continue
-        _plot(figures.error_heatmap(grid, fmt, log=log), key=f"sens_{fmt}")
+    layer_col, attn_col = st.columns([3, 2])
+    with layer_col:
+        for fmt in ("nvfp4", "int8"):
+            grid = query(cfg, "layer_error_grid", run, fmt, branch)
+            if grid.empty:
+                st.info(f"No {fmt.upper()} errors in this run: profile with `--formats nvfp4,int8`.")
+                continue
+            _plot(figures.error_heatmap(grid, fmt, log=log), key=f"sens_{fmt}")
+    with attn_col:
+        _attention_maps(cfg, run, branch, log)
+
+
+def _attention_maps(cfg: Settings, run: str, branch: str | None, log: bool) -> None:
+    """attn_err per block × step of each profiled attention format, beside the layer maps."""
+    if query(cfg, "attention_table") is None:
+        st.info("No attention was profiled: this store has no attention error table (it predates it). Profile "
+                "again with `sixbit-tune profile` into a new store to record attn_err per block and step.")
+        return
+    formats = query(cfg, "attention_formats", run)
+    if not formats:
+        st.info("No attention was profiled in this run: its profile recorded no attn_err (its attention formats "
+                "were off). Profile again with the default attention formats to see 8-bit attention's error.")
+        return
+    for fmt in formats:
+        _plot(figures.attention_heatmap(query(cfg, "attention_grid", run, fmt, branch), fmt, log=log),
+              key=f"sens_attn_{fmt}")
+    st.caption("attn_err = ‖O_a − O‖₂/‖O‖₂ of each block's self-attention in the 8-bit format against the model's "
+               "own attention output, mean over prompts" + (" and branches." if branch is None else "."))
 
 
 def predictor_page() -> None:
@@ -408,28 +424,112 @@ def _export_section(cfg: Settings, label: str, study: str, number: int) -> None:
             st.json(json.loads(done["payload"]), expanded=False)
 
 
+def _cell(setting: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int | float) and ("bytes" in setting or "memory" in setting):
+        return _fmt_bytes(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _shown(table: pd.DataFrame, label_col: str = "setting") -> pd.DataFrame:
+    """A side-by-side table with every value as display text (one column mixes numbers and words)."""
+    out = table.copy()
+    for col in out.columns:
+        if col in ("section", label_col):
+            continue
+        out[col] = [_cell(str(k), v) for k, v in zip(out[label_col], out[col])]
+    return out
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _gpu_data(items: tuple[tuple[str, str], ...], policies_dir: str, token: str):
+    stores = {label: _open(path) for label, path in items}
+    trials = data.gpu_trials(stores)
+    overview = data.gpu_overview(stores, trials)
+    candidates, problems = data.gpu_policies(stores, trials, policies_dir)
+    return trials, overview, candidates, problems
+
+
+GPUS_HINT = "Compare GPUs by opening one store per GPU: `sixbit-tune dashboard --store runs/h100 --store runs/h200`."
+
+
 def gpus_page() -> None:
-    """Several stores (GPUs) side by side and their chosen policies."""
+    """Each GPU's search and chosen policy side by side, and what differs between them."""
     cfg = settings()
     for label in cfg.stores:
         store_view(cfg, label)
     st.title("GPUs")
-    if len(cfg.stores) < 2:
-        st.info("One store is open. Compare GPUs by passing one store per GPU: `sixbit-tune dashboard --store "
-                "runs/h200 --store runs/b200`.")
     items = tuple((label, str(path)) for label, path in cfg.stores.items())
-    comp = _gpu_comparison(items, data.fingerprint(list(cfg.stores.values())))
-    if comp["latency_ms"].isna().all():
-        st.info(SEARCH_HINT)
-    _plot(figures.gpu_comparison_figure(comp), "gpus_figure")
-    st.dataframe(comp, hide_index=True, key="gpus_table")
-    st.caption("Chosen policy: the store's latest exported policy, else its fastest feasible trial.")
-    policies = _chosen_policies(items, data.fingerprint(list(cfg.stores.values())))
-    if policies:
-        knobs, layers = data.policy_comparison(policies)
-        st.subheader("Chosen policies compared")
-        st.dataframe(knobs, hide_index=True, key="gpus_knobs")
+    token = data.fingerprint(list(cfg.stores.values())) + data.policies_token(cfg.policies_dir)
+    trials, overview, candidates, problems = _gpu_data(items, str(cfg.policies_dir), token)
+    if trials.empty:
+        st.info(SEARCH_HINT + " " + GPUS_HINT)
+    elif len(candidates) == 1:
+        st.info(f"One GPU in the opened store(s): {next(iter(candidates))}; its search and chosen policy are shown "
+                f"below. {GPUS_HINT}")
+    if not overview.empty:
+        st.dataframe(overview, hide_index=True, key="gpus_overview",
+                     column_config={"gpu_memory_bytes": st.column_config.NumberColumn(format="%d")})
+    for msg in problems:
+        st.warning(f"left out (not a readable policy): {msg}")
+
+    chosen: dict[str, data.ChosenPolicy] = {}
+    if candidates:
+        st.subheader("Chosen policy per GPU")
+        st.caption("Candidates, best first: the policies exported into the GPU's store, the policy files in "
+                   f"{cfg.policies_dir} made for this GPU and model, the fastest feasible trial of each search.")
+        cols = st.columns(len(candidates))
+        for i, (gpu, cands) in enumerate(candidates.items()):
+            with cols[i]:
+                if not cands:
+                    st.info(f"{gpu}: no feasible completed trial and no exported policy yet.")
+                    continue
+                k = st.selectbox(gpu, range(len(cands)), format_func=lambda j, c=cands: c[j].source,
+                                 key=f"gpus_choice_{i}")
+                chosen[gpu] = cands[k]
+    _plot(figures.gpu_fronts_figure(trials, data.chosen_points(trials, chosen)), "gpus_fronts")
+    if not chosen:
+        return
+
+    side = data.policy_side_by_side(chosen, overview)
+    st.subheader("Chosen policies side by side")
+    st.dataframe(_shown(side), hide_index=True, key="gpus_side_by_side")
+    routes = data.route_counts(chosen)
+    st.caption("Layers per stored weight format and per route (weight/activation) in each chosen policy.")
+    st.dataframe(routes, hide_index=True, key="gpus_routes")
+    layers = data.layer_decisions(chosen)
+
+    st.subheader("What differs")
+    if len(chosen) < 2:
+        st.info(f"Only {next(iter(chosen))} has a chosen policy: nothing to compare with. {GPUS_HINT}")
+    else:
+        diff = data.differing_settings(side)
+        if diff.empty:
+            st.success("The chosen policies agree on every knob and measured figure.")
+        else:
+            st.dataframe(_shown(diff), hide_index=True, key="gpus_diff")
+        changed = layers[layers["differs"]]
+        st.caption(f"{len(changed)} of {len(layers)} in-block layers take different routes.")
+        if not changed.empty:
+            st.dataframe(changed.drop(columns=["differs"]), hide_index=True, key="gpus_layer_diff")
+    menus = data.menu_comparison(chosen)
+    st.markdown("**Menus: the routes each GPU runs and their measured speed**")
+    if menus.empty:
+        st.info("The chosen policies carry no menu (policies before schema 2 record no routes or route speeds); "
+                "the measured figures above are the whole-model ones.")
+    else:
+        st.dataframe(menus, hide_index=True, key="gpus_menus")
+    with st.expander("Every in-block layer's route per GPU"):
         st.dataframe(layers, hide_index=True, key="gpus_layers")
+    with st.expander("Per store"):
+        comp = _gpu_comparison(items, data.fingerprint(list(cfg.stores.values())))
+        _plot(figures.gpu_comparison_figure(comp), "gpus_figure")
+        st.dataframe(comp, hide_index=True, key="gpus_table")
 
 
 PAGES = (

@@ -3,12 +3,13 @@ the project's own APIs, plus a second store (a copy, standing for a second GPU) 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from dashboard_helpers import MODEL, PROMPTS, TRIALS
+from dashboard_helpers import H100, H200, MODEL, PROMPTS, TRIALS, label_gpu
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,39 @@ def second_store(dash_store, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("dash2") / "b200"
     shutil.copytree(dash_store, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def gpu_stores(dash_store, profiled_tiny_store, tmp_path_factory) -> dict[str, Path]:
+    """Two stores standing for two GPUs' searches of tiny:wan, plus the policies folder they exported into.
+
+    ``h200``: the dashboard store's search, recorded as run on an H200 (nothing exported: its choice is its fastest
+    feasible trial). ``h100``: a search of its own (another seed, one more trial) recorded as run on an H100, whose
+    feasible trial with the largest NVFP4 share was exported with ``sixbit-tune export``'s code into
+    ``policies/reference-h100.json``.
+    The GPU names and facts are written through the store's writer (:func:`dashboard_helpers.label_gpu`); every
+    figure is the CPU search's own.
+    """
+    from sixbit_tune.search.config import SearchConfig
+    from sixbit_tune.search.export import export_trial
+    from sixbit_tune.search.study import run_search
+    from sixbit_tune.store import Store
+
+    root = tmp_path_factory.mktemp("gpus")
+    h200, h100, policies = root / "h200", root / "h100", root / "policies"
+    shutil.copytree(dash_store, h200)
+    shutil.copytree(profiled_tiny_store, h100)
+    config = SearchConfig(store=str(h100), model=MODEL, trials=TRIALS + 1, prompts=(PROMPTS[0],), repeats=1,
+                          warmup_runs=0, quality_floor_db=25.0, device="cpu", progress=False, seed=1)
+    run_search(config, log=lambda *_: None)
+    with Store.open(h100, read_only=True) as s:
+        t = s.trials()
+    ok = t[(t["state"] == "COMPLETE") & t["quality"].map(lambda q: json.loads(q)["feasible"])]
+    best = ok.sort_values(["nvfp4_share", "number"], ascending=[False, True]).iloc[0]
+    export_trial(h100, best["study"], int(best["number"]), policies / "reference-h100.json")
+    label_gpu(h200, H200)
+    label_gpu(h100, H100)
+    return {"h200": h200, "h100": h100, "policies": policies}
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def test_every_page_renders_on_the_real_store(page, dash_store, app_argv, tmp_pa
         assert "stored no sample frames" in texts(at.info)
         assert at.text_input(key="pol_export_name").value.endswith(f"-trial{at.selectbox(key='pol_trial').value}")
     if page == "gpus":
-        assert "One store is open" in texts(at.info)
+        assert "One GPU in the opened store(s): CPU (no GPU)" in texts(at.info)
 
 
 @pytest.mark.parametrize(
@@ -114,17 +114,21 @@ def test_export_from_the_policy_page(store_copy, app_argv, tmp_path):
     # the GPUs page now reports the exported policy as the store's choice
     at = open_page(at, "gpus")
     _clean(at)
-    assert "exported chosen" in at.dataframe[0].value["choice"].tolist()
+    (box,) = [b for b in at.selectbox if b.key == "gpus_choice_0"]
+    assert box.value == 0 and box.options[0] == f"exported chosen (store {store_copy.name})"
+    assert "exported chosen" in [d.value for d in at.dataframe if "choice" in d.value.columns][0]["choice"].tolist()
 
 
 def test_two_stores_side_by_side_and_store_choice(dash_store, second_store, app_argv):
     app_argv(dash_store, second_store)
     at = open_page(new_app(), "gpus")
     _clean(at)
-    table = at.dataframe[0].value
+    (table,) = [d.value for d in at.dataframe if "choice" in d.value.columns]
     assert table["store"].tolist() == ["h200", "b200"]
     assert table["choice"].notna().all()
-    assert "One store is open" not in texts(at.info)
+    # both stores ran on the CPU: one "GPU", whose candidates come from both stores
+    assert "One GPU in the opened store(s)" in texts(at.info)
+    assert {o.split("(store ")[1].split(",")[0] for o in at.selectbox(key="gpus_choice_0").options} == {"h200", "b200"}
     at.sidebar.selectbox(key="store_label").set_value("b200").run()
     at = open_page(at, "search")
     _clean(at)

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dashboard_helpers import PAGES
+from dashboard_helpers import H100, H200, PAGES
 
 CHROMIUM = "/usr/bin/chromium"
 PAGE_DEADLINE_S = 120
@@ -57,14 +57,15 @@ def _settled(dom: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(dash_store, second_store, tmp_path_factory):
-    """One dashboard server for the module: `sixbit-tune dashboard` on two stores, a free localhost port."""
+def server(gpu_stores, tmp_path_factory):
+    """One dashboard server for the module: `sixbit-tune dashboard` on two stores recorded as two GPUs' searches
+    (and the policies folder they exported into), a free localhost port."""
     tmp_path = tmp_path_factory.mktemp("server")
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [*_cli(), "dashboard", "--store", str(dash_store), "--store", str(second_store), "--port", str(port),
-         "--policies-dir", str(tmp_path / "policies")],
+        [*_cli(), "dashboard", "--store", str(gpu_stores["h200"]), "--store", str(gpu_stores["h100"]), "--port",
+         str(port), "--policies-dir", str(gpu_stores["policies"])],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -125,6 +126,8 @@ def test_every_page_in_a_real_browser(server, tmp_path):
         charts = dom.count('data-testid="stPlotlyChart"')
         if charts < CHARTS[page]:
             problems.append(f"{page}: {charts} Plotly charts, want at least {CHARTS[page]}")
+        if page == "gpus" and not all(g in dom for g in (H200["name"], H100["name"], "What differs")):
+            problems.append(f"{page}: the two GPUs and what differs between them are not shown")
         if not shot.is_file() or shot.stat().st_size < 5000:
             problems.append(f"{page}: no screenshot")
     assert proc.poll() is None, "the dashboard server died"
