@@ -243,7 +243,8 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self.site.attend(*args, **kwargs)
-        if _PY_TENSOR_METHODS.get(getattr(func, "__name__", None)) is func and args:
+        if (_PY_TENSOR_METHODS.get(getattr(func, "__name__", None)) is func and args
+                and isinstance(args[0], torch.Tensor)):
             # A Tensor method written in Python (unflatten, split, ...): called as a method, which torch.compile
             # traces (it cannot trace the function's own super() call); eagerly the same function runs.
             return getattr(args[0], func.__name__)(*args[1:], **kwargs)

@@ -160,6 +160,17 @@ def test_bf16_mode_and_remove_are_bit_identical_and_restore_the_processors(famil
     with install_attention(model):
         assert not torch.equal(run(model, inputs), plain)
     assert torch.equal(run(model, inputs), plain)
+    # A processor replaced after the install stays: remove() puts back only its own wrappers.
+    first = attentions[0]
+    handle = install_attention(model)
+    replacement = type(before[first.name])()
+    if hasattr(first.module, "set_processor"):
+        first.module.set_processor(replacement)
+    else:
+        first.module.processor = replacement
+    handle.remove()
+    assert first.module.processor is replacement
+    assert all(a.module.processor is before[a.name] for a in attentions[1:])
 
 
 def test_per_block_modes_change_which_blocks_run_8bit_and_what_they_compute():
@@ -361,3 +372,35 @@ def test_bad_arguments_raise_policy_errors():
     assert all(not type(a.module.processor).__name__.startswith("Sixbit")
                for a in get_adapter(model).all_attentions())
     assert torch.equal(run(model, inputs), plain)
+
+
+@pytest.mark.parametrize("attention_first", [False, True])
+def test_beside_an_applied_policy_either_order_and_either_removal(attention_first):
+    """8-bit attention with the runtime's quantized linears and block hooks: both act, and each removal takes
+    away exactly its own part."""
+    from sixbit_tune.runtime import apply_policy, make_static_policy
+
+    pipe = get_pipe("cogvideox")
+    plain = run_pipe(pipe, "cogvideox", steps=2)
+    policy = make_static_policy(pipe, "int8")
+    with apply_policy(pipe, policy):
+        policy_only = run_pipe(pipe, "cogvideox", steps=2)
+    with install_attention(pipe):
+        attention_only = run_pipe(pipe, "cogvideox", steps=2)
+    if attention_first:
+        attention = install_attention(pipe)
+        handle = apply_policy(pipe, policy)
+    else:
+        handle = apply_policy(pipe, policy)
+        attention = install_attention(pipe)
+    try:
+        both = run_pipe(pipe, "cogvideox", steps=2)
+        assert not any(torch.equal(both, x) for x in (plain, policy_only, attention_only))
+        assert attention.stats().calls["8bit"] > 0
+        attention.remove()
+        assert torch.equal(run_pipe(pipe, "cogvideox", steps=2), policy_only)
+        handle.remove()
+        assert torch.equal(run_pipe(pipe, "cogvideox", steps=2), plain)
+    finally:
+        attention.remove()
+        handle.remove()
