@@ -75,26 +75,8 @@ def _safe(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")
 
 
-def cache_only_context(config, pipe):
-    """A search context whose trials run the Temporal Delta Cache alone (every linear kept as it is).
-
-    The study's τ is still sampled (the search space has it) but no layer is quantized, so it changes nothing.
-    """
-    from sixbit_tune.runtime import make_static_policy
-    from sixbit_tune.search.policies import tdc_options
-    from sixbit_tune.search.runner import SearchContext
-
-    class CacheOnly(SearchContext):
-        def build_policy(self, params: dict, corner: str | None = None):
-            return make_static_policy(self.pipe, "none", float(params["delta"]), spec=self.config.model,
-                                      **tdc_options(params))
-
-    return CacheOnly(config, pipe=pipe)
-
-
 def run(args: argparse.Namespace) -> int:
     import statistics
-    import sys
 
     import torch
 
@@ -108,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from sixbit_tune.search.export import export_trial
     from sixbit_tune.search.quality import compare, generate
     from sixbit_tune.search.runner import SearchContext, pipeline_dtype
-    from sixbit_tune.search.study import run_search, run_worker, summarize
+    from sixbit_tune.search.study import run_search, summarize
     from sixbit_tune.store import Store
 
     t_start = time.perf_counter()
@@ -149,26 +131,17 @@ def run(args: argparse.Namespace) -> int:
     config = SearchConfig(
         store=str(store_dir), model=model, trials=trials, seed=args.seed, prompts=tuple(prompts), steps=steps,
         repeats=size.repeats, warmup_runs=size.warmup_runs, device=device, fit_id=fit_id,
-        study=f"demo-{_safe(model)}-{device}", progress=True, reference_corners=not cache_only, **extra,
+        study=f"demo-{_safe(model)}-{device}", progress=True, dmpq=not cache_only, **extra,
     )
     if cache_only:
         stage(f"search: {trials} trials of the Temporal Delta Cache alone (tolerance and window; TPE)")
         print("on a CPU, NVFP4 and INT8 run as plain-PyTorch emulation, slower than the float32 layers they would "
-              "replace: this demo searches only the cache (on a GPU it also searches the mixed precision)", flush=True)
-        import optuna
-        from tqdm.auto import tqdm
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the bar shows progress (as `search` does)
-        ctx = cache_only_context(config, pipe)
-        bar = tqdm(total=trials, desc="trials", unit="trial", file=sys.stderr)
-        try:
-            study = run_worker(config, ctx=ctx, bar=bar)
-        finally:
-            bar.close()
+              "replace: this demo searches only the cache (on a GPU it also searches the mixed precision; "
+              "`sixbit-tune search --cache-only` does the same)", flush=True)
     else:
         stage(f"search: {trials} trials (3 reference corners + TPE)")
-        ctx = SearchContext(config, pipe=pipe)
-        study = run_search(config, pipe=ctx.pipe, log=print)
+    ctx = SearchContext(config, pipe=pipe)
+    study = run_search(config, pipe=ctx.pipe, log=print)
     print(summarize(study), flush=True)
 
     stage(f"export the fastest trial above the quality floor -> {policy_out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from sixbit_tune.search.config import SearchConfig
 
@@ -47,9 +48,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="fail trials whose measured memory exceeds this (out-of-memory)",
     )
+    parser.add_argument(
+        "--max-memory",
+        type=_gib_arg,
+        default=None,
+        metavar="GiB",
+        help="constraint: the measured peak memory (GiB) a policy may use; trials above it are recorded as "
+        "infeasible and the fastest trial that fits (at the quality floor) is the one to export",
+    )
+    parser.add_argument(
+        "--cache-only",
+        action="store_true",
+        help="keep every linear unquantized and search only the Temporal Delta Cache's knobs (no reference corners)",
+    )
     parser.add_argument("--fit", dest="fit_id", default=None, help="fit id (default: the store's latest fit)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _gib_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of GiB, got {text!r}")
+    return v
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -67,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         repeats=args.repeats,
         warmup_runs=args.warmup_runs,
         memory_budget_bytes=args.memory_budget,
+        max_memory_gib=args.max_memory,
+        dmpq=not args.cache_only,
         fit_id=args.fit_id,
         device=args.device,
         progress=not args.no_progress,
@@ -74,11 +100,20 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sixbit_tune.search.study import run_search, summarize
+    from sixbit_tune.commands.export import best_trial
+    from sixbit_tune.search.study import check_memory_fit, run_search, summarize
 
     config = config_from_args(args)
     study = run_search(config)
     print(summarize(study))
+    check_memory_fit(study)
+    chosen = best_trial(study)
+    if chosen is not None:
+        f = chosen.user_attrs["figures"]
+        within = "" if config.max_memory_gib is None else f" and {config.max_memory_gib:g} GiB of peak memory"
+        print(f"fastest trial at the quality floor{within}: trial {chosen.number}, {f['latency_ms']:.1f} ms, "
+              f"peak memory {f['memory_bytes'] / 2**30:.4g} GiB ({study.user_attrs.get('memory_metric')}), "
+              f"{f['psnr_db']:.2f} dB PSNR")
     storage = f" --storage {config.storage}" if config.storage else ""
     print(
         f"next: look at the trials with `sixbit-tune dashboard --store {config.store}`; export the fastest trial above "

@@ -116,11 +116,17 @@ class SearchConfig:
         warmup_runs: untimed generations before the timed ones, per trial.
         memory_budget_bytes: a trial whose measured memory exceeds this fails as out-of-memory (on a GPU through
             torch's own allocator limit; on the CPU checked after the measurement).
+        max_memory_gib: constraint: the measured peak memory (GiB, 2**30 bytes) must be at most this. A trial above
+            it completes and is recorded as infeasible (like one below the quality floor); the trial chosen is the
+            fastest one that meets both. None: memory is only an objective.
+        dmpq: search the mixed precision (τ; every in-block linear quantized or dynamic). False: every linear keeps
+            its weights unquantized and only the Temporal Delta Cache's knobs are searched (no reference corners).
         fit_id: predictors to use (default: the store's latest fit).
         device: ``cpu`` or ``cuda`` (default: cuda when available).
         startup_trials: TPE random startup trials (default ``max(3, trials // 4)``).
         progress: show a tqdm bar.
-        reference_corners: enqueue the corner policies (static INT8, static NVFP4, DMPQ without cache).
+        reference_corners: enqueue the corner policies (static INT8, static NVFP4, DMPQ without cache); ignored
+            with ``dmpq`` off (they are quantized policies).
     """
 
     store: str
@@ -143,6 +149,8 @@ class SearchConfig:
     startup_trials: int | None = None
     progress: bool = True
     reference_corners: bool = True
+    max_memory_gib: float | None = None
+    dmpq: bool = True
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -161,6 +169,12 @@ class SearchConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be positive, got {self.memory_budget_bytes}")
+        if self.max_memory_gib is not None:
+            m = self.max_memory_gib
+            if isinstance(m, bool) or not isinstance(m, int | float) or not math.isfinite(m) or m <= 0:
+                raise ValueError(f"max_memory_gib must be a positive, finite number of GiB, got {m!r}")
+        if not isinstance(self.dmpq, bool):
+            raise ValueError(f"dmpq must be True or False, got {self.dmpq!r}")
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(self.prompts))
             if not self.prompts:
@@ -182,6 +196,16 @@ class SearchConfig:
     @property
     def storage_url(self) -> str:
         return self.storage or str(Path(self.store).absolute() / "optuna.journal")
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """``max_memory_gib`` in bytes (None without a memory constraint)."""
+        return None if self.max_memory_gib is None else int(self.max_memory_gib * 2**30)
+
+    @property
+    def corners(self) -> bool:
+        """Whether the reference corners are enqueued (never for a cache-only search)."""
+        return self.reference_corners and self.dmpq
 
     @property
     def n_startup(self) -> int:

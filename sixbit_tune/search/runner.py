@@ -6,10 +6,11 @@ pipeline, generates every (prompt, seed), measures latency, memory and quality, 
 Latency: every generation is timed — with CUDA events on a GPU (after a synchronize), with the wall clock on the
 CPU — after one untimed warm-up generation; the figure is the median over prompts × repeats.
 
-Memory: on a GPU, the peak of ``torch.cuda.max_memory_allocated`` over the timed generations (weights in every
-encoding the policy keeps, the Temporal Delta Cache and activations). On the CPU there is no allocator peak, so the
-memory objective is the bytes the policy controls: the in-block linear weights in the encodings kept (a dynamic
-layer keeps both) plus the cache's peak (both from the runtime's statistics). ``peak_memory_bytes`` is then None.
+Memory: the measured peak of the bytes torch tensors hold while the policy runs (weights in every encoding the
+policy keeps, the Temporal Delta Cache, activations): on a GPU ``torch.cuda.max_memory_allocated`` over the timed
+generations, on the CPU the pipeline's parameters and buffers plus the peak of torch's CPU allocator over applying
+the policy and one untimed generation (the first warm-up, or one more untimed generation when there is none); see
+:mod:`sixbit_tune.search.memory`. The method is recorded with every trial (``memory_metric``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def pipeline_dtype(device: str):
 
 
 def memory_metric(device: str) -> str:
-    return "cuda_max_memory_allocated" if device == "cuda" else "linear_weights_plus_cache_bytes"
+    """How a trial's memory is measured on ``device`` (recorded with the study and every trial)."""
+    from sixbit_tune.search.memory import method
+
+    return method(device)
 
 
 def _is_cpu_oom(e: BaseException) -> bool:
@@ -129,7 +133,14 @@ class SearchContext:
     # ------------------------------------------------------------------------------------------- policies
     def build_policy(self, params: dict, corner: str | None = None):
         """The policy of one trial: DMPQ at τ (untrusted layers static) and TDC from the window knobs; a corner
-        (:data:`CORNERS`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache."""
+        (:data:`CORNERS`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache. With
+        ``config.dmpq`` off, every linear keeps its weights (mode ``"none"``) and only the cache is configured."""
+        if not self.config.dmpq:
+            from sixbit_tune.runtime import make_static_policy
+            from sixbit_tune.search.policies import tdc_options
+
+            return make_static_policy(self.pipe, "none", float(params["delta"]), spec=self.config.model,
+                                      **tdc_options(params))
         from sixbit_tune.search.policies import build_policy
 
         return build_policy(self, params, corner)
@@ -151,31 +162,59 @@ class SearchContext:
     def measure_baseline(self) -> Baseline:
         """Latency and memory of the pipeline with no policy (references are generated first)."""
         self.ensure_references()
-        times, peak = self._run_cases(outputs=None)
+        times, peak, handle = self._run_cases(outputs=None)
         weight = sum(
             lin.weight.numel() * lin.weight.element_size() for lin in self.adapter.all_linears().values()
         )
-        mem = peak if peak is not None else weight
-        return Baseline(statistics.median(times), int(mem), peak, int(weight))
+        return Baseline(statistics.median(times), int(peak), int(peak), int(weight))
 
-    def _run_cases(self, outputs: dict | None, on_output=None) -> tuple[list[float], int | None]:
-        cfg = self.config
-        for _ in range(cfg.warmup_runs):  # untimed
-            generate(self.pipe, self.cases[0][0], self.cases[0][1], self.generation)
+    def _memory_run(self, apply):
+        """Install the policy (``apply()``, None for none) and, on the CPU, run one untimed generation, all under
+        the CPU allocator's measurement. Returns (the handle, the CPU peak in bytes or None on a GPU)."""
         if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for prompt, seed in self.cases:
-            for r in range(cfg.repeats):
-                gen, ms = self._timed_generate(prompt, seed)
-                times.append(ms)
-                if r == 0 and outputs is not None:
-                    outputs[(prompt, seed)] = gen
-                    if on_output is not None:
-                        on_output()
-        peak = int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
-        return times, peak
+            return (apply() if apply is not None else None), None
+        from sixbit_tune.search.memory import AllocatorPeak, resident_bytes
+
+        gc.collect()
+        resident = resident_bytes(self.pipe)
+        handle = None
+        with AllocatorPeak() as mem:
+            handle = apply() if apply is not None else None
+            try:
+                generate(self.pipe, self.cases[0][0], self.cases[0][1], self.generation)
+            except BaseException:
+                if handle is not None:
+                    handle.remove()
+                raise
+        return handle, resident + int(mem.peak_bytes)
+
+    def _run_cases(self, outputs: dict | None, on_output=None, apply=None):
+        """Install the policy (``apply``), warm up, time every case. Returns (times in ms, peak memory in bytes,
+        the policy's handle); the caller removes the handle (also when this raises: then it is removed here)."""
+        cfg = self.config
+        handle, cpu_peak = self._memory_run(apply)
+        try:
+            warmups = cfg.warmup_runs if cpu_peak is None else max(0, cfg.warmup_runs - 1)
+            for _ in range(warmups):  # untimed
+                generate(self.pipe, self.cases[0][0], self.cases[0][1], self.generation)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for prompt, seed in self.cases:
+                for r in range(cfg.repeats):
+                    gen, ms = self._timed_generate(prompt, seed)
+                    times.append(ms)
+                    if r == 0 and outputs is not None:
+                        outputs[(prompt, seed)] = gen
+                        if on_output is not None:
+                            on_output(handle)
+        except BaseException:
+            if handle is not None:
+                handle.remove()
+            raise
+        peak = int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else cpu_peak
+        return times, peak, handle
 
     def measure(self, policy) -> tuple[TrialFigures, Any]:
         """Apply ``policy``, generate every case, measure, remove the policy. Returns (figures, last RunStats).
@@ -188,11 +227,10 @@ class SearchContext:
 
         cfg = self.config
         self.ensure_references()
-        handle = apply_policy(self.pipe, policy)
         counts = {"nvfp4": 0, "layer": 0, "skipped": 0, "blocks": 0}
         last: dict[str, Any] = {}
 
-        def collect():
+        def collect(handle):
             st = handle.stats()
             if st is None:
                 return
@@ -204,20 +242,21 @@ class SearchContext:
 
         outputs: dict[tuple[str, int], Generation] = {}
         try:
-            times, peak = self._run_cases(outputs, on_output=collect)
+            times, peak, handle = self._run_cases(outputs, on_output=collect,
+                                                  apply=lambda: apply_policy(self.pipe, policy))
+            handle.remove()
         except RuntimeError as e:
             if _is_cpu_oom(e) and not isinstance(e, torch.OutOfMemoryError):
                 raise torch.OutOfMemoryError(str(e)) from e
             raise
         finally:
-            handle.remove()
             if self.device == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
         stats = last.get("stats")
         weight = int(sum(stats.weight_bytes.values())) if stats is not None else 0
         cache = int(stats.cache_bytes) if stats is not None else 0
-        memory = peak if peak is not None else weight + cache
+        memory = int(peak)
         if cfg.memory_budget_bytes is not None and memory > cfg.memory_budget_bytes:
             raise torch.OutOfMemoryError(
                 f"measured memory {memory} bytes ({memory_metric(self.device)}) exceeds the memory budget "
@@ -230,7 +269,7 @@ class SearchContext:
         figures = TrialFigures(
             latency_ms=float(statistics.median(times)),
             memory_bytes=int(memory),
-            peak_memory_bytes=peak,
+            peak_memory_bytes=memory,
             weight_bytes=weight,
             cache_bytes=cache,
             psnr_db=float(statistics.fmean(psnrs)),

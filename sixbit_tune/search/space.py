@@ -11,6 +11,9 @@ knobs, with ranges from the profile.
   (the recompute after a skip on the robust route) where the profile has trusted predictors (without dynamic
   layers it changes nothing, so it is not searched).
 
+A cache-only space (``dmpq`` false, for searches that keep every linear unquantized) asks for no τ and fixes
+``refresh_robust`` at 0 (without quantized layers it changes nothing).
+
 Versions: a version-1 space (stored by studies created before the cache knobs existed) asks the trial for none of
 the cache knobs (its policies take bf16, 0 and 0), so a resumed version-1 study searches exactly what it searched
 before.
@@ -34,7 +37,8 @@ CACHE_DTYPE_CHOICES = ("bfloat16", "float8_e4m3fn")
 @dataclass(frozen=True)
 class SearchSpace:
     """Ranges of the searched knobs (all inclusive). ``cache_dtypes`` with one entry, ``extrapolate_max`` 0 and
-    ``refresh_robust_max`` 0 fix that knob (a one-value distribution)."""
+    ``refresh_robust_max`` 0 fix that knob (a one-value distribution). ``dmpq`` false: τ is not searched (the
+    policies keep every linear unquantized); the τ range is kept as evidence only."""
 
     tau_low: float
     tau_high: float
@@ -50,6 +54,7 @@ class SearchSpace:
     extrapolate_max: int = 0
     refresh_robust_max: int = 0
     version: int = SPACE_VERSION
+    dmpq: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tau_low", "tau_high", "delta_low", "delta_high"):
@@ -73,6 +78,10 @@ class SearchSpace:
         for name in ("extrapolate_max", "refresh_robust_max"):
             if getattr(self, name) not in (0, 1) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"SearchSpace.{name} must be 0 or 1, got {getattr(self, name)!r}")
+        if not isinstance(self.dmpq, bool):
+            raise ValueError(f"SearchSpace.dmpq must be true or false, got {self.dmpq!r}")
+        if not self.dmpq and self.refresh_robust_max:
+            raise ValueError("SearchSpace: a cache-only space (dmpq false) cannot search refresh_robust")
         if not isinstance(self.version, int) or not 1 <= self.version <= SPACE_VERSION:
             raise ValueError(f"SearchSpace version {self.version!r} is not one this sixbit-tune reads "
                              f"(1..{SPACE_VERSION}); a newer sixbit-tune made it")
@@ -88,9 +97,9 @@ class SearchSpace:
         """Ask an Optuna trial for one point; returns ``{name: value}`` of exactly the knobs asked (so it equals
         ``trial.params``), in :data:`PARAMS` order. A version-2 space asks for all of them (a fixed knob is a
         one-value distribution); a version-1 space for the first five only (the policy takes the cache knobs'
-        defaults: :func:`sixbit_tune.search.policies.tdc_options`)."""
-        point = {
-            "tau": trial.suggest_float("tau", self.tau_low, self.tau_high),
+        defaults: :func:`sixbit_tune.search.policies.tdc_options`). A cache-only space asks for no τ."""
+        point = {"tau": trial.suggest_float("tau", self.tau_low, self.tau_high)} if self.dmpq else {}
+        point |= {
             "delta": trial.suggest_float("delta", self.delta_low, self.delta_high),
             "warmup": trial.suggest_int("warmup", 0, self.warmup_max),
             "cooldown": trial.suggest_int("cooldown", 0, self.cooldown_max),
@@ -150,8 +159,9 @@ def profile_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, dic
     return as_dict(pred), as_dict(dc)
 
 
-def derive_space(tau_q: dict, delta_q: dict, steps: int) -> SearchSpace:
-    """The space for ``steps`` denoising steps from the profile quantiles (see the module docstring).
+def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True) -> SearchSpace:
+    """The space for ``steps`` denoising steps from the profile quantiles (see the module docstring); ``dmpq``
+    false gives the cache-only space.
 
     Without trusted predictors (``tau_q`` empty) τ still ranges over [0, 1] but changes nothing (no layer is
     dynamic); without any ``delta_change`` (single-step profiles) δ ranges over [0, 0.5].
@@ -180,5 +190,6 @@ def derive_space(tau_q: dict, delta_q: dict, steps: int) -> SearchSpace:
         delta_quantiles=delta_q or None,
         cache_dtypes=CACHE_DTYPE_CHOICES,
         extrapolate_max=1,
-        refresh_robust_max=1 if tau_q else 0,
+        refresh_robust_max=1 if tau_q and dmpq else 0,
+        dmpq=dmpq,
     )

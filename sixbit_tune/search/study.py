@@ -6,8 +6,10 @@ On several hosts, each runs ``sixbit-tune search --storage <url>`` on its own co
 fit: the fit id is checked); each host mirrors its trials into its own store, and ``Store.open_many`` reads them
 together.
 
-Trials. The objectives are (latency_ms ↓, memory_bytes ↓, psnr_db ↑) with one constraint,
-``quality_floor_db − psnr_db ≤ 0``. The corner policies (:data:`~sixbit_tune.search.runner.CORNERS`) are
+Trials. The objectives are (latency_ms ↓, memory_bytes ↓, psnr_db ↑), ``memory_bytes`` the measured peak
+(:mod:`sixbit_tune.search.memory`), with the constraint ``quality_floor_db − psnr_db ≤ 0`` and, with
+``max_memory_gib``, ``peak − max_memory ≤ 0`` (in GiB): a trial above the memory budget completes and is recorded
+as infeasible, and the trial chosen for export is the fastest feasible one. The corner policies (:data:`~sixbit_tune.search.runner.CORNERS`) are
 enqueued when the study is created, marked by ``user_attrs["reference"]``. Every trial is mirrored into the
 store's ``trials`` table: RUNNING when it starts, then COMPLETE or FAIL (with its reason). Out-of-memory and
 non-finite quality fail the trial and the study goes on; any other exception stops the worker.
@@ -61,13 +63,20 @@ from sixbit_tune.search.space import SearchSpace, derive_space, profile_quantile
 HEARTBEAT_S = 20
 GRACE_S = 60
 #: Keys of the study's user attributes that must agree when a study is resumed.
-_FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device")
+_FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device",
+                "memory_metric", "dmpq", "max_memory_gib")
+#: Frozen settings that studies created before they existed lack, and the value those studies had.
+_DEFAULTS = {"dmpq": True, "max_memory_gib": None}
 #: The study's user attribute set last when a study is created: without it, the creation was cut short.
 SETTINGS_RECORDED = "settings_recorded"
 
 
 class WorkerDiedError(SixbitError, RuntimeError):
     """A search worker process ended with an error or was killed; the message names it and how it ended."""
+
+
+class NoTrialFitsError(SixbitError, ValueError):
+    """No completed trial of a study fits its memory budget; the message names the smallest peak measured."""
 
 
 # ----------------------------------------------------------------------------------------------- storages
@@ -141,7 +150,7 @@ def make_sampler(config: SearchConfig, worker: int = 0) -> optuna.samplers.TPESa
     are reproducible draws of the seed. (Later TPE draws depend on the measured objectives, wall-clock latency
     among them, so two runs agree on them only as far as their measurements agree.)
     """
-    corners = len(CORNERS) if config.reference_corners else 0
+    corners = len(CORNERS) if config.corners else 0
     return optuna.samplers.TPESampler(
         seed=config.seed + worker, n_startup_trials=corners + config.n_startup, multivariate=True, constant_liar=True
     )
@@ -159,6 +168,8 @@ def study_attrs(config: SearchConfig, ctx: SearchContext, space: SearchSpace) ->
         "model": config.model,
         "device": ctx.device,
         "memory_metric": memory_metric(ctx.device),
+        "dmpq": config.dmpq,
+        "max_memory_gib": config.max_memory_gib,
         "objectives": list(OBJECTIVES),
         "sampler": {"name": "TPESampler", "seed": config.seed, "n_startup_trials": config.n_startup},
         "trials": config.trials,
@@ -206,9 +217,15 @@ def _load_recorded(storage, study_name: str, sampler) -> optuna.Study | None:
 
 def _settings_diffs(config: SearchConfig, attrs: dict, mine: dict) -> None:
     """Raise when a frozen setting recorded in the study differs from this run's (settings not recorded pass)."""
-    diffs = [k for k in _FROZEN_KEYS if k != "space" and k in attrs and _norm(attrs.get(k)) != _norm(mine.get(k))]
+    def recorded(k):
+        return attrs[k] if k in attrs else _DEFAULTS[k]
+
+    # a study whose creation finished lacks a setting only when it was created before the setting existed
+    finished = bool(attrs.get(SETTINGS_RECORDED))
+    keys = [k for k in _FROZEN_KEYS if k != "space" and (k in attrs or (finished and k in _DEFAULTS))]
+    diffs = [k for k in keys if _norm(recorded(k)) != _norm(mine.get(k))]
     if diffs:
-        detail = "; ".join(f"{k}: study {attrs.get(k)!r} vs now {mine.get(k)!r}" for k in diffs)
+        detail = "; ".join(f"{k}: study {recorded(k)!r} vs now {mine.get(k)!r}" for k in diffs)
         raise ValueError(
             f"study {config.study_name!r} in {config.storage_url} was created with other settings ({detail}); "
             "resume it with the same settings or pass another --study"
@@ -229,7 +246,7 @@ def _record_settings(study: optuna.Study, config: SearchConfig, ctx: SearchConte
         space = SearchSpace.from_dict(attrs["space"])
     else:
         tau_q, delta_q = profile_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
-        space = derive_space(tau_q, delta_q, ctx.generation.steps)
+        space = derive_space(tau_q, delta_q, ctx.generation.steps, dmpq=config.dmpq)
     mine = study_attrs(config, ctx, space)
     _settings_diffs(config, attrs, mine)
     for k, v in mine.items():
@@ -238,7 +255,7 @@ def _record_settings(study: optuna.Study, config: SearchConfig, ctx: SearchConte
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
-    if config.reference_corners:
+    if config.corners:
         # DMPQ without the cache at the first quartile of the predicted errors: a conservative mix (about a
         # quarter of the dynamic layer-calls in NVFP4), between the two static corners.
         q = (space.tau_quantiles or {}).get("q25")
@@ -308,6 +325,7 @@ class Objective:
         self.space = SearchSpace.from_dict(study.user_attrs["space"])
         self.baseline = study.user_attrs.get("baseline") or {}
         self.floor = float(study.user_attrs["quality_floor_db"])
+        self.max_memory_gib = study.user_attrs.get("max_memory_gib")
         self.study_name = study.study_name
         self.writer = writer
         self.total = config.trials
@@ -334,6 +352,10 @@ class Objective:
         speedup = base / figures.latency_ms if base and figures.latency_ms > 0 else None
         feasible_gap = self.floor - figures.psnr_db
         trial.set_constraint("quality_floor", feasible_gap)
+        memory_gap = None
+        if self.max_memory_gib is not None:
+            memory_gap = figures.memory_bytes / 2**30 - float(self.max_memory_gib)
+            trial.set_constraint("max_memory", memory_gap)
         d = figures.to_dict()
         d["speedup"] = speedup
         trial.set_user_attr("figures", d)
@@ -356,8 +378,10 @@ class Objective:
                 "lpips": figures.lpips,
                 "memory_bytes": figures.memory_bytes,
                 "memory_metric": memory_metric(self.ctx.device),
-                "feasible": feasible_gap <= 0,
+                "feasible": feasible_gap <= 0 and (memory_gap is None or memory_gap <= 0),
                 "quality_floor_db": self.floor,
+                "max_memory_gib": self.max_memory_gib,
+                "memory_feasible": None if memory_gap is None else memory_gap <= 0,
                 "reference": corner,
                 "latencies_ms": figures.latencies_ms,
             },
@@ -384,6 +408,48 @@ def pareto_size(study: optuna.Study) -> int:
         return 0
 
 
+def progress_postfix(study: optuna.Study) -> dict:
+    """What the progress bar shows besides the count: the Pareto front's size, the measured peak memory of the
+    latest completed trial, and (with a memory budget) how many completed trials fit it."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if (t.user_attrs.get("figures") or {}).get("memory_bytes") is not None]
+    post: dict = {"pareto": pareto_size(study)}
+    if done:
+        post["peak"] = _bytes(max(done, key=lambda t: t.datetime_complete or t.datetime_start).user_attrs[
+            "figures"]["memory_bytes"])
+    budget = study.user_attrs.get("max_memory_gib")
+    if budget is not None:
+        fits = sum(1 for t in done if t.user_attrs["figures"]["memory_bytes"] <= budget * 2**30)
+        post["fit"] = f"{fits}/{len(done)}<={_gib(budget)}"
+    return post
+
+
+def check_memory_fit(study: optuna.Study) -> None:
+    """Raise :class:`NoTrialFitsError` when the study has a memory budget and no completed trial fits it.
+
+    Raises:
+        NoTrialFitsError: naming the budget and the smallest peak measured (and its trial).
+    """
+    budget = study.user_attrs.get("max_memory_gib")
+    if budget is None:
+        return
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if (t.user_attrs.get("figures") or {}).get("memory_bytes") is not None]
+    if not done:
+        raise NoTrialFitsError(f"no trial of study {study.study_name!r} completed, so none is known to fit "
+                               f"--max-memory {budget} GiB")
+    if any(t.user_attrs["figures"]["memory_bytes"] <= budget * 2**30 for t in done):
+        return
+    small = min(done, key=lambda t: (t.user_attrs["figures"]["memory_bytes"], t.number))
+    peak = small.user_attrs["figures"]["memory_bytes"]
+    raise NoTrialFitsError(
+        f"no trial of study {study.study_name!r} fits --max-memory {budget} GiB ({int(budget * 2**30)} bytes): "
+        f"the smallest peak measured is {peak / 2**30:.4g} GiB ({peak} bytes, "
+        f"{study.user_attrs.get('memory_metric')}) in trial {small.number} of {len(done)} completed; "
+        "raise --max-memory to at least that, or search in a new --study with other settings"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- running
 def run_worker(
     config: SearchConfig, quota: int | None = None, worker: int = 0, pipe=None, store=None, bar=None, ctx=None
@@ -401,7 +467,7 @@ def run_worker(
         ran += 1
         if bar is not None:
             bar.n = min(count_trials(study), config.trials)
-            bar.set_postfix(pareto=pareto_size(study))
+            bar.set_postfix(progress_postfix(study))
             bar.refresh()
     return study
 
@@ -500,7 +566,7 @@ def run_workers(config: SearchConfig, missing: int, study: optuna.Study, bar=Non
             time.sleep(1.0)
             if bar is not None:
                 bar.n = min(count_trials(study), config.trials)
-                bar.set_postfix(pareto=pareto_size(study))
+                bar.set_postfix(progress_postfix(study))
                 bar.refresh()
     except BaseException:
         for _, p in procs:
@@ -541,32 +607,58 @@ def _dead_workers_message(config: SearchConfig, study: optuna.Study, dead) -> st
 
 # ----------------------------------------------------------------------------------------------- results
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Completed, at or above the quality floor and (when the study has one) within the memory budget."""
     return trial.state == TrialState.COMPLETE and all(v <= 0 for v in (trial.constraints or {}).values())
 
 
+def _verdict(trial: optuna.trial.FrozenTrial) -> str:
+    if trial.state == TrialState.FAIL:
+        return "FAIL"
+    if trial.state != TrialState.COMPLETE:
+        return trial.state.name
+    if feasible(trial):
+        return "yes"
+    over = [{"quality_floor": "quality", "max_memory": "memory"}.get(k, k)
+            for k, v in (trial.constraints or {}).items() if v > 0]
+    return f"no ({', '.join(over)})"
+
+
+#: Completed trials :func:`summarize` lists (fastest first) when no trial is feasible.
+_SHOWN_INFEASIBLE = 10
+
+
 def summarize(study: optuna.Study) -> str:
-    """A table of the reference trials and the feasible Pareto front."""
+    """A table of the reference trials and the feasible Pareto front (with no feasible trial: the fastest
+    completed trials, each saying which constraint it misses)."""
     floor = study.user_attrs.get("quality_floor_db")
+    budget = study.user_attrs.get("max_memory_gib")
     rows = []
     trials = study.get_trials(deepcopy=False)
     best = {t.number for t in study.best_trials} if trials else set()
     for t in trials:
         if t.user_attrs.get("reference") or t.number in best:
             rows.append(t)
+    if not best:  # nothing feasible: show the fastest completed trials and why each is infeasible
+        shown = {t.number for t in rows}
+        done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.number not in shown and t.values),
+                      key=lambda t: (t.values[0], t.number))
+        rows = sorted(rows + done[:_SHOWN_INFEASIBLE], key=lambda t: t.number)
     counts = {s.name: sum(1 for t in trials if t.state == s) for s in TrialState}
     lines = [
         f"study {study.study_name}: {len(trials)} trials "
         + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-        + f"; quality floor PSNR >= {floor} dB; Pareto front (feasible) {len(best)}",
-        f"{'#':>4} {'kind':<14} {'latency ms':>10} {'memory':>10} {'PSNR dB':>8} {'NVFP4':>6} {'skip':>6} feasible",
+        + f"; quality floor PSNR >= {floor} dB"
+        + ("" if budget is None else f"; peak memory <= {_gib(budget)}")
+        + f"; Pareto front (feasible) {len(best)}",
+        f"{'#':>4} {'kind':<14} {'latency ms':>10} {'peak mem':>10} {'PSNR dB':>8} {'NVFP4':>6} {'skip':>6} feasible",
     ]
     for t in rows:
         f = t.user_attrs.get("figures") or {}
-        kind = t.user_attrs.get("reference") or "pareto"
+        kind = t.user_attrs.get("reference") or ("pareto" if t.number in best else "searched")
         lines.append(
             f"{t.number:>4} {kind:<14} {_fmt(f.get('latency_ms'), '.1f'):>10} {_bytes(f.get('memory_bytes')):>10} "
             f"{_fmt(f.get('psnr_db'), '.2f'):>8} {_pct(f.get('nvfp4_share')):>6} {_pct(f.get('skip_share')):>6} "
-            f"{'yes' if feasible(t) else ('FAIL' if t.state == TrialState.FAIL else 'no')}"
+            f"{_verdict(t)}"
         )
     return "\n".join(lines)
 
@@ -582,4 +674,10 @@ def _pct(v) -> str:
 def _bytes(v) -> str:
     if v is None:
         return "-"
+    if v >= 2**30:
+        return f"{v / 2**30:.2f}G"
     return f"{v / 2**20:.2f}M" if v >= 2**20 else f"{v / 2**10:.1f}K"
+
+
+def _gib(v) -> str:
+    return f"{v:g} GiB"

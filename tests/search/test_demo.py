@@ -24,6 +24,15 @@ def test_demo_quick_runs_offline_and_exports_a_loadable_policy(tmp_path):
     policy = load(tmp_path / "tmp" / "policy.json")
     assert policy.provenance.study.startswith("demo-") and policy.measured.psnr_db is not None
     assert (tmp_path / "tmp" / "store" / "meta.json").is_file()
-    # on a CPU the demo searches the cache alone: every layer keeps its weights, the cache is on
-    assert {layer.mode for layer in policy.dmpq.layers.values()} == {"none"}
+    # on a CPU the demo searches the cache alone (the search's cache-only option): every layer keeps its weights,
+    # the cache is on
+    assert {layer.weight for layer in policy.dmpq.layers.values()} == {"none"}
     assert policy.tdc.tolerance > 0
+    import optuna
+
+    from sixbit_tune.search.study import open_storage
+
+    study = optuna.load_study(study_name=policy.provenance.study,
+                              storage=open_storage(str(tmp_path / "tmp" / "store" / "optuna.journal")))
+    assert study.user_attrs["dmpq"] is False
+    assert "tau" not in study.trials[policy.provenance.trial].params
