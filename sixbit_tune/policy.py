@@ -93,6 +93,7 @@ NVFP4_PATH_IMPLEMENTATIONS = {"emulated": "triton-nvfp4-emulated", "native": "na
 # sixbit_tune.formats.nvfp4.WEIGHT_ENCODERS (this module imports no torch; a test keeps the two equal).
 NVFP4_WEIGHT_ENCODERS = ("standard", "scale-search", "gptq")
 CACHE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
+CFG_ROWS = ("joint", "per_row")
 
 # Limits. A real policy is tens of kilobytes (one entry of ~150 bytes per linear layer inside the blocks), so 4 MiB
 # leaves room for models with ~25,000 such layers while the largest accepted input loads in about a second.
@@ -805,6 +806,8 @@ class TDC(_Checked):
     (``"float8_e4m3fn"``: FP8 E4M3 with one float32 scale per token). ``extrapolate`` 1: a skipped block returns
     X + the first-order extrapolation of its last two Δs instead of X + the last Δ. ``refresh_robust`` 1: a block's
     first full computation after a skip runs its dynamic layers on the robust route. Both are 0 when absent.
+    ``cfg_rows`` ``"per_row"``: each batch row (guidance branch, prompt) decides its own skips; ``"joint"`` (when
+    absent): a block is skipped only where every row may skip.
     """
 
     tolerance: float = 0.0
@@ -815,6 +818,7 @@ class TDC(_Checked):
     extrapolate: int = 0
     refresh_robust: int = 0
     blocks: list[int] | None = None
+    cfg_rows: str = "joint"
 
     _FIELDS: ClassVar = (
         _Field("tolerance", "float", minimum=0.0, doc="delta: max accumulated relative change of a block's update"),
@@ -831,6 +835,9 @@ class TDC(_Checked):
                "route; absent: 0"),
         _Field("blocks", "list[int]", nullable=True, minimum=0, maximum=MAX_BLOCKS - 1, unique=True,
                doc="block indices allowed to cache, each once; null = all"),
+        _Field("cfg_rows", "enum", required=False, choices=CFG_ROWS,
+               doc="how a call of several batch rows (guidance branches, prompts) decides a block: joint = skipped "
+               "only if every row may skip; per_row = each row decides (absent: joint)"),
     )
 
 

@@ -87,6 +87,7 @@ BAD = [
     ("share-above-one", "measured/nvfp4_share", 1.5, "measured.nvfp4_share", "<= 1"),
     ("bad-mode", "dmpq/layers/blocks.0.ffn.net.2/mode", "fp8", "dmpq.layers.blocks.0.ffn.net.2.mode", "one of"),
     ("bad-cache-dtype", "tdc/cache_dtype", "float64", "tdc.cache_dtype", "one of"),
+    ("bad-cfg-rows", "tdc/cfg_rows", "rows", "tdc.cfg_rows", "one of"),
     ("extrapolate-two", "tdc/extrapolate", 2, "tdc.extrapolate", "<= 1"),
     ("extrapolate-bool", "tdc/extrapolate", True, "tdc.extrapolate", "expected an integer"),
     ("extrapolate-null", "tdc/extrapolate", None, "tdc.extrapolate", "null"),
@@ -407,6 +408,16 @@ def test_tdc_cache_knobs_round_trip_and_validate_against_the_schema(tmp_path, kn
     assert {k: on_disk[k] for k in knobs} == knobs
     assert P.load(P.save(p, tmp_path / "p.json")) == p
     jsonschema.Draft202012Validator(P.json_schema()).validate(p.to_dict())
+
+
+def test_tdc_cfg_rows_defaults_to_joint_and_round_trips():
+    d = as_dict()
+    del d["tdc"]["cfg_rows"]
+    assert P.load(d).tdc.cfg_rows == "joint"
+    p = make_policy(cfg_rows="per_row")
+    assert P.loads(P.to_json(p)).tdc.cfg_rows == "per_row"
+    with pytest.raises(PolicyError, match="one of"):
+        P.TDC(cfg_rows="each")
 
 
 def test_tdc_cache_knobs_checked_in_python_too():

@@ -4,8 +4,10 @@ This package is the specification: every kernel in ``sixbit_tune.kernels`` is te
 (codes, scales) and the runtime's emulated paths call it. Submodules: :mod:`.nvfp4`, :mod:`.int8`, :mod:`.fp8`.
 Works on any device; imports torch only.
 
-:data:`FORMATS` are the formats the profiler records and the search chooses among; :data:`ALL_FORMATS` adds FP8,
-which every function here and ``sixbit_tune.kernels`` accept.
+:data:`ALL_FORMATS` are the quantized formats every function here and ``sixbit_tune.kernels`` accept; :data:`FORMATS`
+the two of the version-1 policies (NVFP4 fast, INT8 robust). The format and route vocabulary (stored weight formats,
+activation formats, the routes each weight supports) is defined once in :mod:`sixbit_tune.routes` (standard library
+only, so that the policy schema can use it) and re-exported here.
 """
 
 from __future__ import annotations
@@ -14,13 +16,29 @@ import torch
 
 from sixbit_tune.formats import fp8, int8, nvfp4
 from sixbit_tune.formats.common import check_finite
+from sixbit_tune.routes import (
+    ACTIVATION_FORMATS,
+    DEFAULT_ROUTES,
+    QUANT_FORMATS,
+    ROUTES,
+    V1_FORMATS,
+    WEIGHT_FORMATS,
+    Route,
+    operand_format,
+)
 
-FORMATS = ("nvfp4", "int8")
-ALL_FORMATS = ("nvfp4", "int8", "fp8")
+FORMATS = V1_FORMATS
+ALL_FORMATS = QUANT_FORMATS
 
 __all__ = [
+    "ACTIVATION_FORMATS",
     "ALL_FORMATS",
+    "DEFAULT_ROUTES",
     "FORMATS",
+    "ROUTES",
+    "Route",
+    "WEIGHT_FORMATS",
+    "operand_format",
     "check_finite",
     "fake_quant",
     "fp8",

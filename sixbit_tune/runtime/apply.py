@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,16 +11,19 @@ import torch
 from torch import nn
 
 from sixbit_tune import compat
+from sixbit_tune import formats as _formats
 from sixbit_tune import policy as _policy
+from sixbit_tune import routes as _routes
 from sixbit_tune.errors import PolicyError
 from sixbit_tune.models.adapters import ModelAdapter, get_adapter
 from sixbit_tune.runtime._backend import KERNEL_PREFERENCES, Backend
-from sixbit_tune.runtime.controller import BlockInfo, Controller, foreign_cache_message
+from sixbit_tune.runtime.controller import BlockInfo, Controller, _CallRecord, foreign_cache_message
 from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook, install_call_hooks
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats
 
 __all__ = [
+    "AttentionNotInstalledWarning",
     "GPUMismatchWarning",
     "PolicyHandle",
     "apply_policy",
@@ -32,8 +36,17 @@ __all__ = [
 _HANDLE_ATTR = "_sixbit_tune_policy_handle"
 
 
+# The activation formats the controller's per-call records count (static layers of other formats are not counted).
+_COUNTED = tuple(_CallRecord(context="", step=0, rows=0).layer_calls)
+
+
 class GPUMismatchWarning(UserWarning):
-    """The policy was tuned on another GPU (or NVFP4 execution path) than the one it is applied on."""
+    """The policy was tuned on another GPU (or another implementation of a route it uses) than the one it is
+    applied on."""
+
+
+class AttentionNotInstalledWarning(UserWarning):
+    """The policy asks for 8-bit attention in some blocks, and this runtime ran the model's own attention there."""
 
 
 def load_policy(path_or_dict) -> _policy.Policy:
@@ -80,15 +93,33 @@ def check_policy_fits(policy: _policy.Policy, adapter: ModelAdapter) -> list[str
     return problems
 
 
-def device_target(device: torch.device | str, backend: Backend | None = None) -> _policy.Target:
-    """The ``Target`` describing ``device``: GPU name, compute capability and the NVFP4 path used there."""
+def device_menu(device: torch.device | str, backend: Backend | None = None) -> dict[str, _policy.MenuEntry]:
+    """Every quantized route and the execution path its GEMM takes on ``device`` (``kernels.kernel_path`` of the
+    route's operand format; a route that cannot run there is left out). Speeds are not measured here."""
     device = torch.device(device)
     backend = backend or Backend("auto")
-    path = nvfp4_target_path(backend.path("nvfp4", device))
+    menu = {}
+    for weight, acts in _routes.ROUTES.items():
+        for act in acts:
+            if weight == "none":
+                continue
+            try:
+                path = backend.path(_routes.operand_format(weight, act), device)
+            except RuntimeError:  # kernel preference "triton" where no kernel runs
+                continue
+            menu[_routes.Route(weight, act).key] = _policy.MenuEntry(path)
+    return menu
+
+
+def device_target(device: torch.device | str, backend: Backend | None = None) -> _policy.Target:
+    """The ``Target`` describing ``device``: GPU name, compute capability and the menu of routes there
+    (:func:`device_menu`)."""
+    device = torch.device(device)
+    menu = device_menu(device, backend)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return _policy.Target(torch.cuda.get_device_name(device), f"{major}.{minor}", path)
-    return _policy.Target(None, None, path)
+        return _policy.Target(torch.cuda.get_device_name(device), f"{major}.{minor}", menu)
+    return _policy.Target(None, None, menu)
 
 
 def nvfp4_target_path(kernel_path: str) -> str:
@@ -112,9 +143,11 @@ def _check_target(policy: _policy.Policy, here: _policy.Target, strict: bool) ->
         diffs.append(f"GPU: tuned on {t.gpu or 'CPU'}, running on {here.gpu or 'CPU'}")
     elif t.compute_capability != here.compute_capability:
         diffs.append(f"compute capability: tuned on {t.compute_capability}, running on {here.compute_capability}")
-    uses_nvfp4 = any(lp.mode in ("nvfp4", "dynamic") for lp in policy.dmpq.layers.values())
-    if uses_nvfp4 and t.nvfp4_path != here.nvfp4_path:
-        diffs.append(f"NVFP4 path: tuned with {t.nvfp4_path!r}, running with {here.nvfp4_path!r}")
+    used = sorted({r.key for lp in policy.dmpq.layers.values() if lp.weight != "none" for r in lp.routes})
+    for key in used:
+        tuned, running = t.menu.get(key), here.menu.get(key)
+        if tuned is not None and running is not None and tuned.implementation != running.implementation:
+            diffs.append(f"route {key}: tuned with {tuned.implementation!r}, running with {running.implementation!r}")
     if not diffs:
         return
     msg = (
@@ -140,15 +173,18 @@ def apply_policy(
     """Install a policy into a diffusers pipeline or its transformer.
 
     Validates that the policy was made for this model (class, family, configuration hash, block count, every
-    in-block layer name and shape), then quantizes each in-block linear's weight once into the encodings its mode
-    needs and swaps in :class:`MixedPrecisionLinear` (mode ``"none"`` keeps the original), and installs the step
+    in-block layer name and shape), then quantizes each in-block linear's weight once into its one stored format
+    and swaps in :class:`MixedPrecisionLinear` (weight ``"none"`` keeps the original), and installs the step
     and block hooks that run DMPQ and the Temporal Delta Cache (rules: :mod:`sixbit_tune.runtime.controller`).
+    Version-1 policies are migrated on load. The policy's ``attention`` section is read and kept on the handle
+    (:attr:`PolicyHandle.attention`); 8-bit attention is not installed yet (:class:`AttentionNotInstalledWarning`,
+    and a note in the statistics).
 
     Args:
         pipe_or_transformer: a diffusers pipeline with a supported ``transformer``, or the transformer.
         policy: a ``Policy``, a path, a JSON string or a dict.
-        strict_gpu: raise instead of warning when the GPU, compute capability or NVFP4 path differ from the
-            policy's ``target``.
+        strict_gpu: raise instead of warning when the GPU, compute capability or the implementation of a route the
+            policy uses differ from the policy's ``target``.
         kernel_preference: ``"auto"`` (``sixbit_tune.kernels`` dispatch) or ``"reference"`` (the plain-PyTorch
             specification; bit-identical to ``formats.quantized_linear_reference``).
         num_inference_steps: steps per pipeline call, for the TDC cooldown window when neither the cache context
@@ -161,8 +197,8 @@ def apply_policy(
             fallback with a warning if compilation fails). Worth it where the host is the bottleneck (small models,
             compiled blocks); costs compile time at the first call.
         nvfp4_hessians: per layer name (as in ``policy.dmpq.layers``), the sum of ``xᵀx`` over calibration inputs
-            ``[K, K]``: needed by the ``"gptq"`` NVFP4 weight encoder (``policy.dmpq.nvfp4_weight_encoder``) for
-            every layer that stores an NVFP4 encoding; the other encoders need none.
+            ``[K, K]``: needed by the ``"gptq"`` NVFP4 weight encoder (``policy.dmpq.nvfp4_weight_encoder``, or a
+            layer's own ``encoder``) for every NVFP4 layer it encodes; the other encoders need none.
 
     Works with (checked on CPU with tiny pipelines, in either order with ``apply_policy``):
 
@@ -232,38 +268,50 @@ class PolicyHandle:
         self._hooked: list[compat.Registration] = []
         self._torch_hooks: list = []
         self._removed = False
+        self.backend: Backend | None = None
+        self._scratch_bytes: dict[str, int] = {}
+        self._uncounted: set[str] = set()
+        self.attention_installed = False
+        self._attention_note: str | None = None
 
     # ------------------------------------------------------------------------------------------------ install
     def _install(self, adapter: ModelAdapter, backend: Backend, device, num_steps, original_weights,
                  compile_stats: bool = False, nvfp4_hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         policy = self.policy
-        encoder = policy.dmpq.nvfp4_weight_encoder
+        dmpq = policy.dmpq
         nvfp4_hessians = nvfp4_hessians or {}
-        if encoder == "gptq":
-            missing = [name for name, lp in policy.dmpq.layers.items()
-                       if lp.mode in ("nvfp4", "dynamic") and name not in nvfp4_hessians]
-            if missing:
-                raise PolicyError(
-                    f"the gptq NVFP4 weight encoder needs a calibration Hessian per NVFP4 layer "
-                    f"(apply_policy(..., nvfp4_hessians={{name: sum of x.T @ x}})); {len(missing)} missing, e.g. "
-                    f"{missing[0]!r}", key="dmpq.nvfp4_weight_encoder")
+        missing = [name for name, lp in dmpq.layers.items()
+                   if lp.weight == "nvfp4" and dmpq.encoder_of(name) == "gptq" and name not in nvfp4_hessians]
+        if missing:
+            key = (f"dmpq.layers.{missing[0]}.encoder" if dmpq.layers[missing[0]].encoder == "gptq"
+                   else "dmpq.nvfp4_weight_encoder")
+            raise PolicyError(
+                f"the gptq NVFP4 weight encoder needs a calibration Hessian per NVFP4 layer it encodes "
+                f"(apply_policy(..., nvfp4_hessians={{name: sum of x.T @ x}})); {len(missing)} missing, e.g. "
+                f"{missing[0]!r}", key=key)
         setattr(self.transformer, _HANDLE_ATTR, self)
-        first = policy.dmpq.first_step_format
+        self.backend = backend
+        first = dmpq.first_step_format
         cache_blocks = set(range(len(adapter.blocks()))) if policy.tdc.blocks is None else set(policy.tdc.blocks)
-        weight_bytes = {"nvfp4": 0, "int8": 0, "none": 0}
+        weight_bytes = {f: 0 for f in _routes.WEIGHT_FORMATS}
         used_formats: set[str] = set()
+        scratch: set[tuple[str, int, int]] = set()
         infos: list[BlockInfo] = []
         for ref in adapter.blocks():
             dynamic, alphas, betas = [], [], []
-            static = {"nvfp4": 0, "int8": 0, "none": 0}
+            # Executed static layers by activation format, in the names the controller counts.
+            static = {f: 0 for f in _COUNTED}
             for rel, lin in adapter.linears(ref).items():
-                lp = policy.dmpq.layers[f"{ref.name}.{rel}"]
-                if lp.mode == "none":
+                name = f"{ref.name}.{rel}"
+                lp = dmpq.layers[name]
+                if lp.weight == "none":
                     static["none"] += 1
                     weight_bytes["none"] += lin.weight.numel() * lin.weight.element_size()
                     continue
-                new = MixedPrecisionLinear(lin, lp.mode, backend, first, "cpu" if original_weights == "cpu" else "keep",
-                                           encoder, nvfp4_hessians.get(f"{ref.name}.{rel}"))
+                new = MixedPrecisionLinear(
+                    lin, lp.mode, backend, first, "cpu" if original_weights == "cpu" else "keep",
+                    dmpq.encoder_of(name), nvfp4_hessians.get(name), weight=lp.weight, fast=lp.fast,
+                    robust=lp.robust)
                 parent_name, _, attr = rel.rpartition(".")
                 parent = ref.module.get_submodule(parent_name) if parent_name else ref.module
                 setattr(parent, attr, new)
@@ -271,13 +319,20 @@ class PolicyHandle:
                 for f, b in new.weight_bytes().items():
                     weight_bytes[f] += b
                 used_formats.update(new.formats)
+                scratch |= new.scratch_shapes()
                 if lp.mode == "dynamic":
                     dynamic.append(new)
                     alphas.append(float(lp.alpha))
                     betas.append(float(lp.beta))
+                elif new.activation in static:
+                    static[new.activation] += 1
                 else:
-                    static[lp.mode] += 1
+                    self._uncounted.add(new.activation)
             infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks))
+        self._scratch_bytes = {}
+        for f, n, k in scratch:
+            self._scratch_bytes[f] = self._scratch_bytes.get(f, 0) + _formats.weight_bytes(f, n, k)
+        self._install_attention(adapter)
         formats = sorted(used_formats)
         transformer = self.transformer
 
@@ -313,13 +368,45 @@ class PolicyHandle:
 
     def stats(self) -> RunStats | None:
         """Statistics of the run in progress if it has made any call, else of the last finished run (None if
-        there was none)."""
+        there was none). ``scratch_bytes`` holds the derived weight operands' buffers (not in ``weight_bytes``);
+        ``notes`` say where the policy asked for what this runtime did not do (8-bit attention, uncounted routes)."""
         c = self.controller
         if c is None:
             return None
-        if c._records:
-            return c.run_stats(completed=False)
-        return c.last_run
+        stats = c.run_stats(completed=False) if c._records else c.last_run
+        if stats is None:
+            return None
+        notes = list(stats.notes)
+        if self._attention_note:
+            notes.append(self._attention_note)
+        if self._uncounted:
+            notes.append(f"layer_calls does not count static layers on the {sorted(self._uncounted)} activation "
+                         f"routes (counted: {list(_COUNTED)})")
+        return dataclasses.replace(stats, scratch_bytes=dict(self._scratch_bytes), notes=notes,
+                                   attention_installed=self.attention_installed)
+
+    @property
+    def attention(self) -> _policy.Attention | None:
+        """The policy's attention section (None: the model's own attention everywhere)."""
+        return self.policy.attention
+
+    # ------------------------------------------------------------------------------------------------ attention
+    def _install_attention(self, adapter: ModelAdapter) -> None:
+        """The place where the policy's attention section is installed.
+
+        This runtime has no 8-bit attention installer yet: a policy asking for 8-bit or dynamic attention in some
+        blocks is accepted, every block runs the model's own attention, an :class:`AttentionNotInstalledWarning`
+        is issued here and the statistics say so (``attention_installed`` False and a note).
+        """
+        att = self.policy.attention
+        if att is None or not att.quantized:
+            return
+        blocks = sorted((int(k) for k, b in att.blocks.items() if b.mode != "bf16"))
+        self._attention_note = (
+            f"attention: the policy asks for {att.format} attention (8bit or dynamic) in blocks {blocks}; this "
+            f"runtime does not install 8-bit attention yet, so every block ran the model's own attention"
+        )
+        warnings.warn(self._attention_note, AttentionNotInstalledWarning, stacklevel=4)
 
     def record_skips(self) -> dict[str, dict[int, list[bool]]]:
         """Start recording the Temporal Delta Cache's skip decisions; returns the live record.
@@ -386,6 +473,8 @@ class PolicyHandle:
             new.restore()
             setattr(parent, attr, original)
         self._swapped.clear()
+        if self.backend is not None:
+            self.backend.release_scratch()
         if getattr(self.transformer, _HANDLE_ATTR, None) is self:
             delattr(self.transformer, _HANDLE_ATTR)
 

@@ -1,19 +1,27 @@
-"""``MixedPrecisionLinear``: an in-block ``nn.Linear`` replaced by its quantized encodings.
+"""``MixedPrecisionLinear``: an in-block ``nn.Linear`` replaced by its one stored quantized encoding.
 
-A layer in mode ``"nvfp4"`` or ``"int8"`` keeps one encoding; a ``"dynamic"`` layer keeps both and
-runs the one named by :attr:`MixedPrecisionLinear.fmt`, which the runtime's block hook sets before the block
-runs (DMPQ decisions are made once per denoising step, on the host). Activations are quantized at every call;
-weights once, at construction.
+The weight is quantized once, at construction, into the layer's stored format (``weight``: ``"nvfp4"``, ``"int8"``
+or ``"fp8"``); nothing else stays resident. A layer has a fast and a robust route (activation formats ``fast`` and
+``robust`` over that weight, ``sixbit_tune.routes.ROUTES``). A route whose activation format is the stored one runs
+the stored encoding; an NVFP4 weight on the INT8 or FP8 route is converted at call time into a scratch buffer the
+backend shares between layers of the same shape (:meth:`sixbit_tune.runtime._backend.Backend.derive_weight`).
+Activations are quantized at every call.
+
+A ``"dynamic"`` layer runs the route named by :attr:`MixedPrecisionLinear.route`, which the runtime's block hook
+sets before the block runs (DMPQ decisions are made once per denoising step, on the host), through the ``fmt``
+attribute in ``sixbit_tune.rules``' names: ``rules.FAST_FORMAT`` selects the fast route, ``rules.ROBUST_FORMAT``
+the robust one, whatever the routes' activation formats are. ``"fast"`` and ``"robust"`` layers always run that
+route.
 
 The original ``nn.Linear`` is held (not registered as a submodule, so it is absent from ``state_dict()`` and
 ``parameters()`` of the model) to be put back bit-exactly by :meth:`restore`. Its weight can be parked on the CPU
 while the quantized layer serves (``original_weight="cpu"``), so the model's device memory holds only the
 quantized encodings; the ``Parameter`` object stays the same and comes back unchanged.
 
-``torch.compile``: a static layer's forward is one call into the backend and is traced like any module. A dynamic
-layer branches on a Python attribute that changes from step to step; it goes through a
-``torch.compiler.disable``-d function so a compiled block graph-breaks around it instead of recompiling for every
-combination of formats.
+``torch.compile``: a static layer's forward is one call into the backend and is traced like any module (a derived
+route then converts without the shared scratch buffer). A dynamic layer branches on a Python attribute that changes
+from step to step; it goes through a ``torch.compiler.disable``-d function so a compiled block graph-breaks around
+it instead of recompiling for every combination of routes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sixbit_tune import routes as _routes
 from sixbit_tune.formats import weight_bytes
 from sixbit_tune.runtime._backend import Backend
 
@@ -50,20 +59,29 @@ def _map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
+_ROLE_OF = {_routes.FAST_FORMAT: "fast", _routes.ROBUST_FORMAT: "robust", "fast": "fast", "robust": "robust"}
+
+
 class MixedPrecisionLinear(nn.Module):
-    """A linear layer running W4A4 NVFP4 or W8A8 INT8 (see the module docstring).
+    """A linear layer storing its weight once and running one of two routes over it (see the module docstring).
 
     Args:
         original: the ``nn.Linear`` being replaced (kept for :meth:`restore`).
-        mode: ``"nvfp4"``, ``"int8"`` or ``"dynamic"``.
+        mode: ``"dynamic"``, ``"fast"`` or ``"robust"``. The version-1 modes are accepted when ``weight`` is not
+            given: ``"nvfp4"``/``"int8"`` (that weight, its fast route) and ``"dynamic"`` (an NVFP4 weight).
         backend: where the quantized linear runs.
-        initial_format: the format a dynamic layer runs until told otherwise (the policy's first-step format).
+        initial_format: the route a dynamic layer runs until told otherwise (the policy's first step), in the names
+            the ``fmt`` attribute takes.
         original_weight: ``"keep"`` leaves the original weight where it is; ``"cpu"`` moves its data to the CPU
             while this layer is installed.
+        nvfp4_encoder, nvfp4_hessian: the NVFP4 weight encoder (and its calibration statistics).
+        weight: the stored format; ``fast``, ``robust``: the routes' activation formats (default: the weight's
+            ``sixbit_tune.routes.DEFAULT_ROUTES``).
 
     Attributes:
-        fmt: the format the next call runs in.
-        formats: the formats whose encodings this layer holds.
+        weight_format: the stored format (the ``weight`` argument). qweight: its encoding (the only one held).
+        fast, robust: the routes' activation formats. mode: ``"dynamic"``, ``"fast"`` or ``"robust"``.
+        route: ``"fast"`` or ``"robust"``, the route the next call runs.
     """
 
     def __init__(
@@ -71,33 +89,87 @@ class MixedPrecisionLinear(nn.Module):
         original: nn.Linear,
         mode: str,
         backend: Backend,
-        initial_format: str = "int8",
+        initial_format: str = _routes.ROBUST_FORMAT,
         original_weight: str = "keep",
         nvfp4_encoder: str = "standard",
         nvfp4_hessian: torch.Tensor | None = None,
+        *,
+        weight: str | None = None,
+        fast: str | None = None,
+        robust: str | None = None,
     ):
         super().__init__()
-        if mode not in ("nvfp4", "int8", "dynamic"):
-            raise ValueError(f"MixedPrecisionLinear mode must be 'nvfp4', 'int8' or 'dynamic', got {mode!r}")
+        if weight is None:  # the version-1 modes
+            if mode not in _routes.V1_LAYER_MODES or mode == "none":
+                raise ValueError(f"MixedPrecisionLinear mode must be one of {_routes.LAYER_MODES} with weight=, or "
+                                 f"'nvfp4', 'int8' or 'dynamic', got {mode!r}")
+            weight, mode = ("nvfp4", "dynamic") if mode == "dynamic" else (mode, "fast")
+        if weight not in _routes.QUANT_FORMATS:
+            raise ValueError(f"MixedPrecisionLinear weight must be one of {_routes.QUANT_FORMATS}, got {weight!r}")
+        if mode not in _routes.LAYER_MODES:
+            raise ValueError(f"MixedPrecisionLinear mode must be one of {_routes.LAYER_MODES}, got {mode!r}")
+        default_fast, default_robust = _routes.DEFAULT_ROUTES[weight]
+        fast = default_fast if fast is None else fast
+        robust = default_robust if robust is None else robust
+        for act in (fast, robust):
+            _routes.operand_format(weight, act)  # raises ValueError for a pair that is not a route
         if original_weight not in ("keep", "cpu"):
             raise ValueError(f"original_weight must be 'keep' or 'cpu', got {original_weight!r}")
         self.in_features = original.in_features
         self.out_features = original.out_features
         self.mode = mode
-        self.formats: tuple[str, ...] = ("nvfp4", "int8") if mode == "dynamic" else (mode,)
+        self.weight_format = weight
+        self.fast = fast
+        self.robust = robust
+        self.route = "fast" if mode == "fast" else "robust" if mode == "robust" else "fast"
         self.fmt = initial_format if mode == "dynamic" else mode
         self._backend = backend
         self._original = (original,)  # a tuple: not registered as a submodule
         # The bias Parameter itself is shared (same object, same state_dict key as before).
         self.bias = original.bias
         w = original.weight.detach()
-        self.qweights: dict[str, Any] = {
-            f: backend.quantize_weight(w, f, nvfp4_encoder, nvfp4_hessian) for f in self.formats
-        }
+        self.qweight: Any = backend.quantize_weight(w, weight, nvfp4_encoder, nvfp4_hessian)
         self._weight_home: torch.device | None = None
         if original_weight == "cpu" and w.device.type != "cpu":
             self._weight_home = w.device
             original.weight.data = original.weight.data.to("cpu")
+
+    # ------------------------------------------------------------------------------------------------ routes
+    @property
+    def fmt(self) -> str:
+        """The route the next call runs, in ``sixbit_tune.rules``' names (``FAST_FORMAT``: the fast route,
+        ``ROBUST_FORMAT``: the robust one). Set it with those names or ``"fast"``/``"robust"``."""
+        return _routes.FAST_FORMAT if self.route == "fast" else _routes.ROBUST_FORMAT
+
+    @fmt.setter
+    def fmt(self, value: str) -> None:
+        role = _ROLE_OF.get(value)
+        if role is None:
+            raise ValueError(f"a route is selected with {sorted(_ROLE_OF)}, got {value!r}")
+        if self.mode != "dynamic" and role != self.mode:
+            raise ValueError(f"a {self.mode!r} layer runs its {self.mode} route only, not the {role} one")
+        self.route = role
+
+    @property
+    def activation(self) -> str:
+        """The activation format of the route the next call runs."""
+        return self.fast if self.route == "fast" else self.robust
+
+    @property
+    def routes(self) -> tuple[_routes.Route, ...]:
+        """The routes this layer can run (both for a dynamic layer)."""
+        acts = (self.fast, self.robust) if self.mode == "dynamic" else (self.activation,)
+        return tuple(dict.fromkeys(_routes.Route(self.weight_format, a) for a in acts))
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The formats the GEMMs of this layer's routes run in (the stored one and any derived one)."""
+        return tuple(dict.fromkeys(_routes.operand_format(*r) for r in self.routes))
+
+    @property
+    def qweights(self) -> dict[str, Any]:
+        """The held encoding by format: the stored one only."""
+        return {self.weight_format: self.qweight}
 
     @property
     def original(self) -> nn.Linear:
@@ -105,18 +177,30 @@ class MixedPrecisionLinear(nn.Module):
         return self._original[0]
 
     def weight_bytes(self) -> dict[str, int]:
-        """Storage bytes of each held encoding (``formats.weight_bytes``: scales included)."""
-        return {f: weight_bytes(f, self.out_features, self.in_features) for f in self.formats}
+        """Resident bytes of the held encoding, by its format (``formats.weight_bytes``: scales included)."""
+        return {self.weight_format: weight_bytes(self.weight_format, self.out_features, self.in_features)}
 
+    def scratch_shapes(self) -> set[tuple[str, int, int]]:
+        """``(format, N, K)`` of the derived weight operands this layer's routes need (empty when none)."""
+        return {(_routes.operand_format(*r), self.out_features, self.in_features)
+                for r in self.routes if _routes.is_derived(*r)}
+
+    # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
             return self._dynamic_forward(x)
-        return self._backend.linear(x, self.qweights[self.fmt], self.bias, self.fmt, x.dtype)
+        return self._run(x, self.activation)
 
     @torch.compiler.disable
     def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmt = self.fmt
-        return self._backend.linear(x, self.qweights[fmt], self.bias, fmt, x.dtype)
+        return self._run(x, self.activation)
+
+    def _run(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        if act == self.weight_format:
+            qweight = self.qweight
+        else:
+            qweight = self._backend.derive_weight(self.qweight, act, scratch=not torch.compiler.is_compiling())
+        return self._backend.linear(x, qweight, self.bias, act, x.dtype)
 
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), .half() etc. reach the quantized encodings (moves only: integer, fp8 and float32-scale
@@ -128,7 +212,7 @@ class MixedPrecisionLinear(nn.Module):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
 
-        self.qweights = {f: _map_tensors(q, move) for f, q in self.qweights.items()}
+        self.qweight = _map_tensors(self.qweight, move)
         weight = self.original.weight
         with torch.no_grad():
             if self._weight_home is not None:  # parked: learn where fn sends it from an empty probe, stay on the CPU
@@ -149,6 +233,6 @@ class MixedPrecisionLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
-            f"formats={self.formats}, bias={self.bias is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_format}, "
+            f"fast={self.fast}, robust={self.robust}, mode={self.mode}, bias={self.bias is not None}"
         )

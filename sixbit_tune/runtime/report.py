@@ -38,7 +38,8 @@ class StepStats(_Shares):
             outside any context).
         step: 0-based step index within the context.
         rows: batch rows of the call.
-        layer_calls: executed in-block linear calls by format (``"nvfp4"``, ``"int8"``, ``"none"``).
+        layer_calls: executed in-block linear calls by format (``"nvfp4"``, ``"int8"``, ``"none"``); a dynamic
+            layer counts its fast route as ``"nvfp4"`` and its robust route as ``"int8"``.
         block_calls: transformer blocks reached (computed + skipped).
         skipped_blocks: blocks answered from the Temporal Delta Cache.
     """
@@ -65,8 +66,12 @@ class RunStats(_Shares):
         skipped_blocks: blocks skipped over the run.
         execution: execution path of each quantized format (``sixbit_tune.kernels.kernel_path``, or
             ``"reference"`` with ``kernel_preference="reference"``), e.g. ``{"int8": "triton", "nvfp4": "emulated"}``.
-        weight_bytes: bytes of in-block linear weights by storage (``"nvfp4"``, ``"int8"``; ``"none"`` = layers
-            kept in the model dtype). A dynamic layer counts in both formats.
+        weight_bytes: resident bytes of in-block linear weights by stored format (``"nvfp4"``, ``"int8"``,
+            ``"fp8"``; ``"none"`` = layers kept in the model dtype). Each layer stores its weight once.
+        scratch_bytes: bytes of the scratch buffers of derived weight operands (an NVFP4 weight on its INT8 or FP8
+            route), by operand format: one buffer per (format, shape), shared by the layers of that shape.
+        attention_installed: whether 8-bit attention the policy asks for was installed (False also when it asks
+            for none).
         cache_bytes: peak bytes held by the Temporal Delta Cache during the run.
         num_inference_steps: steps per context the TDC window used (None if unknown).
         notes: conditions that changed behaviour (e.g. TDC off because the number of steps was unknown).
@@ -80,6 +85,8 @@ class RunStats(_Shares):
     execution: dict[str, str] = field(default_factory=dict)
     weight_bytes: dict[str, int] = field(default_factory=dict)
     cache_bytes: int = 0
+    scratch_bytes: dict[str, int] = field(default_factory=dict)
+    attention_installed: bool = False
     num_inference_steps: int | None = None
     notes: list[str] = field(default_factory=list)
     completed: bool = False
@@ -111,6 +118,7 @@ class RunStats(_Shares):
             f"({sum(self.layer_calls.values())} layer-calls, {self.block_calls} block-calls)",
             "execution: " + (", ".join(f"{k}={v}" for k, v in sorted(self.execution.items())) or "model dtype only"),
             "weights: " + (", ".join(f"{k} {size(v)}" for k, v in sorted(self.weight_bytes.items()) if v) or "-")
+            + (f"   scratch {size(sum(self.scratch_bytes.values()))}" if self.scratch_bytes else "")
             + f"   TDC cache peak {size(self.cache_bytes)}",
             f"{'context':<12} {'step':>4} {'NVFP4':>7} {'skipped':>8}",
         ]

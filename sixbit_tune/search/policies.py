@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def tdc_options(params: dict) -> dict:
     """The TDC knobs of a trial (the tolerance is passed separately); the cache knobs default to bf16, 0, 0 for
@@ -16,12 +18,46 @@ def tdc_options(params: dict) -> dict:
     }
 
 
+def fit_lines(store, fit_id: str, dynamic: dict[str, tuple]) -> dict[str, Any]:
+    """The predictor of each layer in ``dynamic`` (layer -> pooled ``(alpha, beta, r2, n)``) as a policy carries
+    it: the per-branch lines ``{branch: (alpha, beta, r2, n)}`` where the fit chose per-branch lines (its
+    settings' ``pooling_chosen`` and ``per_branch``), else the pooled line. A layer the per-branch record lacks
+    keeps its pooled line."""
+    import json
+
+    if not dynamic:
+        return {}
+    df = store.predictors(fit_id)
+    raw = df["settings"].iloc[0] if len(df) else None
+    settings = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    per_branch = settings.get("per_branch") or {}
+    if settings.get("pooling_chosen") != "per_branch":
+        return dict(dynamic)
+    out: dict[str, Any] = {}
+    for name, pooled in dynamic.items():
+        branches = per_branch.get(name) or {}
+        out[name] = {b: (f["alpha"], f["beta"], f.get("r2"), f.get("n")) for b, f in branches.items()} or pooled
+    return out
+
+
+def _dynamic_predictors(ctx) -> dict[str, Any]:
+    """``fit_lines`` of the context's fit, read once per context."""
+    cached = getattr(ctx, "_policy_lines", None)
+    if cached is None:
+        preds = ctx.predictors
+        cached = fit_lines(ctx.store, preds.fit_id, preds.dynamic_layers())
+        ctx._policy_lines = cached
+    return cached
+
+
 def build_policy(ctx, params: dict, corner: str | None = None):
     """The policy of one trial (see :meth:`sixbit_tune.search.runner.SearchContext.build_policy`).
 
-    Trusted layers are ``"dynamic"`` with their predictor; untrusted ones (and any layer the fit lacks) run the
-    fit's ``untrusted_mode`` statically. Corners: ``static_int8``/``static_nvfp4`` (every layer static, no cache),
-    ``dmpq_no_cache`` (DMPQ at the trial's τ, TDC off).
+    Trusted layers are ``"dynamic"`` over one stored NVFP4 weight (fast W4A4, robust W4A8) with their predictor
+    (per guidance branch where the fit chose per-branch lines: :func:`fit_lines`); untrusted ones (and any layer
+    the fit lacks) store the fit's ``untrusted_mode`` format and run its fast route. Corners:
+    ``static_int8``/``static_nvfp4`` (every layer static, no cache), ``dmpq_no_cache`` (DMPQ at the trial's τ, TDC
+    off).
     """
     from sixbit_tune.runtime import make_dynamic_policy, make_static_policy
 
@@ -32,7 +68,7 @@ def build_policy(ctx, params: dict, corner: str | None = None):
     tolerance = 0.0 if corner == "dmpq_no_cache" else float(params["delta"])
     return make_dynamic_policy(
         ctx.pipe,
-        preds.dynamic_layers(),
+        _dynamic_predictors(ctx),
         float(params["tau"]),
         other_layers=preds.untrusted_mode,
         tdc_tolerance=tolerance,
