@@ -29,9 +29,22 @@ Exact rules (their one definition: :mod:`sixbit_tune.rules`), for block ``l`` at
   dynamic layer of the block on the robust route (``rules.dmpq_formats(refresh_robust=True)``).
 * **Guidance branches and rows.** State is kept per ``cache_context`` name (Wan and HunyuanVideo call the
   transformer once per branch) and, inside a context, per batch row (a row = one (prompt, branch); batched-CFG
-  families carry ``[uncond rows; cond rows]``). A batched call decides jointly and conservatively: a layer runs
-  NVFP4 only if *every* row's prediction is ``≤ τ``; a block is skipped only if *every* row's accumulated change
-  is ``≤ δ``. Γ, Δ and the change are per row (``sixbit_tune.stats``), so nothing is averaged across branches.
+  families carry ``[uncond rows; cond rows]``). Γ, Δ, the change, its rate, the accumulated change, the
+  consecutive skips and the steps of the last computations are per row (``sixbit_tune.stats``), so nothing is
+  averaged across branches. ``tdc.cfg_rows`` says how a call of several rows decides a block:
+
+  - ``"joint"`` (the default): a block is skipped only if *every* row may skip (``rules.tdc_skip``), else it runs
+    on every row;
+  - ``"per_row"``: each row is decided alone (``rules.tdc_skip_rows``). Where some rows skip and others do not,
+    the block runs on the computing rows only (its arguments taken by rows: :mod:`sixbit_tune.runtime.rows`), the
+    skipped rows return their ``X + Δ`` (or extrapolation, with each row's own steps), and only the computed rows'
+    measurements and cache entries change. Where the call's arguments cannot be taken by rows (a tensor whose
+    first dimension could be the batch or the tokens, a stream not ``[rows, ...]``), the block runs on every row,
+    as the joint rule does, and the run's notes say why.
+
+  A layer runs NVFP4 only if the prediction of *every* row the block runs on is ``≤ τ``.
+  ``RunStats.skipped_blocks`` counts the calls skipped for every row; ``skip_record_rows`` (set it to ``{}``)
+  records the per-row decisions.
 * **Host synchronisation.** Γ, the change of Δ and a finiteness flag of the output are computed on the device.
   At the start of a transformer call, every value still on the device (from the previous calls of *all*
   contexts; for a bare transformer without step index also the call's timestep) is fetched with one
