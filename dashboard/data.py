@@ -563,32 +563,72 @@ def policy_maps(store: Store, policy: Mapping[str, Any], run_id: str) -> tuple[p
     layer_blocks = _layer_blocks(store, run_id, pol.dmpq.layers, block_name)
     block_pos = {b: j for j, b in enumerate(blocks)}
     tau = pol.dmpq.threshold
-    first = pol.dmpq.first_step_format
+    first = _first_step_role(pol.dmpq)
     n_rows = len(rows)
+    branches = rows["branch"].tolist()
     prec = []
     for name, lp in pol.dmpq.layers.items():
         b = layer_blocks.get(name)
         if b not in block_pos:
             continue
         j = block_pos[b]
+        dynamic, nvfp4, quantized = _nvfp4_roles(lp)
         for t in range(steps):
             n_comp = int(computed[:, j, t].sum())
             n_fast = 0
             for c, call in enumerate(calls):
                 if not computed[call[0], j, t]:
                     continue
-                if lp.mode == "dynamic":
-                    fast = rules.dmpq_format(lp.alpha, lp.beta, gamma_prev[c][j][t], tau, first) == rules.FAST_FORMAT
-                else:
-                    fast = lp.mode == rules.FAST_FORMAT
-                n_fast += len(call) if fast else 0
-            share = n_fast / n_comp if n_comp and lp.mode != "none" else math.nan
+                role = "fast"
+                if dynamic:
+                    g = gamma_prev[c][j][t]
+                    alpha, beta = _decision_line(lp, branches[call[0]] if len(call) == 1 else None)
+                    role = first if not g else ("fast" if rules.dmpq_fast(alpha, beta, g, tau) else "robust")
+                n_fast += len(call) if nvfp4[role] else 0
+            share = n_fast / n_comp if n_comp and quantized else math.nan
             prec.append({"layer": name, "block_index": b, "block": block_name[b], "step": t, "mode": lp.mode,
                          "nvfp4_share": share, "computed_share": n_comp / n_rows})
     precision = pd.DataFrame(
         prec, columns=["layer", "block_index", "block", "step", "mode", "nvfp4_share", "computed_share"]
     )
     return precision, skips
+
+
+def _first_step_role(dmpq: Any) -> str:
+    """The route role ("fast" | "robust") of dynamic layers at the first step: ``dmpq.first_step`` (schema 2), else
+    the role of schema 1's ``first_step_format`` (NVFP4 is the fast route)."""
+    role = getattr(dmpq, "first_step", None)
+    if role in ("fast", "robust"):
+        return role
+    return "fast" if getattr(dmpq, "first_step_format", None) == "nvfp4" else "robust"
+
+
+def _nvfp4_roles(lp: Any) -> tuple[bool, dict[str, bool], bool]:
+    """(dynamic, {role: the route of that role runs NVFP4 activations}, quantized) of one layer policy: schema 2
+    layers by their ``fast`` and ``robust`` activation formats and their ``mode``, schema 1 layers by ``mode``
+    (a dynamic layer's fast route is NVFP4)."""
+    mode = getattr(lp, "mode", None)
+    if getattr(lp, "weight", None) is None:  # schema 1
+        if mode == "dynamic":
+            return True, {"fast": True, "robust": False}, True
+        return False, {"fast": mode == "nvfp4", "robust": mode == "nvfp4"}, mode != "none"
+    if lp.weight == "none":
+        return False, {"fast": False, "robust": False}, False
+    acts = {"fast": lp.fast == "nvfp4", "robust": lp.robust == "nvfp4"}
+    if mode == "dynamic":
+        return True, acts, True
+    return False, {"fast": acts[mode], "robust": acts[mode]}, True
+
+
+def _decision_line(lp: Any, branch: str | None) -> tuple[float, float]:
+    """(alpha, beta) a dynamic layer decides with: its line for ``branch`` where the policy keeps lines per guidance
+    branch and the call holds that branch alone, else its one decision line."""
+    line_of = getattr(lp, "line", None)
+    if branch is not None and callable(line_of):
+        line = line_of(branch)
+        if line is not None:
+            return line.alpha, line.beta
+    return lp.alpha, lp.beta
 
 
 def _layer_blocks(store: Store, run_id: str, layers: Sequence[str], block_name: Mapping[int, str | None]) -> dict:
@@ -608,10 +648,15 @@ def _layer_blocks(store: Store, run_id: str, layers: Sequence[str], block_name: 
 
 
 def policy_summary(policy: Mapping[str, Any]) -> pd.DataFrame:
-    """Per layer mode counts of a policy (mode, layers)."""
-    layers = (policy.get("dmpq") or {}).get("layers") or {}
-    modes = pd.Series([v.get("mode") for v in layers.values()], dtype="object")
-    return modes.value_counts().rename_axis("mode").reset_index(name="layers")
+    """Per route (:func:`layer_route`, e.g. ``"int8/int8"`` or ``"nvfp4/nvfp4 | nvfp4/int8 (dynamic)"``) and stored
+    weight format, how many in-block layers a policy gives it. Columns: route, weight, mode, layers."""
+    from sixbit_tune import policy as P
+
+    pol = P.load(dict(policy))
+    rows = [(*reversed(layer_route(lp)), lp.mode) for lp in pol.dmpq.layers.values()]
+    df = pd.DataFrame(rows, columns=["route", "weight", "mode"])
+    return df.value_counts().rename("layers").reset_index().sort_values(["layers", "route"], ascending=[False, True],
+                                                                        ignore_index=True)
 
 
 def measured_vs_baseline(trial: Mapping[str, Any]) -> pd.DataFrame:
@@ -720,51 +765,6 @@ def gpu_comparison(stores: Mapping[str, Store]) -> pd.DataFrame:
     return pd.DataFrame(out).reindex(columns=cols)
 
 
-def chosen_policies(stores: Mapping[str, Store], comparison: pd.DataFrame) -> dict[str, dict]:
-    """The policy JSON of each store's chosen trial (:func:`gpu_comparison` rows with a study and number)."""
-    out = {}
-    for r in comparison.dropna(subset=["study", "number"]).itertuples():
-        policy = trial_policy(stores[r.store], r.study, int(r.number))
-        if policy is not None:
-            out[r.store] = policy
-    return out
-
-
-def policy_comparison(policies: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Chosen policies side by side.
-
-    Returns:
-        ``(knobs, layers)``: knobs has one row per setting (τ, first-step format, TDC knobs, target, mode counts)
-        and one column per store; layers has one row per in-block layer, one column per store holding its mode
-        (``dynamic`` layers with their α and β).
-    """
-    knobs: dict[str, dict[str, Any]] = {}
-    layers: dict[str, dict[str, Any]] = {}
-    for label, p in policies.items():
-        dmpq, tdc, target = p.get("dmpq") or {}, p.get("tdc") or {}, p.get("target") or {}
-        modes = pd.Series([v.get("mode") for v in (dmpq.get("layers") or {}).values()], dtype="object")
-        col = {
-            "DMPQ threshold τ": dmpq.get("threshold"),
-            "first step format": dmpq.get("first_step_format"),
-            "TDC tolerance δ": tdc.get("tolerance"),
-            "TDC warmup / cooldown / max_skips": f"{tdc.get('warmup')} / {tdc.get('cooldown')} / {tdc.get('max_skips')}",
-            "cache dtype": tdc.get("cache_dtype"),
-            "target GPU": target.get("gpu") or "CPU (no GPU)",
-            "NVFP4 path": target.get("nvfp4_path"),
-        }
-        for mode in ("dynamic", "nvfp4", "int8", "none"):
-            col[f"layers {mode}"] = int((modes == mode).sum())
-        knobs[label] = {k: (str(v) if v is not None else None) for k, v in col.items()}
-        for name, lp in (dmpq.get("layers") or {}).items():
-            text = lp.get("mode")
-            if text == "dynamic":
-                text = f"dynamic (α={lp.get('alpha'):.3g}, β={lp.get('beta'):.3g})"
-            layers.setdefault(name, {})[label] = text
-    knobs_df = pd.DataFrame(knobs).rename_axis("setting").reset_index()
-    layers_df = pd.DataFrame.from_dict(layers, orient="index").rename_axis("layer").reset_index()
-    return knobs_df, layers_df
-
-
 # ------------------------------------------------------------------------------------------------ per GPU
 
 #: The GPU label of rows measured without a GPU (``trials.gpu`` / ``runs.gpu_name`` NULL).
@@ -774,10 +774,10 @@ NO_GPU = "CPU (no GPU)"
 #: attention format), newest schema first; the first one present is read.
 ATTENTION_TABLES = ("attn_steps", "attention")
 
-#: How a schema-1 layer mode stores its weight and which activation routes it runs.
+#: How a schema-1 layer mode stores its weight and which routes ("<weight>/<activation>") it runs.
 _V1_WEIGHT = {"dynamic": "nvfp4+int8", "nvfp4": "nvfp4", "int8": "int8", "none": "none"}
-_V1_ROUTE = {"dynamic": "nvfp4 | int8 (dynamic)", "nvfp4": "nvfp4 (W4A4)", "int8": "int8 (W8A8)",
-             "none": "none (model dtype)"}
+_V1_ROUTES = {"dynamic": ("nvfp4/nvfp4", "int8/int8"), "nvfp4": ("nvfp4/nvfp4",), "int8": ("int8/int8",),
+              "none": ()}
 
 
 def gpu_trials(stores: Mapping[str, Store]) -> pd.DataFrame:
@@ -997,20 +997,38 @@ def _obj_dict(v: Any) -> Any:
     return v
 
 
-def layer_route(lp: Any) -> tuple[str, str]:
-    """(stored weight format, route) of one layer policy, for schema 1 (``mode`` only) and schema 2 (``weight``,
-    ``fast``, ``robust`` and ``mode`` dynamic | fast | robust) layers."""
+def layer_routes(lp: Any) -> tuple[str, tuple[str, ...]]:
+    """(stored weight format, the routes ``"<weight>/<activation>"`` the layer may take) of one layer policy, for
+    schema 1 (``mode`` only: a dynamic layer kept NVFP4 and INT8 weights) and schema 2 (``weight``, ``fast``,
+    ``robust``, ``mode`` dynamic | fast | robust; absent activation formats are the weight's defaults)."""
     mode = getattr(lp, "mode", None)
     weight = getattr(lp, "weight", None)
     if weight is None:
-        return _V1_WEIGHT.get(mode, str(mode)), _V1_ROUTE.get(mode, str(mode))
+        return _V1_WEIGHT.get(mode, str(mode)), _V1_ROUTES.get(mode, (str(mode),))
+    if weight == "none":
+        return "none", ()
     fast, robust = getattr(lp, "fast", None), getattr(lp, "robust", None)
-    if weight == "none" or mode == "none":
-        return "none", "none (model dtype)"
+    if fast is None or robust is None:
+        try:
+            from sixbit_tune.routes import DEFAULT_ROUTES
+        except ImportError:
+            DEFAULT_ROUTES = {}
+        d_fast, d_robust = DEFAULT_ROUTES.get(weight, (weight, weight))
+        fast, robust = fast or d_fast, robust or d_robust
     if mode == "dynamic":
-        return weight, f"W{weight}·A{fast} | W{weight}·A{robust} (dynamic)"
-    act = fast if mode == "fast" else robust if mode == "robust" else mode
-    return weight, f"W{weight}·A{act}"
+        return weight, tuple(dict.fromkeys((f"{weight}/{fast}", f"{weight}/{robust}")))
+    return weight, (f"{weight}/{robust if mode == 'robust' else fast}",)
+
+
+def layer_route(lp: Any) -> tuple[str, str]:
+    """(stored weight format, route label) of one layer policy: ``"nvfp4/nvfp4"`` for a layer always on one
+    route, ``"nvfp4/nvfp4 | nvfp4/int8 (dynamic)"`` for a dynamic one, ``"none (model dtype)"`` for an
+    unquantized one (:func:`layer_routes`)."""
+    weight, routes = layer_routes(lp)
+    if not routes:
+        return weight, "none (model dtype)"
+    dynamic = getattr(lp, "mode", None) == "dynamic" and len(routes) > 1
+    return weight, " | ".join(routes) + (" (dynamic)" if dynamic else "")
 
 
 def _layer_items(policy: Any) -> dict[str, Any]:
@@ -1192,16 +1210,21 @@ def _menu(policy: Any) -> dict[str, dict[str, Any]]:
 
 def menu_comparison(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
     """The routes each GPU's policy was chosen from (``target.menu``: the route's implementation and its measured
-    speed), one row per (route, GPU). Columns: route, gpu, then every field the menus carry (``implementation``
-    first). Empty when no policy carries a menu (schema 1 policies do not)."""
+    speed), one row per (route, GPU). Columns: route, gpu, layers (in-block layers of that GPU's policy that may
+    take the route), then every field the menus carry (``implementation`` first). Empty when no policy carries a
+    menu (schema 1 policies do not)."""
     rows = []
     for gpu, c in chosen.items():
+        used: dict[str, int] = {}
+        for lp in _layer_items(c.policy).values():
+            for route in layer_routes(lp)[1]:
+                used[route] = used.get(route, 0) + 1
         for route, fields in _menu(c.policy).items():
-            rows.append({"route": route, "gpu": gpu, **fields})
+            rows.append({"route": route, "gpu": gpu, "layers": used.get(route, 0), **fields})
     if not rows:
-        return pd.DataFrame(columns=["route", "gpu", "implementation"])
+        return pd.DataFrame(columns=["route", "gpu", "layers", "implementation"])
     df = pd.DataFrame(rows)
-    first = ["route", "gpu"] + (["implementation"] if "implementation" in df else [])
+    first = ["route", "gpu", "layers"] + (["implementation"] if "implementation" in df else [])
     df = df[first + [c for c in df.columns if c not in first]]
     for c in df.columns[len(first):]:
         df[c] = [json.dumps(v, sort_keys=True) if isinstance(v, Mapping | list) else v for v in df[c]]

@@ -346,7 +346,8 @@ def policy_page() -> None:
 
     dmpq, tdc = policy.get("dmpq", {}), policy.get("tdc", {})
     st.caption(
-        f"τ = {dmpq.get('threshold')}, first step {dmpq.get('first_step_format')}; TDC δ = {tdc.get('tolerance')}, "
+        f"τ = {dmpq.get('threshold')}, first step {dmpq.get('first_step', dmpq.get('first_step_format'))}; "
+        f"TDC δ = {tdc.get('tolerance')}, "
         f"warmup {tdc.get('warmup')}, cooldown {tdc.get('cooldown')}, max_skips {tdc.get('max_skips')}, cache "
         f"{tdc.get('cache_dtype')}; target {policy.get('target')}"
     )

@@ -11,6 +11,7 @@ import pytest
 from dashboard_helpers import PROMPTS, STEPS, TRIALS
 from sixbit_tune.dashboard import data
 
+from sixbit_tune import policy as P
 from sixbit_tune.store import Store
 
 
@@ -252,21 +253,28 @@ def test_policy_maps_dmpq_matches_the_rule_on_the_profile(store):
     run = _profile_run(store)
     precision, skips = data.policy_maps(store, policy, run)
     assert (skips["skip_share"] == 0).all()
-    tau = float(policy["dmpq"]["threshold"])
+    pol = P.load(policy)
+    assert data.run_settings(store, run).get("cfg_mode") != "batched"  # every (prompt, branch) decides alone
+    tau = pol.dmpq.threshold
     blocks = store.block_steps([run])
     checked = 0
-    for name, lp in policy["dmpq"]["layers"].items():
+    for name, lp in pol.dmpq.layers.items():
         got = precision[precision["layer"] == name].set_index("step")["nvfp4_share"]
-        if lp["mode"] != "dynamic":
-            assert (got == (1.0 if lp["mode"] == "nvfp4" else 0.0)).all()
+        if lp.mode != "dynamic":
+            acts = {getattr(lp, lp.mode) if hasattr(lp, "fast") else lp.mode}
+            assert (got == (1.0 if acts == {"nvfp4"} else 0.0)).all()
             continue
         block = int(name.split(".")[1])
         b = blocks[blocks["block_index"] == block]
-        expected_first = policy["dmpq"]["first_step_format"] == "nvfp4"
-        assert got[0] == float(expected_first)
+        first = getattr(pol.dmpq, "first_step", None) or ("fast" if pol.dmpq.first_step_format == "nvfp4" else "")
+        assert got[0] == float(first == "fast")
         for t in range(1, STEPS):
-            g = b[b["step"] == t - 1]["gamma"].to_numpy()
-            assert got[t] == pytest.approx(np.mean(lp["alpha"] * g + lp["beta"] <= tau))
+            prev = b[b["step"] == t - 1]
+            fast = []
+            for branch, g in zip(prev["branch"], prev["gamma"]):
+                line = lp.line(branch) if hasattr(lp, "line") else lp
+                fast.append(line.alpha * g + line.beta <= tau)
+            assert got[t] == pytest.approx(np.mean(fast))
             checked += 1
     assert checked > 0
 
@@ -304,10 +312,18 @@ def test_measured_vs_baseline(store):
     assert m.loc["NVFP4 share of layer calls", "policy"] == pytest.approx(1.0)
 
 
-def test_policy_summary_counts_modes(store):
+def test_policy_summary_counts_routes(store):
     policy, _ = _trial_policy(store, "static_int8")
     s = data.policy_summary(policy)
-    assert s.set_index("mode")["layers"].to_dict() == {"int8": len(policy["dmpq"]["layers"])}
+    assert s.set_index("route")["layers"].to_dict() == {"int8/int8": len(policy["dmpq"]["layers"])}
+    assert s["weight"].tolist() == ["int8"]
+    dynamic = data.study_trials(store, _study(store))
+    dynamic = dynamic[dynamic["reference"].isna() & (dynamic["state"] == "COMPLETE")]
+    for number in dynamic["number"]:
+        p = data.trial_policy(store, _study(store), int(number))
+        s = data.policy_summary(p)
+        assert s["layers"].sum() == len(p["dmpq"]["layers"])
+        assert set(s["mode"]) == {lp["mode"] for lp in p["dmpq"]["layers"].values()}
 
 
 def test_sample_media(tmp_path):
@@ -337,22 +353,3 @@ def test_gpu_comparison_side_by_side(dash_store, second_store):
         t = s.trials()
     feasible = t[t["quality"].map(lambda q: json.loads(q)["feasible"])]
     assert comp["latency_ms"].iloc[0] == pytest.approx(feasible["latency_ms"].min())
-
-
-def test_chosen_policies_compared(dash_store, second_store):
-    stores = data.open_stores([dash_store, second_store])
-    try:
-        comp = data.gpu_comparison(stores)
-        policies = data.chosen_policies(stores, comp)
-    finally:
-        for s in stores.values():
-            s.close()
-    assert list(policies) == ["h200", "b200"]
-    knobs, layers = data.policy_comparison(policies)
-    assert list(knobs.columns) == ["setting", "h200", "b200"]
-    n_layers = len(policies["h200"]["dmpq"]["layers"])
-    counts = knobs.set_index("setting").loc[[f"layers {m}" for m in ("dynamic", "nvfp4", "int8", "none")], "h200"]
-    assert sum(int(c) for c in counts) == n_layers
-    assert len(layers) == n_layers and set(layers["layer"]) == set(policies["h200"]["dmpq"]["layers"])
-    tau = knobs.set_index("setting").loc["DMPQ threshold τ", "h200"]
-    assert float(tau) == pytest.approx(float(policies["h200"]["dmpq"]["threshold"]))

@@ -165,18 +165,35 @@ def test_layer_routes_and_counts(two, gpu_stores):
         assert mine[mine > 0].to_dict() == route_of.to_dict()
 
 
-def test_layer_route_of_each_schema_1_mode():
-    for mode, weight in (("dynamic", "nvfp4"), ("nvfp4", "nvfp4"), ("int8", "int8"), ("none", "none")):
-        kw = {"alpha": 0.5, "beta": 0.01} if mode == "dynamic" else {}
-        w, route = data.layer_route(P.LayerPolicy(mode, 64, 64, **kw))
-        assert w.startswith(weight) and route
+def test_layer_route_of_each_schema_1_spelling():
+    def route(mode, **kw):
+        return data.layer_route(P.LayerPolicy(mode, 64, 64, **kw))
+
+    weight, dyn = route("dynamic", alpha=0.5, beta=0.01)
+    assert weight.startswith("nvfp4") and dyn.startswith("nvfp4/nvfp4 | ") and dyn.endswith("int8 (dynamic)")
+    assert route("nvfp4") == ("nvfp4", "nvfp4/nvfp4")
+    assert route("int8") == ("int8", "int8/int8")
+    assert route("none") == ("none", "none (model dtype)")
+
+
+@pytest.mark.skipif(not hasattr(P, "MenuEntry"), reason="the policy schema has no routes per layer yet (schema 1)")
+def test_layer_route_of_schema_2_layers():
+    def lp(**kw):
+        return P.LayerPolicy(in_features=64, out_features=64, **kw)
+
+    assert data.layer_route(lp(weight="nvfp4", fast="nvfp4", robust="fp8", mode="robust")) == ("nvfp4", "nvfp4/fp8")
+    assert data.layer_route(lp(weight="fp8")) == ("fp8", "fp8/fp8")
+    assert data.layer_routes(lp(weight="nvfp4", fast="nvfp4", robust="fp8", mode="dynamic", alpha=0.5, beta=0.0)) == (
+        "nvfp4", ("nvfp4/nvfp4", "nvfp4/fp8"))
 
 
 @pytest.mark.skipif(not hasattr(P, "MenuEntry"), reason="the policy schema has no GPU menus yet (schema 1)")
 def test_menus_and_route_speeds_compared(two, gpu_stores):
     _, chosen = _chosen(two, gpu_stores)
-    assert data.menu_comparison(chosen).empty or all(
-        data._menu(c.policy) for c in chosen.values())
+    m = data.menu_comparison(chosen)
+    for _, r in m.iterrows():  # the layers of each GPU's policy that may take each route of its menu
+        layers = chosen[r["gpu"]].policy.dmpq.layers.values()
+        assert r["layers"] == sum(r["route"] in data.layer_routes(lp)[1] for lp in layers)
     speeds = {H200["name"]: 1.62, H100["name"]: 1.50}
     for g, c in chosen.items():
         menu = {"fp8/fp8": P.MenuEntry("torch-scaled-mm", tflops=1166.0, speedup=speeds[g]),
@@ -187,8 +204,10 @@ def test_menus_and_route_speeds_compared(two, gpu_stores):
     assert set(m["route"]) == {"fp8/fp8", "int8/int8"}
     fp8 = m[m["route"] == "fp8/fp8"].set_index("gpu")
     assert fp8.loc[H100["name"], "speedup"] == pytest.approx(1.50)
+    assert fp8.loc[H200["name"], "tflops"] == pytest.approx(1166.0)
     assert (fp8["implementation"] == "torch-scaled-mm").all()
-    assert "fp8/fp8" in data.policy_side_by_side(chosen).set_index("setting").loc["menu routes", H100["name"]]
+    side = data.policy_side_by_side(chosen)
+    assert side.set_index("setting").loc["menu routes", H100["name"]] == "fp8/fp8, int8/int8"
 
 
 def test_chosen_points_sit_on_their_search(two, gpu_stores):
