@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -35,8 +36,14 @@ def fit_lines(store, fit_id: str, dynamic: dict[str, tuple]) -> dict[str, Any]:
         return dict(dynamic)
     out: dict[str, Any] = {}
     for name, pooled in dynamic.items():
-        branches = per_branch.get(name) or {}
-        out[name] = {b: (f["alpha"], f["beta"], f.get("r2"), f.get("n")) for b, f in branches.items()} or pooled
+        lines = {}
+        for branch, f in (per_branch.get(name) or {}).items():
+            alpha, beta, r2, n = f.get("alpha"), f.get("beta"), f.get("r2"), f.get("n")
+            if not all(isinstance(v, int | float) and math.isfinite(v) for v in (alpha, beta)):
+                continue  # a branch without a usable line: the others (or the pooled line) decide
+            r2 = r2 if isinstance(r2, int | float) and math.isfinite(r2) else None
+            lines[branch] = (alpha, beta, r2, n if isinstance(n, int) else None)
+        out[name] = lines or pooled
     return out
 
 

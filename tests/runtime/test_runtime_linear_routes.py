@@ -118,3 +118,14 @@ def test_route_selection_and_bad_routes():
     v1 = MixedPrecisionLinear(lin, "dynamic", Backend("reference"))
     assert (v1.weight_format, v1.fast, v1.robust, v1.mode) == ("nvfp4", "nvfp4", "int8", "dynamic")
     assert MixedPrecisionLinear(lin, "int8", Backend("reference")).weight_format == "int8"
+
+
+def test_a_static_derived_route_compiles_to_the_eager_result():
+    lin = _linear()
+    layer = MixedPrecisionLinear(lin, "robust", Backend("reference"), weight="nvfp4")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="eager")(x)
+    assert torch.equal(compiled, eager)
+    assert layer._backend.scratch_bytes() == {"int8": weight_bytes("int8", 48, 64)}  # only the eager call used it
