@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sixbit_tune import kernels
+from sixbit_tune import routes as _routes
 from sixbit_tune.formats import weight_bytes
 
 KERNEL_PREFERENCES = tuple(p.value for p in kernels.KernelPreference)
@@ -51,8 +52,8 @@ class Backend:
         (``fmt``, N, K) and that buffer is returned (valid until the next derivation of that shape); without it
         (under ``torch.compile``), fresh tensors.
         """
-        if fmt not in ("int8", "fp8"):
-            raise ValueError(f"a weight operand is derived in 'int8' or 'fp8', not {fmt!r}")
+        if fmt not in _routes.ROUTES["nvfp4"] or not _routes.is_derived("nvfp4", fmt):
+            raise ValueError(f"an NVFP4 weight has no derived {fmt!r} operand (its routes: {_routes.ROUTES['nvfp4']})")
         w = qweight.dequantize(torch.float32)
         q, s = kernels.quantize_activation(w, fmt, preference=self.preference, check_finite=False)
         if not scratch:

@@ -43,6 +43,8 @@ def test_derived_weight_is_the_formats_rule_on_the_dequantized_nvfp4_values(fmt,
     q, s = Backend("reference").derive_weight(stored, fmt)
     eq, es = module.quantize(nvfp4.dequantize(stored, torch.float32))
     assert q.dtype == eq.dtype and torch.equal(q.view(torch.int8), eq.view(torch.int8)) and torch.equal(s, es)
+    with pytest.raises(ValueError, match="no derived"):
+        Backend("reference").derive_weight(stored, "nvfp4")
 
 
 @pytest.mark.parametrize("act", ["int8", "fp8"])
