@@ -16,6 +16,13 @@ max_rel_rmse`` (there is little variation to explain: e.g. cross-attention K/V p
 embedding have a nearly constant error, so R² is near 0 while α·Γ+β ≈ mean is an accurate prediction). An untrusted
 layer gets the static mode ``untrusted_mode`` in every policy (default ``"int8"``: the robust format — the search
 cannot tell when NVFP4 is safe for a layer whose error the predictor does not explain).
+
+Attention. The same fit runs for the attention of each block: attn_err_t ≈ α·Γ_{t−1} + β, per attention format
+recorded in ``attn_steps`` (``"fp8"``, ``"int8"``), with the same line fitting, pooling choice and trust verdict
+(the block index plays the layer's part). :func:`fit_store` puts these fits in :attr:`FitResult.attention`,
+:func:`write_fit` records them in ``attn_predictors`` under the same fit id (one row per block and branch: the
+branch's own line when the fit chose per-branch lines, else the pooled line), and :func:`attention_predictors`
+reads them back as ``{block: {branch: LineFit}}``.
 """
 
 from __future__ import annotations
@@ -151,6 +158,9 @@ class FitResult:
     layers: dict[str, LayerFit]
     pooling: str  # the choice: "pooled" | "per_branch"
     pooling_evidence: dict = field(default_factory=dict)
+    #: attention format -> the attention fit (keys of its ``layers``: the block index as text); empty when the
+    #: profile runs recorded no attention errors
+    attention: dict[str, FitResult] = field(default_factory=dict)
 
     @property
     def trusted(self) -> dict[str, LayerFit]:
@@ -326,14 +336,55 @@ def load_pairs(store, run_ids: Sequence[str], fmt: str = "nvfp4"):
     return store.query(PAIRS_SQL, [fmt, list(run_ids)])
 
 
+ATTN_PAIRS_SQL = """
+SELECT a.block_index AS layer, a.block_index, a.branch, a.run_id, a.prompt_index, a.step,
+       b.gamma AS gamma_prev, a.attn_err AS out_err
+FROM attn_steps AS a
+JOIN block_steps AS b
+  ON b.run_id = a.run_id AND b.prompt_index = a.prompt_index AND b.branch = a.branch
+ AND b.block_index = a.block_index AND b.step = a.step - 1
+WHERE a.format = ? AND a.run_id IN (SELECT unnest(?::VARCHAR[]))
+ORDER BY a.block_index, a.branch, a.run_id, a.prompt_index, a.step
+"""
+"""The (Γ_{t−1}, attn_err_t) pairs, in the columns of :data:`PAIRS_SQL` (``layer`` is the block index,
+``out_err`` the attention error), so :func:`fit_pairs` fits them as it fits layers."""
+
+
+def load_attention_pairs(store, run_ids: Sequence[str], fmt: str):
+    """The (Γ_{t−1}, attn_err_t) pairs of ``run_ids`` for attention format ``fmt`` (:data:`ATTN_PAIRS_SQL`)."""
+    return store.query(ATTN_PAIRS_SQL, [fmt, list(run_ids)])
+
+
+def fit_attention(store, run_ids: Sequence[str], settings: FitSettings = FitSettings(),
+                  fit_id: str | None = None) -> dict[str, FitResult]:
+    """The attention predictors of ``run_ids``: one :class:`FitResult` per attention format recorded (its
+    ``layers`` keyed by block index as text), each fitted by :func:`fit_pairs`. Formats with no pair (a single
+    step, or errors recorded only on steps whose previous step has no Γ) are left out; no attention rows at all
+    gives ``{}``."""
+    fmts = store.query(
+        "SELECT DISTINCT format FROM attn_steps WHERE run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY format",
+        [list(run_ids)],
+    )["format"].tolist()
+    out = {}
+    for fmt in fmts:
+        pairs = load_attention_pairs(store, run_ids, fmt)
+        if len(pairs):
+            out[fmt] = fit_pairs(pairs, run_ids, dataclasses.replace(settings, format=fmt), fit_id=fit_id)
+    return out
+
+
 def fit_store(store, run_ids: Sequence[str] | None = None, settings: FitSettings = FitSettings()) -> FitResult:
-    """Fit every layer of the chosen profile runs (see :func:`default_profile_runs`)."""
+    """Fit every layer of the chosen profile runs (see :func:`default_profile_runs`), and the attention of every
+    block where the runs recorded attention errors (:attr:`FitResult.attention`, same fit id)."""
     run_ids = default_profile_runs(store, run_ids)
-    return fit_pairs(load_pairs(store, run_ids, settings.format), run_ids, settings)
+    result = fit_pairs(load_pairs(store, run_ids, settings.format), run_ids, settings)
+    result.attention = fit_attention(store, run_ids, settings, fit_id=result.fit_id)
+    return result
 
 
 def write_fit(writer, result: FitResult) -> str:
-    """Record a fit in the store's ``predictors`` table (one row per layer, pooled form); returns the fit id."""
+    """Record a fit in the store's ``predictors`` table (one row per layer, pooled form), and its attention fits in
+    ``attn_predictors`` (:func:`write_attention_fit`); returns the fit id."""
     rows = [
         {
             "layer": f.layer,
@@ -351,7 +402,33 @@ def write_fit(writer, result: FitResult) -> str:
     settings["per_branch"] = {
         f.layer: {b: dataclasses.asdict(lf) for b, lf in f.per_branch.items()} for f in result.layers.values()
     }
-    return writer.write_predictors(rows, run_ids=result.run_ids, fit_id=result.fit_id, settings=settings)
+    fit_id = writer.write_predictors(rows, run_ids=result.run_ids, fit_id=result.fit_id, settings=settings)
+    for att in result.attention.values():
+        write_attention_fit(writer, att, fit_id)
+    return fit_id
+
+
+def write_attention_fit(writer, result: FitResult, fit_id: str) -> None:
+    """Record one attention format's fit in ``attn_predictors``: per block, one row per branch with the line that
+    branch uses (its own when the fit chose per-branch lines, else the pooled one) and the block's trust verdict.
+    The fit's settings, pooling evidence and both forms of every line are kept in the rows' ``settings``."""
+    per_branch = result.pooling == "per_branch"
+    rows = []
+    for f in result.layers.values():
+        for branch, own in sorted(f.per_branch.items()):
+            line = own if per_branch else f.pooled
+            rows.append({
+                "block_index": f.block_index, "branch": branch, "format": result.settings.format,
+                "alpha": line.alpha, "beta": line.beta, "r2": line.r2, "n": line.n, "rmse": line.rmse,
+                "mean_err": line.mean_y, "ss_tot": line.ss_tot, "pooled": not per_branch, "trusted": f.trusted,
+            })
+    settings = result.settings_json()
+    settings["untrusted"] = {f.layer: f.reason for f in result.layers.values() if not f.trusted}
+    settings["pooled"] = {f.layer: dataclasses.asdict(f.pooled) for f in result.layers.values()}
+    settings["per_branch"] = {
+        f.layer: {b: dataclasses.asdict(lf) for b, lf in f.per_branch.items()} for f in result.layers.values()
+    }
+    writer.write_attn_predictors(rows, run_ids=result.run_ids, fit_id=fit_id, settings=settings)
 
 
 @dataclass(frozen=True)
@@ -405,4 +482,72 @@ def read_predictors(store, fit_id: str | None = None, fmt: str = "nvfp4") -> Pre
         layers=layers,
         untrusted_mode=settings.get("untrusted_mode", "int8"),
         pooling=settings.get("pooling_chosen", "pooled"),
+    )
+
+
+@dataclass(frozen=True)
+class AttentionPredictors:
+    """The attention predictors of one fit and attention format, as read back from the store.
+
+    Attributes:
+        fit_id, run_ids: which fit, from which profile runs.
+        format: the attention format whose error is predicted (``"fp8"`` or ``"int8"``).
+        pooling: ``"pooled"`` (every branch of a block has the same line) or ``"per_branch"``.
+        blocks: ``block index -> {branch -> LineFit}``, the line each guidance branch uses.
+        trusted: ``block index -> whether its predictor may drive the attention rule``.
+        reasons: ``block index -> why it is not trusted`` (untrusted blocks only).
+    """
+
+    fit_id: str
+    run_ids: list[str]
+    format: str
+    pooling: str
+    blocks: dict[int, dict[str, LineFit]]
+    trusted: dict[int, bool]
+    reasons: dict[int, str] = field(default_factory=dict)
+
+
+def attention_predictors(store, fit_id: str | None = None, fmt: str | None = None) -> AttentionPredictors:
+    """Read a fit's attention predictors (default: the latest fit; ``fmt`` default: ``"fp8"`` when the fit has
+    it, else its only format).
+
+    Raises:
+        ValueError: no fit, or the fit has no attention predictors (of format ``fmt``); the message says which
+            formats it has.
+    """
+    import json
+
+    fit_id = fit_id or store.latest_fit_id()
+    if fit_id is None:
+        raise ValueError("the store has no fitted predictors: run `sixbit-tune fit --store PATH` first")
+    df = store.attn_predictors(fit_id)
+    have = sorted(set(df["format"]))
+    if fmt is None:
+        fmt = "fp8" if "fp8" in have or not have else have[0]
+    df = df[df["format"] == fmt]
+    if len(df) == 0:
+        raise ValueError(
+            f"fit {fit_id!r} has no {fmt} attention predictors"
+            + (f" (it has {have})" if have else ": its profile runs recorded no attention errors (profile with "
+               "--attention-formats fp8 and at least 2 steps, then fit again)")
+        )
+    raw = df["settings"].iloc[0]
+    settings = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    blocks: dict[int, dict[str, LineFit]] = {}
+    trusted: dict[int, bool] = {}
+    for r in df.itertuples(index=False):
+        b = int(r.block_index)
+        blocks.setdefault(b, {})[str(r.branch)] = LineFit(
+            float(r.alpha), float(r.beta), float(r.r2), int(r.n), float(r.rmse), float(r.mean_err), float(r.ss_tot)
+        )
+        trusted[b] = bool(r.trusted)
+    reasons = {int(k): str(v) for k, v in (settings.get("untrusted") or {}).items()}
+    return AttentionPredictors(
+        fit_id=fit_id,
+        run_ids=[str(x) for x in df["run_ids"].iloc[0]],
+        format=fmt,
+        pooling=settings.get("pooling_chosen", "pooled"),
+        blocks=dict(sorted(blocks.items())),
+        trusted=dict(sorted(trusted.items())),
+        reasons=reasons,
     )

@@ -1,8 +1,11 @@
-"""``sixbit-tune fit``: the per-layer DMPQ predictor from a profile store (see :mod:`sixbit_tune.predictor`)."""
+"""``sixbit-tune fit``: the per-layer DMPQ predictor, and the per-block attention predictor, from a profile store
+(see :mod:`sixbit_tune.predictor`)."""
 
 from __future__ import annotations
 
 import argparse
+
+import numpy as np
 
 from sixbit_tune.predictor import FitSettings
 
@@ -88,6 +91,17 @@ def summarize(result, fit_id: str) -> str:
         lines.append(f"  {f.layer}: {f.reason}")
     if len(untrusted) > 20:
         lines.append(f"  ... and {len(untrusted) - 20} more")
+    if not result.attention:
+        lines.append("attention: the profile runs recorded no attention errors (no attention predictors)")
+    for fmt, att in result.attention.items():
+        r2 = att.r2_values()
+        bad = att.untrusted
+        lines.append(
+            f"attention ({fmt}): {len(att.layers)} blocks, R² median {_f(float(np.median(r2)) if r2.size else None)}"
+            f" (min {_f(float(r2.min()) if r2.size else None)}), branches -> {att.pooling}; trusted "
+            f"{len(att.trusted)}, not trusted {len(bad)}"
+            + (f": blocks {', '.join(sorted(bad, key=int))}" if bad else "")
+        )
     return "\n".join(lines)
 
 

@@ -46,8 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     parser.add_argument("--formats", default=",".join(d["formats"]),
                         help="comma-separated formats to record (default %(default)s)")
+    parser.add_argument("--attention-formats", default=",".join(d["attention_formats"]) or "none",
+                        help="comma-separated attention formats (fp8, int8: the Q·Kᵀ operands) whose attn_err each "
+                        "block's self-attention records, or 'none' (default %(default)s)")
+    parser.add_argument("--attention-every", type=int, default=d["attention_every"],
+                        help="record attn_err every N-th step only (default %(default)s)")
     parser.add_argument("--run-id", default=d["run_id"], help="explicit run id (default: generated)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _attention_formats(text: str) -> tuple[str, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(f.strip() for f in text.split(",") if f.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             layer_every=args.layer_every,
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+            attention_formats=_attention_formats(args.attention_formats),
+            attention_every=args.attention_every,
             progress=not args.no_progress,
             run_id=args.run_id,
         )

@@ -86,6 +86,9 @@ class AttentionCall:
     skip: str | None = None  # why this call is not an attention the 8-bit route computes
 
 
+#: the function itself, taken at import: a later wrapper of the module attribute (a test's, a tracer's) still
+#: calls it and is seen through it
+_SDPA = F.scaled_dot_product_attention
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -100,7 +103,7 @@ class SDPACapture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention:
+        if func is _SDPA:
             a = dict(zip(_SDPA_PARAMS, args))
             a.update(kwargs)
             skip = None

@@ -55,6 +55,14 @@ def test_every_family_profiles_into_a_store(tmp_path, family):
         assert list(lay["format"]) == ["int8", "nvfp4"]
         assert list(lay["n"]) == [n_layers * 2 * steps] * 2
         assert (lay["lo"] > 0).all() and (lay["hi"] < 1.5).all()
+        # attn_err of every block's self-attention, at every step and branch, in the default format
+        assert settings["attention_formats"] == ["fp8"] and len(settings["attention_modules"]) == n_blocks
+        att = s.query("SELECT branch, step, format, count(DISTINCT block_index) AS nb, count(*) AS n, "
+                      "min(attn_err) AS lo, max(attn_err) AS hi FROM attn_steps WHERE run_id = ? GROUP BY ALL "
+                      "ORDER BY ALL", [run_id])
+        assert list(zip(att["branch"], att["step"])) == [("cond", 0), ("cond", 1), ("uncond", 0), ("uncond", 1)]
+        assert set(att["format"]) == {"fp8"} and list(att["nb"]) == [n_blocks] * 4 and list(att["n"]) == [n_blocks] * 4
+        assert (att["lo"] > 0).all() and (att["hi"] < 0.5).all()
 
 
 def test_cli_prompts_file_and_two_workers(tmp_path):
@@ -63,7 +71,7 @@ def test_cli_prompts_file_and_two_workers(tmp_path):
     assert load_prompts(prompts) == ["a cat runs", "a dog jumps in snow", "a red car"]
     store = tmp_path / "s"
     rc = main(["profile", "--model", "tiny:wan", "--prompts", str(prompts), "--steps", "2", "--store", str(store),
-               "--workers", "2", "--no-progress", "--device", "cpu"])
+               "--workers", "2", "--no-progress", "--device", "cpu", "--attention-formats", "int8"])
     assert rc == 0
     n_blocks, n_layers = _expected("wan")
     with Store.open(store, read_only=True) as s:
@@ -75,6 +83,8 @@ def test_cli_prompts_file_and_two_workers(tmp_path):
         assert list(b["n"]) == [n_blocks * 2 * 2] * 3
         n = s.query("SELECT count(*) AS n FROM layer_steps")["n"][0]
         assert n == 3 * n_layers * 2 * 2 * 2
+        att = s.query("SELECT format, count(*) AS n FROM attn_steps GROUP BY ALL")
+        assert list(att["format"]) == ["int8"] and list(att["n"]) == [3 * n_blocks * 2 * 2]
     parts = [p.name for p in (store / "block_steps").glob("*.parquet")]
     assert any("-w0-" in p for p in parts) and any("-w1-" in p for p in parts)  # each worker wrote its part
 
@@ -158,6 +168,14 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
         ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), steps=0)
     with pytest.raises(ValueError, match="formats must be"):
         ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("fp8",))
+    with pytest.raises(ValueError, match="attention_formats must be distinct values of"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), attention_formats=("nvfp4",))
+    with pytest.raises(ValueError, match="attention_every must be an integer >= 1"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), attention_every=0)
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--model", "tiny:wan", "--prompt", "a", "--store", str(tmp_path / "s"),
+              "--attention-formats", "fp4"])
+    assert e.value.code == 2 and "attention_formats" in capsys.readouterr().err
     with pytest.raises(ValueError, match="prompts"):
         ProfileConfig(model="tiny:wan", prompts=[], store=str(tmp_path))
     with pytest.raises(SystemExit) as e:
@@ -179,12 +197,15 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
 @pytest.mark.parametrize("family", ["wan", "cogvideox"])
 def test_layer_every_records_layers_on_every_kth_step_only(tmp_path, family):
     run_id = profile(ProfileConfig(model=f"tiny:{family}", prompts=["a cat"], store=str(tmp_path / "s"), steps=3,
-                                   layer_every=2, progress=False))
+                                   layer_every=2, attention_every=3, attention_formats=("int8", "fp8"),
+                                   progress=False))
     with Store.open(tmp_path / "s", read_only=True) as s:
         blocks = s.query("SELECT DISTINCT step FROM block_steps WHERE run_id = ? ORDER BY step", [run_id])
         layers = s.query("SELECT DISTINCT step FROM layer_steps WHERE run_id = ? ORDER BY step", [run_id])
         assert list(blocks["step"]) == [0, 1, 2]
         assert list(layers["step"]) == [0, 2]
+        att = s.query("SELECT DISTINCT step, format FROM attn_steps WHERE run_id = ? ORDER BY ALL", [run_id])
+        assert list(zip(att["step"], att["format"])) == [(0, "fp8"), (0, "int8")]
         assert json.loads(s.runs()["settings"][0])["layer_every"] == 2
 
 
