@@ -113,7 +113,8 @@ class SearchConfig:
         steps: denoising steps, overriding the profile's (when ``generation`` is not given).
         quality_floor_db: constraint: mean PSNR against the unquantized output must be at least this.
         repeats: timed generations per prompt (the latency is their median).
-        warmup_runs: untimed generations before the timed ones, per trial.
+        warmup_runs: untimed generations before the timed ones, per trial. On the CPU the first one measures the
+            peak memory (one more untimed generation runs for it when this is 0).
         memory_budget_bytes: a trial whose measured memory exceeds this fails as out-of-memory (on a GPU through
             torch's own allocator limit; on the CPU checked after the measurement).
         max_memory_gib: constraint: the measured peak memory (GiB, 2**30 bytes) must be at most this. A trial above
