@@ -1031,6 +1031,18 @@ def layer_route(lp: Any) -> tuple[str, str]:
     return weight, " | ".join(routes) + (" (dynamic)" if dynamic else "")
 
 
+def _attention_modes(policy: Any) -> dict[int, str]:
+    """Block index -> attention mode ("dynamic" | "8bit" | "bf16") of every block of the policy's model ({} for a
+    policy without an attention section in its schema; every block "bf16" where the section is null)."""
+    if not hasattr(policy, "attention"):
+        return {}
+    att = policy.attention
+    n = policy.model.blocks
+    if att is None:
+        return {i: "bf16" for i in range(n)}
+    return {i: att.mode_of(i) for i in range(n)}
+
+
 def _layer_items(policy: Any) -> dict[str, Any]:
     return dict(getattr(getattr(policy, "dmpq", None), "layers", None) or {})
 
@@ -1092,13 +1104,14 @@ def policy_side_by_side(chosen: Mapping[str, ChosenPolicy], overview: pd.DataFra
             put("DMPQ", f"layers storing {w}", gpu, weights.count(w))
         put("DMPQ", "share of layers storing NVFP4 weights", gpu,
             sum(w.startswith("nvfp4") for w in weights) / len(weights) if weights else None)
-        att = getattr(p, "attention", None)
-        if att is not None:
-            put("attention", "threshold τ_a", gpu, getattr(att, "threshold", None))
-            blocks = getattr(att, "blocks", None) or {}
-            modes = [getattr(b, "mode", b.get("mode") if isinstance(b, Mapping) else b) for b in blocks.values()]
-            for m in sorted({str(m) for m in modes}):
-                put("attention", f"blocks {m}", gpu, sum(str(x) == m for x in modes))
+        if hasattr(p, "attention"):
+            modes = _attention_modes(p)
+            put("attention", "8-bit attention", gpu, "on" if any(m != "bf16" for m in modes.values()) else "off")
+            att = p.attention
+            put("attention", "threshold τ_a", gpu, None if att is None else getattr(att, "threshold", None))
+            put("attention", "format", gpu, None if att is None else getattr(att, "format", None))
+            for m in ("dynamic", "8bit", "bf16"):
+                put("attention", f"blocks {m}", gpu, sum(x == m for x in modes.values()))
         tdc = p.tdc
         for k in ("tolerance", "warmup", "cooldown", "max_skips", "cache_dtype", "extrapolate", "refresh_robust"):
             put("TDC", "tolerance δ" if k == "tolerance" else k, gpu, getattr(tdc, k, None))
@@ -1174,13 +1187,18 @@ def differing_settings(side_by_side: pd.DataFrame) -> pd.DataFrame:
 
 
 def layer_decisions(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
-    """Per in-block layer, the route each GPU's policy gives it. Columns: layer, one per GPU (the route of
-    :func:`layer_route`; None where the policy lacks the layer), differs (not the same on every GPU); ordered by
-    layer name with block numbers compared as numbers."""
+    """Per in-block layer, the route each GPU's policy gives it, and, where a policy quantizes attention, each
+    block's attention mode (rows ``attention of block <i>``). Columns: layer, one per GPU (the route of
+    :func:`layer_route`, or ``attention <mode>``; None where the policy lacks the layer), differs (not the same on
+    every GPU); ordered by name with block numbers compared as numbers."""
     names: dict[str, dict[str, str]] = {}
     for gpu, c in chosen.items():
         for name, lp in _layer_items(c.policy).items():
             names.setdefault(name, {})[gpu] = layer_route(lp)[1]
+    if any(m != "bf16" for c in chosen.values() for m in _attention_modes(c.policy).values()):
+        for gpu, c in chosen.items():
+            for i, mode in _attention_modes(c.policy).items():
+                names.setdefault(f"attention of block {i}", {})[gpu] = f"attention {mode}"
     rows = [{"layer": n, **{g: v.get(g) for g in chosen}} for n, v in names.items()]
     df = pd.DataFrame(rows, columns=["layer", *chosen])
     df["differs"] = [not _same([r[g] for g in chosen]) for _, r in df.iterrows()] if len(df) else []

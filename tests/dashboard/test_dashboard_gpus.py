@@ -147,6 +147,7 @@ def test_side_by_side_and_what_differs(two, gpu_stores):
 def test_layer_routes_and_counts(two, gpu_stores):
     _, chosen = _chosen(two, gpu_stores)
     layers = data.layer_decisions(chosen)
+    layers = layers[~layers["layer"].str.startswith("attention of block")]
     pols = {g: c.policy for g, c in chosen.items()}
     names = set(pols[H200["name"]].dmpq.layers)
     assert set(layers["layer"]) == names
@@ -208,6 +209,34 @@ def test_menus_and_route_speeds_compared(two, gpu_stores):
     assert (fp8["implementation"] == "torch-scaled-mm").all()
     side = data.policy_side_by_side(chosen)
     assert side.set_index("setting").loc["menu routes", H100["name"]] == "fp8/fp8, int8/int8"
+
+
+@pytest.mark.skipif(not hasattr(P, "Attention"), reason="the policy schema has no attention section yet")
+def test_attention_choices_compared(two, gpu_stores):
+    _, chosen = _chosen(two, gpu_stores)
+    h200, h100 = chosen[H200["name"]], chosen[H100["name"]]
+    line = {"pooled": (0.5, 0.01, 0.9, 12)}
+    att = P.Attention(threshold=0.05, format="fp8",
+                      blocks={"0": P.AttentionBlock("dynamic", line), "1": P.AttentionBlock("8bit")})
+    chosen[H100["name"]] = data.ChosenPolicy(h100.gpu, h100.source, h100.policy.replace(attention=att),
+                                             h100.measured)
+    chosen[H200["name"]] = data.ChosenPolicy(h200.gpu, h200.source, h200.policy.replace(attention=None),
+                                             h200.measured)
+    side = data.policy_side_by_side(chosen).set_index(["section", "setting"])
+    assert side.loc[("attention", "8-bit attention"), H100["name"]] == "on"
+    assert side.loc[("attention", "8-bit attention"), H200["name"]] == "off"
+    blocks = h100.policy.model.blocks
+    assert side.loc[("attention", "blocks dynamic"), H100["name"]] == 1
+    assert side.loc[("attention", "blocks bf16"), H100["name"]] == blocks - 2
+    assert side.loc[("attention", "blocks bf16"), H200["name"]] == blocks
+    diff = data.differing_settings(side.reset_index()).set_index(["section", "setting"])
+    assert ("attention", "threshold τ_a") in diff.index and ("attention", "format") in diff.index
+    layers = data.layer_decisions(chosen).set_index("layer")
+    assert layers.loc["attention of block 0", H100["name"]] == "attention dynamic"
+    assert layers.loc["attention of block 0", H200["name"]] == "attention bf16"
+    assert layers.loc["attention of block 0", "differs"]
+    if blocks > 2:
+        assert not layers.loc[f"attention of block {blocks - 1}", "differs"]
 
 
 def test_chosen_points_sit_on_their_search(two, gpu_stores):
