@@ -94,9 +94,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 #: One stream of a cached Δ: a tensor in the cache dtype, or (FP8 codes, float32 scale per token).
 CachedStream = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 DEFAULT_CONTEXT = "inference"
-#: ``tdc.cfg_rows``: how a block call of several batch rows is decided (module docstring).
-CFG_ROWS = ("joint", "per_row")
-DEFAULT_CFG_ROWS = "joint"
 
 
 @dataclass
@@ -191,10 +188,7 @@ class Controller:
         self.cache_dtype = _DTYPES[tdc.cache_dtype]
         self.extrapolate = bool(tdc.extrapolate)
         self.refresh_robust = bool(tdc.refresh_robust)
-        cfg_rows = getattr(tdc, "cfg_rows", DEFAULT_CFG_ROWS)
-        if cfg_rows not in CFG_ROWS:
-            raise PolicyError(f"must be one of {list(CFG_ROWS)}, got {cfg_rows!r}", key="tdc.cfg_rows")
-        self.per_row = cfg_rows == "per_row"
+        self.per_row = getattr(tdc, "cfg_rows", "joint") == "per_row"  # the policy checked the value
         self._param_names: dict[type, tuple[str | None, ...]] = {}
         self.tdc_enabled = tdc.tolerance > 0 and tdc.max_skips > 0 and any(b.cacheable for b in blocks)
         self._cache_bytes = 0

@@ -28,12 +28,8 @@ ROW_ARGS = {
 
 
 def with_cfg_rows(policy, mode: str):
-    """``policy`` with ``tdc.cfg_rows = mode``; where the policy schema has no such field yet, the attribute is set
-    on its TDC section (the runtime reads it with ``getattr``)."""
-    if any(f.name == "cfg_rows" for f in dataclasses.fields(policy.tdc)):
-        return dataclasses.replace(policy, tdc=dataclasses.replace(policy.tdc, cfg_rows=mode))
-    object.__setattr__(policy.tdc, "cfg_rows", mode)
-    return policy
+    """``policy`` with ``tdc.cfg_rows = mode``."""
+    return dataclasses.replace(policy, tdc=dataclasses.replace(policy.tdc, cfg_rows=mode))
 
 
 class CallRecorder:
@@ -275,14 +271,25 @@ def test_split_call_takes_rows_of_batched_arguments_and_refuses_streams_of_anoth
     assert adapter.family.cfg_mode == "batched"
 
 
-def test_unknown_cfg_rows_value_is_refused_with_its_key():
-    from sixbit_tune.errors import PolicyError
+def test_cfg_rows_from_a_policy_file_reaches_the_runtime(tmp_path):
+    """A policy saved with tdc.cfg_rows "per_row" and loaded from its file splits rows; the same file with
+    "joint" does not."""
+    from sixbit_tune import policy as _policy
 
     pipe = get_pipe("cogvideox")
-    policy = with_cfg_rows(make_static_policy(pipe, "int8", 0.1), "by_branch")
-    with pytest.raises(PolicyError, match=r"tdc.cfg_rows: must be one of \['joint', 'per_row'\], got 'by_branch'"):
-        apply_policy(pipe, policy)
-    assert getattr(pipe.transformer, "_sixbit_tune_policy_handle", None) is None
+    n_blocks = len(get_adapter(pipe).blocks())
+    mixed = {}
+    for mode in ("joint", "per_row"):
+        path = _policy.save(with_cfg_rows(make_static_policy(pipe, "int8", 1e-12, warmup=0, cooldown=0,
+                                                             max_skips=3, cache_dtype="float32"), mode),
+                            tmp_path / f"{mode}.json")
+        with apply_policy(pipe, str(path)) as h:
+            h.controller.forced_skips = {CTX: [[list(row)] * n_blocks for row in PLAN]}
+            rec = CallRecorder(pipe)
+            run_pipe(pipe, "cogvideox", steps=len(PLAN))
+            rec.remove()
+        mixed[mode] = sorted({c["body_rows"] for c in rec.calls})
+    assert mixed == {"joint": [0, 2], "per_row": [0, 1, 2]}  # 0: both rows skipped, 1: one row ran
 
 
 def measure(family: str = "cogvideox", steps: int = 20, tolerances=(0.3, 0.4, 0.5, 0.6),
