@@ -449,6 +449,10 @@ def _dump(value: Any) -> Any:
 # The policy classes.
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _set(obj: Any, **values: Any) -> None:
     for name, value in values.items():
         object.__setattr__(obj, name, value)
@@ -466,8 +470,9 @@ class LayerPolicy(_Checked):
     ``encoder`` overrides ``dmpq.nvfp4_weight_encoder`` for this layer (NVFP4 weights only). ``in_features`` and
     ``out_features`` let the runtime check the policy against the model it is applied to.
 
-    In Python, the version-1 spellings still construct a layer: ``LayerPolicy("dynamic", K, N, alpha=…, beta=…)``
-    (an NVFP4 weight, fast NVFP4, robust INT8, dynamic), ``LayerPolicy("nvfp4" | "int8" | "none", K, N)``.
+    In Python, the version-1 spellings still construct a layer: ``LayerPolicy("dynamic", K, N, alpha, beta, r2, n)``
+    (an NVFP4 weight, fast NVFP4, robust INT8, dynamic; the line by position or as keywords),
+    ``LayerPolicy("nvfp4" | "int8" | "none", K, N)``.
     """
 
     weight: str
@@ -500,6 +505,9 @@ class LayerPolicy(_Checked):
                  robust: str | None = None, mode: str | None = None, predictor: Mapping | None = None,
                  encoder: str | None = None, *, alpha: float | None = None, beta: float | None = None,
                  r2: float | None = None, n: int | None = None):
+        if weight in V1_LAYER_MODES and _is_number(fast):  # version 1: (mode, K, N, alpha, beta, r2, n) by position
+            alpha, beta, r2, n = fast, robust, mode, predictor
+            fast = robust = mode = predictor = None
         if weight == "dynamic":  # the version-1 spelling of a dynamic layer
             weight, mode = "nvfp4", "dynamic" if mode is None else mode
         if predictor is None and (alpha is not None or beta is not None):

@@ -55,6 +55,8 @@ def test_v1_saves_as_v2_and_round_trips(tmp_path):
 def test_v1_python_spellings_build_the_same_layers():
     assert P.LayerPolicy("dynamic", 32, 16, alpha=1.0, beta=0.5) == P.LayerPolicy(
         "nvfp4", 32, 16, "nvfp4", "int8", "dynamic", {"pooled": (1.0, 0.5, None, None)})
+    assert P.LayerPolicy("dynamic", 32, 16, 1.0, 0.5, 0.9, 7) == P.LayerPolicy(
+        "dynamic", 32, 16, alpha=1.0, beta=0.5, r2=0.9, n=7)
     assert P.DMPQ(0.1, {}, "nvfp4").first_step == "fast"
     assert P.DMPQ(0.1, first_step_format="int8").first_step == "robust"
     assert P.Target("g", "9.0", "native").nvfp4_path == "native"
