@@ -233,6 +233,20 @@ ORDER BY l.layer, l.branch, l.run_id, l.prompt_index, l.step
 """
 
 
+def distrust(line: LineFit, settings: FitSettings) -> list[str]:
+    """Why ``line`` may not drive a rule (empty: trusted): fewer than ``min_n`` pairs, or an R² below ``min_r2``
+    with a residual above ``max_rel_rmse`` of the mean error."""
+    reasons = []
+    if line.n < settings.min_n:
+        reasons.append(f"n={line.n} < {settings.min_n}")
+    if line.r2 < settings.min_r2 and line.rel_rmse > settings.max_rel_rmse:
+        reasons.append(
+            f"R²={line.r2:.3f} < {settings.min_r2} and residual {100 * line.rel_rmse:.1f}% of the mean "
+            f"error > {100 * settings.max_rel_rmse:.0f}%"
+        )
+    return reasons
+
+
 def fit_pairs(pairs, run_ids: Sequence[str], settings: FitSettings = FitSettings(), fit_id: str | None = None) -> FitResult:
     """Fit every layer from a table of pairs (columns as :data:`PAIRS_SQL` returns; a pandas DataFrame).
 
@@ -259,14 +273,7 @@ def fit_pairs(pairs, run_ids: Sequence[str], settings: FitSettings = FitSettings
         pooling = settings.pooling
     layers = {}
     for name, (pooled, per, block) in raw.items():
-        reasons = []
-        if pooled.n < settings.min_n:
-            reasons.append(f"n={pooled.n} < {settings.min_n}")
-        if pooled.r2 < settings.min_r2 and pooled.rel_rmse > settings.max_rel_rmse:
-            reasons.append(
-                f"R²={pooled.r2:.3f} < {settings.min_r2} and residual {100 * pooled.rel_rmse:.1f}% of the mean "
-                f"error > {100 * settings.max_rel_rmse:.0f}%"
-            )
+        reasons = distrust(pooled, settings)
         layers[name] = LayerFit(name, block, pooled, per, trusted=not reasons, reason="; ".join(reasons))
     return FitResult(
         fit_id=fit_id or f"fit-{uuid.uuid4().hex[:12]}",
@@ -360,7 +367,8 @@ def fit_attention(store, run_ids: Sequence[str], settings: FitSettings = FitSett
     """The attention predictors of ``run_ids``: one :class:`FitResult` per attention format recorded (its
     ``layers`` keyed by block index as text), each fitted by :func:`fit_pairs`. Formats with no pair (a single
     step, or errors recorded only on steps whose previous step has no Γ) are left out; no attention rows at all
-    gives ``{}``."""
+    gives ``{}``. Trust is judged as for layers, on the lines the attention rule will use: the pooled line, or
+    every branch's own line when the fit chose per-branch lines."""
     fmts = store.query(
         "SELECT DISTINCT format FROM attn_steps WHERE run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY format",
         [list(run_ids)],
@@ -368,8 +376,15 @@ def fit_attention(store, run_ids: Sequence[str], settings: FitSettings = FitSett
     out = {}
     for fmt in fmts:
         pairs = load_attention_pairs(store, run_ids, fmt)
-        if len(pairs):
-            out[fmt] = fit_pairs(pairs, run_ids, dataclasses.replace(settings, format=fmt), fit_id=fit_id)
+        if not len(pairs):
+            continue
+        result = fit_pairs(pairs, run_ids, dataclasses.replace(settings, format=fmt), fit_id=fit_id)
+        if result.pooling == "per_branch":
+            # the rule then uses each branch's own line: the verdict is theirs (every branch must pass)
+            for name, f in result.layers.items():
+                reasons = [f"{br}: {r}" for br, line in sorted(f.per_branch.items()) for r in distrust(line, result.settings)]
+                result.layers[name] = dataclasses.replace(f, trusted=not reasons, reason="; ".join(reasons))
+        out[fmt] = result
     return out
 
 

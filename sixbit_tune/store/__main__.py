@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         with Store.open(args.store, read_only=True) as store:
             for name in TABLES:
                 n = store.to_arrow(f'SELECT count(*) FROM "{name}"').column(0)[0].as_py()
-                print(f"  {name:12s} {n:>12,d} rows")
+                print(f"  {name:16s} {n:>12,d} rows")
         return 0
     except (FileNotFoundError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
