@@ -1120,6 +1120,10 @@ def policy_side_by_side(chosen: Mapping[str, ChosenPolicy], overview: pd.DataFra
         for k in ("latency_ms", "speedup", "peak_memory_bytes", "weight_bytes", "cache_bytes", "psnr_db", "ssim",
                   "nvfp4_share", "skip_share"):
             put("measured", k, gpu, m.get(k))
+    for (section, setting), values in rows.items():  # a weight format a policy does not store: 0 layers
+        if section == "DMPQ" and setting.startswith("layers storing"):
+            for gpu in chosen:
+                values.setdefault(gpu, 0)
     sections = list(dict.fromkeys(s for s, _ in rows))
     order = sorted(rows, key=lambda key: sections.index(key[0]))  # stable: settings keep their order
     out = [{"section": s, "setting": k, **{g: rows[(s, k)].get(g) for g in chosen}} for s, k in order]
@@ -1246,7 +1250,7 @@ def menu_comparison(chosen: Mapping[str, ChosenPolicy]) -> pd.DataFrame:
     df = df[first + [c for c in df.columns if c not in first]]
     for c in df.columns[len(first):]:
         df[c] = [json.dumps(v, sort_keys=True) if isinstance(v, Mapping | list) else v for v in df[c]]
-    return df.sort_values(["route", "gpu"], ignore_index=True)
+    return df.sort_values("route", kind="stable", ignore_index=True)  # GPUs keep the order of ``chosen``
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -1287,3 +1291,16 @@ def attention_grid(store: Store, run_id: str, fmt: str, branch: str | None = Non
         """,
         {"run": run_id, "fmt": fmt, "branch": branch},
     )
+
+
+def menu_side_by_side(menus: pd.DataFrame) -> pd.DataFrame:
+    """:func:`menu_comparison` with one row per route and, per GPU, its columns side by side (``"<gpu>: layers"``,
+    ``"<gpu>: implementation"``, ``"<gpu>: speedup"``, ...); routes a GPU's menu lacks are empty there."""
+    if menus.empty:
+        return pd.DataFrame(columns=["route"])
+    fields = [c for c in menus.columns if c not in ("route", "gpu")]
+    gpus = list(dict.fromkeys(menus["gpu"]))
+    wide = menus.set_index(["route", "gpu"])[fields].unstack("gpu")
+    wide.columns = [f"{g}: {f}" for f, g in wide.columns]
+    order = [f"{g}: {f}" for g in gpus for f in fields]
+    return wide.reindex(columns=order).reset_index()

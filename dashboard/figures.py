@@ -243,7 +243,8 @@ GPU_COLOURS = ("#e8833a", "#3b6fb6", "#2e8b57", "#8e44ad", "#c0392b", "#16a085",
 def gpu_fronts_figure(trials: pd.DataFrame, chosen: pd.DataFrame | None = None) -> go.Figure:
     """The searches of several GPUs on shared axes: latency against PSNR (left) and against memory (right), one
     colour per search (:func:`~sixbit_tune.dashboard.data.gpu_trials` ``series``). Pareto-optimal feasible trials
-    are stars joined by a line, other feasible trials small dots, trials below the quality floor hollow.
+    (non-dominated in latency, memory and PSNR together, so not joined by a line in either 2-D view) are stars,
+    other feasible trials small dots, trials below the quality floor hollow.
     ``chosen`` (columns series, latency_ms, psnr_db, memory_bytes, label) marks each GPU's chosen policy with a
     ringed diamond where its figures are known."""
     title = "Pareto fronts per GPU: latency, quality and memory (shared axes)"
@@ -276,12 +277,6 @@ def gpu_fronts_figure(trials: pd.DataFrame, chosen: pd.DataFrame | None = None) 
                     marker={**marker, "color": colour, "line": {"width": 1, "color": colour}},
                     customdata=custom, hovertemplate=hover,
                 ), row=1, col=col)
-        line = g[front].sort_values("latency_ms")
-        if len(line) > 1:
-            for col, y in ((1, "psnr_db"), (2, "memory_bytes")):
-                fig.add_trace(go.Scatter(x=line["latency_ms"], y=line[y], mode="lines", showlegend=False,
-                                         legendgroup=str(series), hoverinfo="skip",
-                                         line={"color": colour, "dash": "dot"}), row=1, col=col)
     if chosen is not None and not chosen.empty:
         c = chosen.dropna(subset=["latency_ms"])
         for col, y in ((1, "psnr_db"), (2, "memory_bytes")):

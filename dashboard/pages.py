@@ -447,6 +447,11 @@ def _shown(table: pd.DataFrame, label_col: str = "setting") -> pd.DataFrame:
     return out
 
 
+def _rows_height(rows: int) -> int:
+    """Pixel height that shows a table's header and ``rows`` rows without scrolling (Streamlit rows are 35 px)."""
+    return 35 * (rows + 1) + 3
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def _gpu_data(items: tuple[tuple[str, str], ...], policies_dir: str, token: str):
     stores = {label: _open(path) for label, path in items}
@@ -499,7 +504,7 @@ def gpus_page() -> None:
 
     side = data.policy_side_by_side(chosen, overview)
     st.subheader("Chosen policies side by side")
-    st.dataframe(_shown(side), hide_index=True, key="gpus_side_by_side")
+    st.dataframe(_shown(side), hide_index=True, key="gpus_side_by_side", height=_rows_height(len(side)))
     routes = data.route_counts(chosen)
     st.caption("Layers per stored weight format and per route (weight/activation) in each chosen policy.")
     st.dataframe(routes, hide_index=True, key="gpus_routes")
@@ -513,7 +518,7 @@ def gpus_page() -> None:
         if diff.empty:
             st.success("The chosen policies agree on every knob and measured figure.")
         else:
-            st.dataframe(_shown(diff), hide_index=True, key="gpus_diff")
+            st.dataframe(_shown(diff), hide_index=True, key="gpus_diff", height=_rows_height(len(diff)))
         changed = layers[layers["differs"]]
         st.caption(f"{len(changed)} of {len(layers)} in-block layers take different routes.")
         if not changed.empty:
@@ -524,7 +529,7 @@ def gpus_page() -> None:
         st.info("The chosen policies carry no menu (policies before schema 2 record no routes or route speeds); "
                 "the measured figures above are the whole-model ones.")
     else:
-        st.dataframe(menus, hide_index=True, key="gpus_menus")
+        st.dataframe(data.menu_side_by_side(menus), hide_index=True, key="gpus_menus")
     with st.expander("Every in-block layer's route per GPU"):
         st.dataframe(layers, hide_index=True, key="gpus_layers")
     with st.expander("Per store"):
