@@ -292,6 +292,38 @@ def test_cfg_rows_from_a_policy_file_reaches_the_runtime(tmp_path):
     assert mixed == {"joint": [0, 2], "per_row": [0, 1, 2]}  # 0: both rows skipped, 1: one row ran
 
 
+def test_compiled_blocks_split_rows_as_eager_blocks_do():
+    """With ``block.compile()`` (dynamo, eager backend) a forced row split gives the eager split's output bit for
+    bit, and dynamo breaks its graphs only at the runtime's bookkeeping."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = get_pipe("cogvideox")
+    refs = get_adapter(pipe).blocks()
+    n_blocks = len(refs)
+    policy = with_cfg_rows(make_static_policy(pipe, "int8", 1e-12, warmup=0, cooldown=0, max_skips=3,
+                                              cache_dtype="float32", extrapolate=1), "per_row")
+    try:
+        with apply_policy(pipe, policy) as h:
+            h.controller.forced_skips = {CTX: [[list(row)] * n_blocks for row in PLAN]}
+            eager = run_pipe(pipe, "cogvideox", steps=len(PLAN))
+            eager_stats = h.stats()
+            for ref in refs:
+                ref.module.compile(backend="eager")
+            compiled = run_pipe(pipe, "cogvideox", steps=len(PLAN))
+            compiled_stats = h.stats()
+    finally:
+        for ref in refs:
+            ref.module.__dict__.pop("_compiled_call_impl", None)
+    assert counters["stats"]["unique_graphs"] > 0, "dynamo compiled nothing"
+    assert torch.equal(compiled, eager)
+    assert compiled_stats.steps == eager_stats.steps and compiled_stats.skipped_blocks == n_blocks
+    allowed = ("Controller.block_begin", "Controller.block_end", "Tensor.item()")
+    reasons = list(counters["graph_break"])
+    assert all(any(a in r for a in allowed) for r in reasons), reasons
+
+
 def measure(family: str = "cogvideox", steps: int = 20, tolerances=(0.3, 0.4, 0.5, 0.6),
             prompts=("a cat runs", "a red car drives at night", "waves on a beach")) -> list[dict]:
     """Skip share ((block, row) pairs) and PSNR against the unquantized pipeline (decoded video, data range 1) of
