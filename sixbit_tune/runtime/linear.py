@@ -13,6 +13,11 @@ attribute in ``sixbit_tune.rules``' names: ``rules.FAST_FORMAT`` selects the fas
 the robust one, whatever the routes' activation formats are. ``"fast"`` and ``"robust"`` layers always run that
 route.
 
+The tensors of the stored encoding are registered as non-persistent buffers (``qweight_0``, ``qweight_1``, … : absent
+from ``state_dict()``), the very tensor objects :attr:`MixedPrecisionLinear.qweight` holds. Offloading that moves a
+module's parameters and buffers in place (diffusers' group offload sets ``buffer.data``) therefore moves the
+encoding too; ``.to()`` moves it without changing its dtypes.
+
 The original ``nn.Linear`` is held (not registered as a submodule, so it is absent from ``state_dict()`` and
 ``parameters()`` of the model) to be put back bit-exactly by :meth:`restore`. Its weight can be parked on the CPU
 while the quantized layer serves (``original_weight="cpu"``), so the model's device memory holds only the
@@ -38,6 +43,8 @@ from sixbit_tune.runtime._backend import Backend
 
 __all__ = ["MixedPrecisionLinear"]
 
+_QBUF = "qweight_"  # buffer-name prefix of the stored encoding's tensors
+
 
 def _map_tensors(obj: Any, fn) -> Any:
     """Apply ``fn`` to every tensor inside a quantized-weight object (tensor, tuple/list, dict, dataclass)."""
@@ -57,6 +64,19 @@ def _map_tensors(obj: Any, fn) -> Any:
         }
         return dataclasses.replace(obj, **changes)
     return obj
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors inside a quantized-weight object, in :func:`_map_tensors` order."""
+    out: list[torch.Tensor] = []
+    _map_tensors(obj, lambda t: out.append(t) or t)
+    return out
+
+
+def _with_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """``obj`` with its tensors replaced, in :func:`_map_tensors` order, by ``tensors``."""
+    it = iter(tensors)
+    return _map_tensors(obj, lambda _: next(it))
 
 
 _ROLE_OF = {_routes.FAST_FORMAT: "fast", _routes.ROBUST_FORMAT: "robust", "fast": "fast", "robust": "robust"}
@@ -129,6 +149,8 @@ class MixedPrecisionLinear(nn.Module):
         self.bias = original.bias
         w = original.weight.detach()
         self.qweight: Any = backend.quantize_weight(w, weight, nvfp4_encoder, nvfp4_hessian)
+        for i, t in enumerate(_flat_tensors(self.qweight)):
+            self.register_buffer(f"{_QBUF}{i}", t, persistent=False)
         self._weight_home: torch.device | None = None
         if original_weight == "cpu" and w.device.type != "cpu":
             self._weight_home = w.device
@@ -206,13 +228,19 @@ class MixedPrecisionLinear(nn.Module):
         # .to(), .cuda(), .half() etc. reach the quantized encodings (moves only: integer, fp8 and float32-scale
         # tensors keep their dtypes) and the held original weight (moved and cast like the rest of the model, so
         # restore() gives back a layer consistent with the model; a weight parked on the CPU stays there).
-        super()._apply(fn, recurse)
+        # The encoding's buffers are moved here, not by nn.Module._apply, which would also cast their dtypes.
+        names = [n for n in self._buffers if n.startswith(_QBUF)]
+        held = [self._buffers.pop(n) for n in names]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            def move(t: torch.Tensor) -> torch.Tensor:
+                out = fn(t)
+                return out if out.dtype == t.dtype else t.to(out.device)
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            return out if out.dtype == t.dtype else t.to(out.device)
-
-        self.qweight = _map_tensors(self.qweight, move)
+            moved = [move(t) for t in held]
+            self._buffers.update(zip(names, moved))
+            self.qweight = _with_tensors(self.qweight, moved)
         weight = self.original.weight
         with torch.no_grad():
             if self._weight_home is not None:  # parked: learn where fn sends it from an empty probe, stay on the CPU

@@ -61,9 +61,12 @@ def test_a_dynamic_layer_holds_only_its_nvfp4_encoding():
     layer = MixedPrecisionLinear(lin, "dynamic", Backend("reference"), weight="nvfp4")
     assert list(layer.qweights) == ["nvfp4"] and isinstance(layer.qweight, nvfp4.NVFP4Tensor)
     assert layer.weight_bytes() == {"nvfp4": weight_bytes("nvfp4", 48, 64)}
-    # Nothing else stays resident on the module: no INT8 copy in its attributes, buffers or parameters.
+    # Nothing else stays resident on the module: no INT8 copy in its attributes or parameters, and its buffers are
+    # exactly the NVFP4 encoding's tensors (codes, block scales, tensor scale).
     held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
-    assert all(t.dtype != torch.int8 for t in held) and not list(layer.buffers())
+    assert all(t.dtype != torch.int8 for t in held)
+    assert [b.dtype for b in layer.buffers()] == [torch.uint8, torch.float8_e4m3fn, torch.float32]
+    assert sum(b.numel() * b.element_size() for b in layer.buffers()) == weight_bytes("nvfp4", 48, 64)
     assert layer.scratch_shapes() == {("int8", 48, 64)}
     x = torch.randn(3, 64)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 from rt_helpers import get_pipe, run_pipe
 
 from sixbit_tune.models.adapters import get_adapter
-from sixbit_tune.runtime import apply_policy, make_dynamic_policy
+from sixbit_tune.runtime import MixedPrecisionLinear, apply_policy, make_dynamic_policy
 from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK
 
 FAMILY = "wan"  # separate CFG: two cache contexts per step
@@ -118,3 +118,21 @@ def test_offload_every_call_follows_the_policy_and_remove_keeps_offload(order, k
             handle.remove()
         _disable(pipe, kind)
         pipe.to("cpu")
+
+
+def test_the_stored_encoding_moves_with_the_module_buffers():
+    """Group offload moves a group's parameters and buffers in place (``tensor.data = moved``, no ``.to()``): every
+    tensor a quantized layer computes with is one of its buffers, so it moves with them."""
+    from sixbit_tune.runtime.linear import _flat_tensors
+
+    pipe = get_pipe(FAMILY)
+    with apply_policy(pipe, _policy(pipe)):
+        layers = [m for m in pipe.transformer.modules() if isinstance(m, MixedPrecisionLinear)]
+        assert layers
+        for m in layers:
+            used = _flat_tensors(m.qweight)
+            assert {id(t) for t in used} <= {id(b) for b in m.buffers(recurse=False)}
+            for b in m.buffers(recurse=False):
+                b.data = b.data.clone()  # a new storage, as an onload to another device gives
+            assert [t.data_ptr() for t in used] == [t.data_ptr() for t in _flat_tensors(m.qweight)]
+            assert {t.data_ptr() for t in used} == {b.data_ptr() for b in m.buffers(recurse=False)}
