@@ -162,7 +162,7 @@ class SearchContext:
     def measure_baseline(self) -> Baseline:
         """Latency and memory of the pipeline with no policy (references are generated first)."""
         self.ensure_references()
-        times, peak, handle = self._run_cases(outputs=None)
+        times, peak, _ = self._run_cases(outputs=None)
         weight = sum(
             lin.weight.numel() * lin.weight.element_size() for lin in self.adapter.all_linears().values()
         )

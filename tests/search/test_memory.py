@@ -105,8 +105,12 @@ def test_max_memory_below_every_peak_records_infeasible_trials_and_names_the_sma
 
     # below the model's own weights: no policy can fit
     budget = resident_bytes(load_pipeline(MODEL)) / 2 / 2**30
-    res = run_cli(cli_args(store_copy, 2, "--study", "tight", "--cache-only", "--max-memory", repr(budget)))
+    args = [a for a in cli_args(store_copy, 2, "--study", "tight", "--cache-only", "--max-memory", repr(budget))
+            if a != "--no-progress"]
+    res = run_cli(args)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    # the progress bar shows the latest peak and how many trials fit
+    assert "peak=" in res.stderr and "fit=0/2" in res.stderr, res.stderr[-2000:]
     study = optuna.load_study(study_name="tight", storage=_journal(store_copy))
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 2  # measured and kept, not failed
