@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from sixbit_tune.errors import NonFiniteError
 from sixbit_tune.formats.attention import QK_FORMATS, attention_8bit_reference
 from sixbit_tune.stats import safe_ratio
 
@@ -145,13 +146,17 @@ def _attention_8bit(q, k, v, scale, fmt: str) -> torch.Tensor:
             return attention_8bit(q, k, v, scale=scale, qk_format=fmt)
     b, h, s_q, _ = q.shape
     chunk = max(1, _CHUNK_SCORES // max(1, b * h * k.shape[-2]))
-    if chunk >= s_q:
-        return attention_8bit_reference(q, k, v, scale=scale, qk_format=fmt)
-    return torch.cat(
-        [attention_8bit_reference(q[..., i : i + chunk, :], k, v, scale=scale, qk_format=fmt)
-         for i in range(0, s_q, chunk)],
-        dim=-2,
-    )
+    try:
+        if chunk >= s_q:
+            return attention_8bit_reference(q, k, v, scale=scale, qk_format=fmt)
+        return torch.cat(
+            [attention_8bit_reference(q[..., i : i + chunk, :], k, v, scale=scale, qk_format=fmt)
+             for i in range(0, s_q, chunk)],
+            dim=-2,
+        )
+    except NonFiniteError:
+        # NaN/Inf inputs: a NaN error, which the step's flush reports naming the block (as for every statistic)
+        return torch.full_like(q, float("nan"))
 
 
 def attention_errors(call: AttentionCall, formats: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

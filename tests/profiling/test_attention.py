@@ -187,6 +187,11 @@ def test_capture_refuses_what_the_8bit_route_does_not_compute_and_honours_key_pa
         oa = attention_8bit_reference(q[r : r + 1], k[r : r + 1, :, idx], v[r : r + 1, :, idx], qk_format="fp8")
         expect = (oa - out[r : r + 1]).norm() / out[r : r + 1].norm()
         assert float(err[0, r]) == pytest.approx(float(expect), rel=1e-5)
+    # NaN inputs give a NaN error (reported by the step's flush, naming the block), not an exception mid-forward
+    qn = q.clone()
+    qn[1, 0, 0, 0] = float("nan")
+    nan_err = combine_calls([attention_errors(AttentionCall(qn, k, v, out), ["fp8"])], 2)
+    assert torch.isnan(nan_err).all()
     with pytest.raises(ValueError, match="cannot be attributed"):
         combine_calls([attention_errors(AttentionCall(q, k, v, out), ["fp8"])] * 3, 5)
 
