@@ -261,7 +261,8 @@ class _AttentionHook(ModelHook):
         if why is None:
             parts = [attention_errors(c, self.formats) for c in cap.calls]
             try:
-                rec.current.attention.append((self.block.index, combine_calls(parts, x.shape[0])))
+                batch = x.shape[0] if torch.is_tensor(x) else None
+                rec.current.attention.append((self.block.index, combine_calls(parts, batch)))
             except ValueError as e:
                 why = str(e)
         if why is not None and not self.warned:

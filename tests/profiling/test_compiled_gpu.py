@@ -37,3 +37,32 @@ def test_compiled_statistics_equal_eager_on_cuda(family):
         # sixbit_tune.profiling.hooks.instrument). The bound is the larger measurement, rounded up.
         for key in ("act_err", "out_err"):
             assert b.layers[key] == pytest.approx(a.layers[key], rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_attn_err_on_cuda_through_the_kernel_is_near_the_reference(family):
+    """On CUDA the profile's O_a comes from the Triton kernel (what the runtime runs); the kernel matches
+    ``formats.attention`` to rounding, so its attn_err is near the reference's on the same q, k, v (the reference
+    run on the host in the same dtype, from the same inputs)."""
+    from sixbit_tune.formats.attention import attention_8bit_reference
+    from sixbit_tune.profiling.attention import SDPACapture
+
+    context = "cond_uncond" if family == "cogvideox" else "cond"
+    batch = 2 if family == "cogvideox" else 1
+    model = tiny_transformer(family, device="cuda", dtype=torch.bfloat16)
+    with instrument(model, layers=False, attention_formats=("fp8", "int8")) as inst:
+        kwargs = tiny_transformer_inputs(family, batch=batch, seed=0, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad(), model.cache_context(context), SDPACapture() as cap:
+            model(**kwargs)
+        recs = inst.flush(0, [0])
+    first = cap.calls[0]  # block 0's self-attention is the first attention call of the forward
+    for fmt in ("fp8", "int8"):
+        got = [e for i, f, e in zip(recs.attention["block_index"], recs.attention["format"], recs.attention["attn_err"])
+               if i == 0 and f == fmt]
+        for r in range(batch):
+            q, k, v = (t[r : r + 1].cpu() for t in (first.q, first.k, first.v))
+            o = first.out[r : r + 1].cpu().float()
+            oa = attention_8bit_reference(q, k, v, qk_format=fmt).float()
+            ref = float((oa - o).norm() / o.norm())
+            assert got[r] == pytest.approx(ref, rel=0.1), (fmt, r)
