@@ -307,6 +307,21 @@ class Line(NamedTuple):
         return self.alpha * gamma_prev + self.beta
 
 
+def decision_line(predictor: Mapping[str, Line] | None) -> Line | None:
+    """One line for a decision shared by every guidance branch: the pooled line if there is one, else the upper
+    envelope of the branch lines (largest alpha, largest beta), which predicts at least what each branch line
+    predicts for every Γ >= 0; so when it is under the threshold, every branch's line is too. None without lines."""
+    if not predictor:
+        return None
+    if "pooled" in predictor:
+        return predictor["pooled"]
+    lines = list(predictor.values())
+    if len(lines) == 1:
+        return lines[0]
+    return Line(max(ln.alpha for ln in lines), max(ln.beta for ln in lines), None,
+                min((ln.n for ln in lines if ln.n is not None), default=None))
+
+
 # The items of a line, in order: checked like fields of their own (a line is written as a 4-item JSON list).
 _LINE_ITEMS = (
     _Field("alpha", "float", doc="slope"),
@@ -586,15 +601,7 @@ class LayerPolicy(_Checked):
         """One line for a decision shared by every guidance branch: the pooled line if there is one, else the upper
         envelope of the branch lines (largest alpha, largest beta), which predicts at least what each branch line
         predicts for every Γ >= 0; so when it is under the threshold, every branch's line is too."""
-        if self.predictor is None:
-            return None
-        if "pooled" in self.predictor:
-            return self.predictor["pooled"]
-        lines = list(self.predictor.values())
-        if len(lines) == 1:
-            return lines[0]
-        return Line(max(ln.alpha for ln in lines), max(ln.beta for ln in lines), None,
-                    min((ln.n for ln in lines if ln.n is not None), default=None))
+        return decision_line(self.predictor)
 
     @property
     def alpha(self) -> float | None:

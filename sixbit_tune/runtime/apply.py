@@ -23,7 +23,6 @@ from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats
 
 __all__ = [
-    "AttentionNotInstalledWarning",
     "GPUMismatchWarning",
     "PolicyHandle",
     "apply_policy",
@@ -43,10 +42,6 @@ _COUNTED = tuple(_CallRecord(context="", step=0, rows=0).layer_calls)
 class GPUMismatchWarning(UserWarning):
     """The policy was tuned on another GPU (or another implementation of a route it uses) than the one it is
     applied on."""
-
-
-class AttentionNotInstalledWarning(UserWarning):
-    """The policy asks for 8-bit attention in some blocks, and this runtime ran the model's own attention there."""
 
 
 def load_policy(path_or_dict) -> _policy.Policy:
@@ -176,9 +171,11 @@ def apply_policy(
     in-block layer name and shape), then quantizes each in-block linear's weight once into its one stored format
     and swaps in :class:`MixedPrecisionLinear` (weight ``"none"`` keeps the original), and installs the step
     and block hooks that run DMPQ and the Temporal Delta Cache (rules: :mod:`sixbit_tune.runtime.controller`).
-    Version-1 policies are migrated on load. The policy's ``attention`` section is read and kept on the handle
-    (:attr:`PolicyHandle.attention`); 8-bit attention is not installed yet (:class:`AttentionNotInstalledWarning`,
-    and a note in the statistics).
+    Version-1 policies are migrated on load. Where the policy's ``attention`` section quantizes a block's attention,
+    8-bit attention is installed on it (:func:`sixbit_tune.runtime.attention.install_attention`, on the attention
+    processors): ``"8bit"`` blocks run it at every computation, ``"dynamic"`` blocks when their predictor line and
+    the block's Γ at its previous computation stay under ``attention.threshold`` (bf16 at the first step and at a
+    robust refresh); ``stats().attention_calls`` counts what ran. ``remove()`` puts the processors back.
 
     Args:
         pipe_or_transformer: a diffusers pipeline with a supported ``transformer``, or the transformer.
@@ -272,7 +269,7 @@ class PolicyHandle:
         self._scratch_bytes: dict[str, int] = {}
         self._uncounted: set[str] = set()
         self.attention_installed = False
-        self._attention_note: str | None = None
+        self._attention = None  # runtime.attention.AttentionHandle
 
     # ------------------------------------------------------------------------------------------------ install
     def _install(self, adapter: ModelAdapter, backend: Backend, device, num_steps, original_weights,
@@ -328,11 +325,13 @@ class PolicyHandle:
                     static[new.activation] += 1
                 else:
                     self._uncounted.add(new.activation)
-            infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks))
+            attention, attn_line = self._attention_of(ref.index)
+            infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks, attention,
+                                   attn_line))
         self._scratch_bytes = {}
         for f, n, k in scratch:
             self._scratch_bytes[f] = self._scratch_bytes.get(f, 0) + _formats.weight_bytes(f, n, k)
-        self._install_attention(adapter)
+        self._install_attention(infos, backend)
         formats = sorted(used_formats)
         transformer = self.transformer
 
@@ -344,6 +343,7 @@ class PolicyHandle:
             policy, adapter, infos, execution, weight_bytes, pipeline=self.pipeline, num_inference_steps=num_steps,
             compile_stats=compile_stats,
         )
+        self.controller.attention = self._attention
         self._register(self.transformer, STEP_HOOK, StepHook(self.controller))
         self._torch_hooks = install_call_hooks(self.transformer, self.controller)
         for info in infos:
@@ -377,8 +377,6 @@ class PolicyHandle:
         if stats is None:
             return None
         notes = list(stats.notes)
-        if self._attention_note:
-            notes.append(self._attention_note)
         if self._uncounted:
             notes.append(f"layer_calls does not count static layers on the {sorted(self._uncounted)} activation "
                          f"routes (counted: {list(_COUNTED)})")
@@ -391,22 +389,31 @@ class PolicyHandle:
         return self.policy.attention
 
     # ------------------------------------------------------------------------------------------------ attention
-    def _install_attention(self, adapter: ModelAdapter) -> None:
-        """The place where the policy's attention section is installed.
-
-        This runtime has no 8-bit attention installer yet: a policy asking for 8-bit or dynamic attention in some
-        blocks is accepted, every block runs the model's own attention, an :class:`AttentionNotInstalledWarning`
-        is issued here and the statistics say so (``attention_installed`` False and a note).
-        """
+    def _attention_of(self, index: int) -> tuple[str | None, tuple[float, float] | None]:
+        """Block ``index``'s attention under the policy: ``(None, None)`` for the model's own, ``("8bit", None)``,
+        or ``("dynamic", (alpha, beta))`` with the line the rule decides with (``policy.decision_line``)."""
         att = self.policy.attention
-        if att is None or not att.quantized:
+        mode = "bf16" if att is None else att.mode_of(index)
+        if mode == "bf16":
+            return None, None
+        if mode == "8bit":
+            return "8bit", None
+        line = _policy.decision_line(att.blocks[str(index)].predictor)
+        return "dynamic", (float(line.alpha), float(line.beta))
+
+    def _install_attention(self, infos: Sequence[BlockInfo], backend: Backend) -> None:
+        """Install 8-bit attention (:mod:`sixbit_tune.runtime.attention`) on the blocks whose attention the policy
+        quantizes: fixed ``"8bit"`` blocks run it at every computation; ``"dynamic"`` blocks start in bf16 (no Γ
+        yet) and the controller sets their mode before each computation."""
+        blocks = {info.ref.index: info.attention for info in infos if info.attention is not None}
+        if not blocks:
             return
-        blocks = sorted((int(k) for k, b in att.blocks.items() if b.mode != "bf16"))
-        self._attention_note = (
-            f"attention: the policy asks for {att.format} attention (8bit or dynamic) in blocks {blocks}; this "
-            f"runtime does not install 8-bit attention yet, so every block ran the model's own attention"
-        )
-        warnings.warn(self._attention_note, AttentionNotInstalledWarning, stacklevel=4)
+        from sixbit_tune.runtime.attention import install_attention
+
+        modes = {i: "8bit" if m == "8bit" else "bf16" for i, m in blocks.items()}
+        self._attention = install_attention(self.transformer, fmt=self.policy.attention.format, blocks=sorted(blocks),
+                                            modes=modes, preference=backend.preference)
+        self.attention_installed = True
 
     def record_skips(self) -> dict[str, dict[int, list[bool]]]:
         """Start recording the Temporal Delta Cache's skip decisions; returns the live record.
@@ -473,6 +480,8 @@ class PolicyHandle:
             new.restore()
             setattr(parent, attr, original)
         self._swapped.clear()
+        if self._attention is not None:
+            self._attention.remove()
         if self.backend is not None:
             self.backend.release_scratch()
         if getattr(self.transformer, _HANDLE_ATTR, None) is self:

@@ -106,6 +106,10 @@ class BlockInfo:
     betas: list[float]
     static_calls: dict[str, int]  # per block call, executed static layers by format ("nvfp4", "int8", "none")
     cacheable: bool
+    # 8-bit attention installed on this block (see PolicyHandle): "8bit" / "bf16" for a fixed mode, "dynamic" for a
+    # mode chosen each step from attn_line (alpha, beta) and Γ, as the DMPQ rule chooses a dynamic layer's route.
+    attention: str | None = None
+    attn_line: tuple[float, float] | None = None
 
 
 class ContextState(BaseState):
@@ -138,6 +142,7 @@ class ContextState(BaseState):
         self.split: list[list[bool] | None] = [None] * n
         self.split_acc: list[list[float | None] | None] = [None] * n
         self.fmts: list[list[str]] = [[] for _ in range(n)]
+        self.attn_modes: list[str] = ["bf16"] * n  # dynamic attention: the mode of the block's next computation
         self.measure_gamma = [False] * n
         self.measure_delta = [False] * n
         self.finite_dev: torch.Tensor | None = None  # isfinite(all) of the last call's output, not yet fetched
@@ -160,6 +165,7 @@ class _CallRecord:
     layer_calls: dict[str, int] = field(default_factory=lambda: {"nvfp4": 0, "int8": 0, "none": 0})
     block_calls: int = 0
     skipped: int = 0
+    attention_calls: dict[str, int] = field(default_factory=dict)
 
 
 class Controller:
@@ -189,6 +195,10 @@ class Controller:
         self.extrapolate = bool(tdc.extrapolate)
         self.refresh_robust = bool(tdc.refresh_robust)
         self.per_row = getattr(tdc, "cfg_rows", "joint") == "per_row"  # the policy checked the value
+        att = getattr(policy, "attention", None)
+        self.attn_threshold = float(att.threshold) if att is not None else 0.0
+        # The installed 8-bit attention (runtime.attention.AttentionHandle), set by PolicyHandle; None: none.
+        self.attention: Any = None
         self._param_names: dict[type, tuple[str | None, ...]] = {}
         self.tdc_enabled = tdc.tolerance > 0 and tdc.max_skips > 0 and any(b.cacheable for b in blocks)
         self._cache_bytes = 0
@@ -219,11 +229,14 @@ class Controller:
         """Statistics of the run in progress."""
         totals = {"nvfp4": 0, "int8": 0, "none": 0}
         blocks = skipped = 0
+        attention: dict[str, int] = {}
         for r in self._records:
             for k, v in r.layer_calls.items():
                 totals[k] += v
             blocks += r.block_calls
             skipped += r.skipped_blocks
+            for k, v in r.attention_calls.items():
+                attention[k] = attention.get(k, 0) + v
         notes = list(self._notes)
         failed = getattr(self._measure, "failed", None)  # compile_stats asked, torch.compile failed
         if failed:
@@ -231,7 +244,7 @@ class Controller:
         return RunStats(
             steps=list(self._records), layer_calls=totals, block_calls=blocks, skipped_blocks=skipped,
             execution=self.execution(), weight_bytes=dict(self.weight_bytes), cache_bytes=self._peak_cache,
-            num_inference_steps=self._run_steps, notes=notes, completed=completed,
+            num_inference_steps=self._run_steps, notes=notes, completed=completed, attention_calls=attention,
         )
 
     def end_run(self, completed: bool) -> None:
@@ -376,7 +389,8 @@ class Controller:
         rec = self._call
         if rec is not None:
             self._records.append(
-                StepStats(rec.context, rec.step, rec.rows, dict(rec.layer_calls), rec.block_calls, rec.skipped)
+                StepStats(rec.context, rec.step, rec.rows, dict(rec.layer_calls), rec.block_calls, rec.skipped,
+                          dict(rec.attention_calls))
             )
         state.step += 1
 
@@ -486,7 +500,7 @@ class Controller:
             else:  # some rows skip, others do not: decided when the block is called (its arguments must split)
                 state.skip[i] = False
                 state.split[i], state.split_acc[i] = skips, decided
-            state.measure_gamma[i] = bool(info.dynamic)
+            state.measure_gamma[i] = bool(info.dynamic) or info.attn_line is not None
             keep_cache = future_window and info.cacheable
             state.measure_delta[i] = keep_cache
             if not keep_cache and state.cache[i] is not None and not any(skips):
@@ -522,11 +536,16 @@ class Controller:
                 computed.append(r)
         state.acc[i] = new_acc
         state.skip[i] = not computed
-        if computed and info.dynamic:
+        if computed and (info.dynamic or info.attn_line is not None):
             g = state.gamma[i]
             g = [g[r] for r in computed] if g is not None and len(g) == rows else None
-            state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, None if g is None or None in g else g,
-                                                self.threshold, self.first_format, refresh_robust=refresh)
+            g = None if g is None or None in g else g
+            if info.dynamic:
+                state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, g, self.threshold, self.first_format,
+                                                    refresh_robust=refresh)
+            if info.attn_line is not None:  # the DMPQ rule with the attention's own line and threshold
+                state.attn_modes[i] = "bf16" if refresh else _rules.dmpq_format(
+                    *info.attn_line, g, self.attn_threshold, "bf16", fast="8bit", robust="bf16")
 
     def _forced_rows(self, name: str, step: int, state: ContextState) -> list[list[bool]]:
         """The forced skips of context ``name`` at ``step`` (see ``PolicyHandle.force_skips``), per block and row:
@@ -649,6 +668,8 @@ class Controller:
         if state is None:  # a block called outside a transformer call: plain run, first-step formats
             for layer in info.dynamic:
                 layer.fmt = self.first_format
+            if info.attn_line is not None and self.attention is not None:
+                self.attention.set_modes({index: "bf16"})
             return False, None
         rec = self._call
         rec.block_calls += 1
@@ -664,6 +685,12 @@ class Controller:
             rec.layer_calls[fmt] += 1
         for k, v in info.static_calls.items():
             rec.layer_calls[k] += v
+        if info.attention is not None and self.attention is not None:
+            mode = info.attention
+            if info.attn_line is not None:
+                mode = state.attn_modes[index]
+                self.attention.set_modes({index: mode})
+            rec.attention_calls[mode] = rec.attention_calls.get(mode, 0) + 1
         if split is not None:
             return False, split
         if state.measure_gamma[index] or state.measure_delta[index]:

@@ -42,6 +42,8 @@ class StepStats(_Shares):
             layer counts its fast route as ``"nvfp4"`` and its robust route as ``"int8"``.
         block_calls: transformer blocks reached (computed + skipped).
         skipped_blocks: blocks answered from the Temporal Delta Cache.
+        attention_calls: computed blocks with 8-bit attention installed, by the attention mode they ran
+            (``"8bit"``, ``"bf16"``); empty when the policy installs none.
     """
 
     context: str
@@ -50,6 +52,7 @@ class StepStats(_Shares):
     layer_calls: dict[str, int]
     block_calls: int
     skipped_blocks: int
+    attention_calls: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class RunStats(_Shares):
             route), by operand format: one buffer per (format, shape), shared by the layers of that shape.
         attention_installed: whether 8-bit attention the policy asks for was installed (False also when it asks
             for none).
+        attention_calls: computed blocks with 8-bit attention installed over the run, by attention mode
+            (:attr:`attention_8bit_share`).
         cache_bytes: peak bytes held by the Temporal Delta Cache during the run.
         num_inference_steps: steps per context the TDC window used (None if unknown).
         notes: conditions that changed behaviour (e.g. TDC off because the number of steps was unknown).
@@ -87,15 +92,22 @@ class RunStats(_Shares):
     cache_bytes: int = 0
     scratch_bytes: dict[str, int] = field(default_factory=dict)
     attention_installed: bool = False
+    attention_calls: dict[str, int] = field(default_factory=dict)
     num_inference_steps: int | None = None
     notes: list[str] = field(default_factory=list)
     completed: bool = False
+
+    @property
+    def attention_8bit_share(self) -> float | None:
+        """Blocks that ran 8-bit attention / computed blocks with 8-bit attention installed (None: none installed)."""
+        return _share(self.attention_calls.get("8bit", 0), sum(self.attention_calls.values()))
 
     def to_dict(self) -> dict:
         """JSON-ready dict, shares included (per step too)."""
         d = asdict(self)
         d["nvfp4_share"] = self.nvfp4_share
         d["skip_share"] = self.skip_share
+        d["attention_8bit_share"] = self.attention_8bit_share
         for rec, s in zip(d["steps"], self.steps):
             rec["nvfp4_share"] = s.nvfp4_share
             rec["skip_share"] = s.skip_share
@@ -120,6 +132,8 @@ class RunStats(_Shares):
             "weights: " + (", ".join(f"{k} {size(v)}" for k, v in sorted(self.weight_bytes.items()) if v) or "-")
             + (f"   scratch {size(sum(self.scratch_bytes.values()))}" if self.scratch_bytes else "")
             + f"   TDC cache peak {size(self.cache_bytes)}",
+            *([f"8-bit attention {pct(self.attention_8bit_share)} of {sum(self.attention_calls.values())} "
+               f"block-calls with it installed"] if self.attention_calls else []),
             f"{'context':<12} {'step':>4} {'NVFP4':>7} {'skipped':>8}",
         ]
         for s in self.steps:

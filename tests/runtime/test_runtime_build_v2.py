@@ -3,8 +3,6 @@ routes, FP8-stored weights, per-branch predictors, version-1 files, and the atte
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from rt_helpers import fake_quant_model, get_pipe, run_pipe, transformer_and_inputs
@@ -14,7 +12,7 @@ from sixbit_tune.errors import PolicyError
 from sixbit_tune.formats import weight_bytes
 from sixbit_tune.models.adapters import get_adapter
 from sixbit_tune.runtime import apply_policy, make_dynamic_policy, make_static_policy
-from sixbit_tune.runtime.apply import AttentionNotInstalledWarning, GPUMismatchWarning
+from sixbit_tune.runtime.apply import GPUMismatchWarning
 
 
 def test_dynamic_layers_store_one_nvfp4_weight_and_count_scratch_separately():
@@ -109,23 +107,6 @@ def test_a_version_1_policy_applies_like_its_migration(tmp_path):
         got = run_pipe(pipe, "wan", steps=3)
         assert h.policy.schema_version == 2
     assert torch.equal(got, expected)
-
-
-def test_attention_section_is_kept_on_the_handle_and_reported_not_installed():
-    pipe = get_pipe("ltx")
-    attention = P.Attention(0.1, "int8", {"0": P.AttentionBlock("8bit")})
-    policy = make_static_policy(pipe, "int8").replace(attention=attention)
-    with pytest.warns(AttentionNotInstalledWarning, match="blocks \\[0\\]"):
-        handle = apply_policy(pipe, policy)
-    with handle:
-        run_pipe(pipe, "ltx", steps=2)
-        stats = handle.stats()
-        assert handle.attention == attention and not stats.attention_installed
-        assert any("8-bit attention" in n for n in stats.notes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # bf16 everywhere: nothing to warn about
-        bf16 = P.Attention(0.1, "int8", {"0": P.AttentionBlock("bf16")})
-        apply_policy(pipe, policy.replace(attention=bf16)).remove()
 
 
 def test_route_implementation_mismatch_warns():
