@@ -12,15 +12,16 @@ Usage::
     handle.remove()                                                      # the original model, bit for bit
 
 Rules of DMPQ and the Temporal Delta Cache, per-branch state, host synchronisation and run boundaries:
-:mod:`sixbit_tune.runtime.controller`. The quantized layer: :mod:`sixbit_tune.runtime.linear`.
+:mod:`sixbit_tune.runtime.controller`. The quantized layer: :mod:`sixbit_tune.runtime.linear`. 8-bit attention on
+the attention processors: :mod:`sixbit_tune.runtime.attention`.
 
 ``torch.compile`` (checked on CPU with tiny models, ``tests/runtime/test_runtime_compile*.py``), before or after
 applying a policy: regional compilation (``block.compile()``, ``transformer.compile_repeated_blocks()``) is the
 recommended way; ``torch.compile(transformer)`` / ``transformer.compile()`` works too. What compiles and what
 breaks the graph:
 
-* compiles: the block's attention, norms, MLP and elementwise code, and its *static* quantized layers
-  (``"int8"``/``"nvfp4"`` modes); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5 with
+* compiles: the block's attention (8-bit attention included: a torch custom op), norms, MLP and elementwise code,
+  and its *static* quantized layers (modes ``"fast"``/``"robust"``); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5 with
   inductor; the TDC/DMPQ decisions are the same;
 * graph breaks (``torch.compiler.disable``): the runtime's bookkeeping before the block (skip decision, formats,
   input clone) and after it (Γ/Δ measurement, cache update), and each *dynamic* layer (its format changes from
@@ -40,14 +41,18 @@ from sixbit_tune.runtime.apply import (
     PolicyHandle,
     apply_policy,
     check_policy_fits,
+    device_menu,
     device_target,
     load_policy,
 )
+from sixbit_tune.runtime.attention import AttentionHandle, AttentionStats, install_attention
 from sixbit_tune.runtime.build import make_dynamic_policy, make_static_policy
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats, StepStats
 
 __all__ = [
+    "AttentionHandle",
+    "AttentionStats",
     "GPUMismatchWarning",
     "MixedPrecisionLinear",
     "PolicyHandle",
@@ -55,7 +60,9 @@ __all__ = [
     "StepStats",
     "apply_policy",
     "check_policy_fits",
+    "device_menu",
     "device_target",
+    "install_attention",
     "load_policy",
     "make_dynamic_policy",
     "make_static_policy",

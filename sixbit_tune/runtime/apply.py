@@ -433,7 +433,9 @@ class PolicyHandle:
         After the runtime's own decision at each transformer call, block ``i`` of cache context ``c`` at step ``t``
         is skipped iff ``skip_maps[c][t][i]`` is true and the block holds a cached Δ (so the policy's tolerance
         must let the runtime keep caches, e.g. a tiny positive one). Steps past the end of a map, and blocks past
-        the end of its row, skip nothing. A block the map does not skip runs fully with its DMPQ formats.
+        the end of its row, skip nothing. A block the map does not skip runs fully with its DMPQ formats. An entry
+        may also be a sequence of bools, one per batch row: with ``tdc.cfg_rows = "per_row"`` the rows it marks are
+        skipped and the block runs on the others (under the joint rule only an entry that skips every row skips).
 
         Raises:
             KeyError: at a transformer call whose cache context has no map (the message names the known ones).
@@ -451,8 +453,16 @@ class PolicyHandle:
             if isinstance(steps, str | bytes) or not isinstance(steps, Sequence) or any(
                     isinstance(row, str | bytes) or not isinstance(row, Sequence) for row in steps):
                 raise TypeError(f"skip_maps[{name!r}] must be a sequence of steps, each a sequence of bools")
-            forced[str(name)] = [[bool(v) for v in row] for row in steps]
+            forced[str(name)] = [[[bool(r) for r in v] if isinstance(v, Sequence) and not isinstance(v, str | bytes)
+                                  else bool(v) for v in row] for row in steps]
         self.controller.forced_skips = forced
+
+    def record_row_skips(self) -> dict[str, dict[int, list[list[bool]]]]:
+        """As :meth:`record_skips`, per batch row: ``{context: {step: [[skipped? per row] per block]}}``."""
+        if self.controller is None:
+            raise PolicyError("this handle holds no applied policy", key="model")
+        self.controller.skip_record_rows = {}
+        return self.controller.skip_record_rows
 
     def reset(self) -> None:
         """Drop all per-run state now (the next call starts a new run)."""

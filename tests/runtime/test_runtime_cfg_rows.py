@@ -109,8 +109,8 @@ def test_forced_row_split_computes_the_other_row_alone_and_answers_the_skipped_r
     policy = with_cfg_rows(make_static_policy(pipe, "int8", 1e-12, warmup=0, cooldown=0, max_skips=3,
                                               cache_dtype=cache_dtype, extrapolate=extrapolate), "per_row")
     with apply_policy(pipe, policy) as h:
-        h.controller.forced_skips = {CTX: [[list(row)] * n_blocks for row in PLAN]}
-        h.controller.skip_record_rows = {}
+        h.force_skips({CTX: [[list(row)] * n_blocks for row in PLAN]})
+        h.record_row_skips()
         rec = CallRecorder(pipe)
         run_pipe(pipe, family, steps=steps)
         rec.remove()
@@ -200,7 +200,7 @@ def test_per_row_follows_the_rule_row_by_row_and_skips_more_than_joint(family, t
         policy = with_cfg_rows(make_static_policy(pipe, "int8", tol, warmup=warmup, cooldown=cooldown,
                                                   max_skips=max_skips, cache_dtype="float32"), mode)
         with apply_policy(pipe, policy) as h:
-            h.controller.skip_record_rows = {}
+            h.record_row_skips()
             rec = CallRecorder(pipe)
             run_pipe(pipe, family, steps=steps)
             rec.remove()
@@ -231,7 +231,7 @@ def test_split_falls_back_to_the_joint_rule_where_rotary_rows_and_tokens_look_al
         policy = with_cfg_rows(make_static_policy(pipe, "int8", tol, warmup=2, cooldown=1, max_skips=2,
                                                   cache_dtype="float32"), mode)
         with apply_policy(pipe, policy) as h:
-            h.controller.skip_record_rows = {}
+            h.record_row_skips()
             out[mode] = run_pipe(pipe, "mochi", steps=steps)
             stats[mode] = h.stats()
             record = h.controller.skip_record_rows[CTX]
@@ -284,7 +284,7 @@ def test_cfg_rows_from_a_policy_file_reaches_the_runtime(tmp_path):
                                                              max_skips=3, cache_dtype="float32"), mode),
                             tmp_path / f"{mode}.json")
         with apply_policy(pipe, str(path)) as h:
-            h.controller.forced_skips = {CTX: [[list(row)] * n_blocks for row in PLAN]}
+            h.force_skips({CTX: [[list(row)] * n_blocks for row in PLAN]})
             rec = CallRecorder(pipe)
             run_pipe(pipe, "cogvideox", steps=len(PLAN))
             rec.remove()
@@ -306,7 +306,7 @@ def test_compiled_blocks_split_rows_as_eager_blocks_do():
                                               cache_dtype="float32", extrapolate=1), "per_row")
     try:
         with apply_policy(pipe, policy) as h:
-            h.controller.forced_skips = {CTX: [[list(row)] * n_blocks for row in PLAN]}
+            h.force_skips({CTX: [[list(row)] * n_blocks for row in PLAN]})
             eager = run_pipe(pipe, "cogvideox", steps=len(PLAN))
             eager_stats = h.stats()
             for ref in refs:
@@ -340,7 +340,7 @@ def measure(family: str = "cogvideox", steps: int = 20, tolerances=(0.3, 0.4, 0.
             psnrs = []
             with apply_policy(pipe, policy) as h:
                 for p in prompts:
-                    h.controller.skip_record_rows = {}
+                    h.record_row_skips()
                     video = run_pipe(pipe, family, steps=steps, prompts=p, output_type="pt")
                     flags = [r for per in h.controller.skip_record_rows.values() for blocks in per.values()
                              for b in blocks for r in b]
