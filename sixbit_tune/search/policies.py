@@ -57,6 +57,30 @@ def _dynamic_predictors(ctx) -> dict[str, Any]:
     return cached
 
 
+def attention_section(store, fit_id: str, threshold: float, fmt: str | None = None):
+    """The policy's attention section at ``threshold``: every block with a trusted attention predictor of the fit is
+    ``"dynamic"`` with its line (per guidance branch where the fit chose per-branch lines, else pooled); the other
+    blocks keep the model's attention. None when no block has a trusted predictor."""
+    from sixbit_tune import policy as P
+    from sixbit_tune.predictor import attention_predictors
+
+    preds = attention_predictors(store, fit_id, fmt)
+    blocks = {}
+    for b, lines in preds.blocks.items():
+        if not preds.trusted.get(b):
+            continue
+        usable = {br: lf for br, lf in lines.items() if math.isfinite(lf.alpha) and math.isfinite(lf.beta)}
+        if not usable:
+            continue
+        if preds.pooling != "per_branch":
+            lf = next(iter(usable.values()))  # a pooled fit gives every branch the same line
+            usable = {"pooled": lf}
+        blocks[str(b)] = P.AttentionBlock("dynamic", {
+            br: P.Line(float(lf.alpha), float(lf.beta), float(lf.r2) if math.isfinite(lf.r2) else None, int(lf.n))
+            for br, lf in usable.items()})
+    return P.Attention(float(threshold), preds.format, blocks) if blocks else None
+
+
 def build_policy(ctx, params: dict, corner: str | None = None):
     """The policy of one trial (see :meth:`sixbit_tune.search.runner.SearchContext.build_policy`).
 
@@ -64,7 +88,9 @@ def build_policy(ctx, params: dict, corner: str | None = None):
     (per guidance branch where the fit chose per-branch lines: :func:`fit_lines`); untrusted ones (and any layer
     the fit lacks) store the fit's ``untrusted_mode`` format and run its fast route. Corners:
     ``static_int8``/``static_nvfp4`` (every layer static, no cache), ``dmpq_no_cache`` (DMPQ at the trial's τ, TDC
-    off).
+    off). With ``attn_tau`` among the parameters (a space with attention predictors), the blocks with trusted
+    attention predictors choose 8-bit attention per step at that threshold (:func:`attention_section`); the
+    corners keep the model's attention.
     """
     from sixbit_tune.runtime import make_dynamic_policy, make_static_policy
 
@@ -73,6 +99,9 @@ def build_policy(ctx, params: dict, corner: str | None = None):
     if corner in ("static_int8", "static_nvfp4"):
         return make_static_policy(ctx.pipe, corner.split("_", 1)[1], 0.0, spec=spec, **tdc_options(params))
     tolerance = 0.0 if corner == "dmpq_no_cache" else float(params["delta"])
+    attention = None
+    if "attn_tau" in params and corner is None:
+        attention = attention_section(ctx.store, preds.fit_id, float(params["attn_tau"]))
     return make_dynamic_policy(
         ctx.pipe,
         _dynamic_predictors(ctx),
@@ -80,5 +109,6 @@ def build_policy(ctx, params: dict, corner: str | None = None):
         other_layers=preds.untrusted_mode,
         tdc_tolerance=tolerance,
         spec=spec,
+        attention=attention,
         **tdc_options(params),
     )

@@ -11,6 +11,12 @@ knobs, with ranges from the profile.
   (the recompute after a skip on the robust route) where the profile has trusted predictors (without dynamic
   layers it changes nothing, so it is not searched).
 
+* ``attn_tau``, the threshold of the attention rule (a block's 8-bit attention runs when its predicted error
+  α·Γ + β is under it), where the fit has trusted attention predictors: over their predicted errors at every
+  profiled (run, prompt, branch, step) of their block, from just below the 1st percentile (nearly every
+  computation in bf16) to just above the 99th (nearly every one 8-bit). Spaces without attention predictors (and
+  those stored before attention was searched) ask for no ``attn_tau``: the policies keep the model's attention.
+
 A cache-only space (``dmpq`` false, for searches that keep every linear unquantized) asks for no τ and fixes
 ``refresh_robust`` at 0 (without quantized layers it changes nothing).
 
@@ -28,7 +34,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-PARAMS = ("tau", "delta", "warmup", "cooldown", "max_skips", "cache_dtype", "extrapolate", "refresh_robust")
+PARAMS = ("tau", "delta", "warmup", "cooldown", "max_skips", "cache_dtype", "extrapolate", "refresh_robust",
+          "attn_tau")
 SPACE_VERSION = 2
 #: The cache storages a version-2 space searches (each a ``tdc.cache_dtype`` of the policy schema).
 CACHE_DTYPE_CHOICES = ("bfloat16", "float8_e4m3fn")
@@ -55,6 +62,10 @@ class SearchSpace:
     refresh_robust_max: int = 0
     version: int = SPACE_VERSION
     dmpq: bool = True
+    attn_tau_low: float | None = None  # None: attention is not searched
+    attn_tau_high: float | None = None
+    attn_format: str | None = None  # the attention format whose predictors the space was derived from
+    attn_quantiles: dict | None = None  # evidence: quantiles of predicted attention errors
 
     def __post_init__(self) -> None:
         for name in ("tau_low", "tau_high", "delta_low", "delta_high"):
@@ -82,6 +93,12 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.dmpq must be true or false, got {self.dmpq!r}")
         if not self.dmpq and self.refresh_robust_max:
             raise ValueError("SearchSpace: a cache-only space (dmpq false) cannot search refresh_robust")
+        if (self.attn_tau_low is None) != (self.attn_tau_high is None) or (
+                self.attn_tau_low is not None and not (math.isfinite(self.attn_tau_low)
+                                                       and math.isfinite(self.attn_tau_high)
+                                                       and self.attn_tau_low < self.attn_tau_high)):
+            raise ValueError(f"SearchSpace: attn_tau_low/attn_tau_high must both be None or finite with low < high, "
+                             f"got {self.attn_tau_low}, {self.attn_tau_high}")
         if not isinstance(self.version, int) or not 1 <= self.version <= SPACE_VERSION:
             raise ValueError(f"SearchSpace version {self.version!r} is not one this sixbit-tune reads "
                              f"(1..{SPACE_VERSION}); a newer sixbit-tune made it")
@@ -109,6 +126,8 @@ class SearchSpace:
             point["cache_dtype"] = trial.suggest_categorical("cache_dtype", list(self.cache_dtypes))
             point["extrapolate"] = trial.suggest_int("extrapolate", 0, self.extrapolate_max)
             point["refresh_robust"] = trial.suggest_int("refresh_robust", 0, self.refresh_robust_max)
+        if self.attn_tau_low is not None:
+            point["attn_tau"] = trial.suggest_float("attn_tau", self.attn_tau_low, self.attn_tau_high)
         return point
 
     def corner(self, tau: float, delta: float = 0.0) -> dict:
@@ -123,6 +142,8 @@ class SearchSpace:
         }
         if self.version >= 2:
             point.update(cache_dtype=self.cache_dtypes[0], extrapolate=0, refresh_robust=0)
+        if self.attn_tau_low is not None:
+            point["attn_tau"] = self.attn_tau_low  # the model's own attention nearly everywhere
         return point
 
 
@@ -159,17 +180,49 @@ def profile_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, dic
     return as_dict(pred), as_dict(dc)
 
 
-def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True) -> SearchSpace:
+def attention_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, str | None]:
+    """Quantiles of the predicted attention errors (trusted attention predictors of ``fit_id``, in the format
+    :func:`sixbit_tune.predictor.attention_predictors` chooses) and that format; ``({}, None)`` without any."""
+    from sixbit_tune.predictor import attention_predictors
+
+    try:
+        fmt = attention_predictors(store, fit_id).format
+    except ValueError:  # the fit has no attention predictors
+        return {}, None
+    qs = list(_Q)
+    df = store.query(
+        """
+        WITH p AS (SELECT block_index, branch, alpha, beta FROM attn_predictors
+                   WHERE fit_id = $fit AND format = $fmt AND trusted)
+        SELECT quantile_cont(p.alpha * b.gamma + p.beta, $qs) AS q, count(*) AS n
+        FROM p JOIN block_steps AS b ON b.block_index = p.block_index AND b.branch = p.branch
+        WHERE list_contains($runs, b.run_id) AND b.gamma IS NOT NULL
+        """,
+        {"runs": list(run_ids), "fit": fit_id, "fmt": fmt, "qs": qs},
+    )
+    if len(df) == 0 or df["q"].iloc[0] is None or int(df["n"].iloc[0]) == 0:
+        return {}, None
+    return {f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(qs, df["q"].iloc[0])} | {
+        "n": int(df["n"].iloc[0])}, fmt
+
+
+def _range(q: dict) -> tuple[float, float]:
+    """From just below the 1st to just above the 99th percentile (5% of the span either side, at least 0)."""
+    lo, hi = q["q01"], q["q99"]
+    span = max(hi - lo, 1e-6, 0.02 * abs(hi))
+    return max(0.0, lo - 0.05 * span), hi + 0.05 * span
+
+
+def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True, attn_q: dict | None = None,
+                 attn_format: str | None = None) -> SearchSpace:
     """The space for ``steps`` denoising steps from the profile quantiles (see the module docstring); ``dmpq``
-    false gives the cache-only space.
+    false gives the cache-only space; ``attn_q`` (:func:`attention_quantiles`) adds the attention threshold.
 
     Without trusted predictors (``tau_q`` empty) τ still ranges over [0, 1] but changes nothing (no layer is
     dynamic); without any ``delta_change`` (single-step profiles) δ ranges over [0, 0.5].
     """
     if tau_q:
-        lo, hi = tau_q["q01"], tau_q["q99"]
-        span = max(hi - lo, 1e-6, 0.02 * abs(hi))
-        tau_low, tau_high = max(0.0, lo - 0.05 * span), hi + 0.05 * span
+        tau_low, tau_high = _range(tau_q)
     else:
         tau_low, tau_high = 0.0, 1.0
     if delta_q and delta_q.get("q95", 0.0) > 0:
@@ -192,4 +245,8 @@ def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True) -> S
         extrapolate_max=1,
         refresh_robust_max=1 if tau_q and dmpq else 0,
         dmpq=dmpq,
+        attn_tau_low=_range(attn_q)[0] if attn_q else None,
+        attn_tau_high=_range(attn_q)[1] if attn_q else None,
+        attn_format=attn_format if attn_q else None,
+        attn_quantiles=attn_q or None,
     )

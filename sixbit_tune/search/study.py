@@ -58,7 +58,7 @@ from optuna.trial import TrialState
 from sixbit_tune.errors import SixbitError
 from sixbit_tune.search.config import DIRECTIONS, OBJECTIVES, SearchConfig
 from sixbit_tune.search.runner import CORNERS, TRIAL_FAILURES, SearchContext, memory_metric
-from sixbit_tune.search.space import SearchSpace, derive_space, profile_quantiles
+from sixbit_tune.search.space import SearchSpace, attention_quantiles, derive_space, profile_quantiles
 
 HEARTBEAT_S = 20
 GRACE_S = 60
@@ -246,7 +246,9 @@ def _record_settings(study: optuna.Study, config: SearchConfig, ctx: SearchConte
         space = SearchSpace.from_dict(attrs["space"])
     else:
         tau_q, delta_q = profile_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
-        space = derive_space(tau_q, delta_q, ctx.generation.steps, dmpq=config.dmpq)
+        attn_q, attn_format = attention_quantiles(ctx.store, ctx.predictors.fit_id, ctx.predictors.run_ids)
+        space = derive_space(tau_q, delta_q, ctx.generation.steps, dmpq=config.dmpq, attn_q=attn_q,
+                             attn_format=attn_format)
     mine = study_attrs(config, ctx, space)
     _settings_diffs(config, attrs, mine)
     for k, v in mine.items():
