@@ -46,7 +46,7 @@ def test_space_searches_the_cache_knobs_and_survives_json():
     for _ in range(40):
         trial = study.ask()
         p = sp.suggest(trial)
-        assert list(p) == list(PARAMS) and p == trial.params
+        assert list(p) == [k for k in PARAMS if k != "attn_tau"] and p == trial.params  # no attention predictors
         seen.add((p["cache_dtype"], p["extrapolate"], p["refresh_robust"]))
         study.tell(trial, 0.0)
     assert seen == {(d, e, r) for d in ("bfloat16", "float8_e4m3fn") for e in (0, 1) for r in (0, 1)}
