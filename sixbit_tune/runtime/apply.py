@@ -253,6 +253,20 @@ def apply_policy(
     return handle
 
 
+_GUIDANCE_BRANCHES = ("cond", "uncond")  # the names of the cache contexts of separate-CFG pipelines
+
+
+def _branch_lines(layers: Sequence[_policy.LayerPolicy]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per guidance branch that some layer has a line for: every layer's (alpha, beta) for that branch (its own
+    line, else its pooled one, else its decision line), in the order of ``layers``."""
+    branches = sorted({b for lp in layers for b in (lp.predictor or {}) if b in _GUIDANCE_BRANCHES})
+    out = {}
+    for b in branches:
+        lines = [lp.line(b) or lp.decision_line for lp in layers]
+        out[b] = ([float(ln.alpha) for ln in lines], [float(ln.beta) for ln in lines])
+    return out
+
+
 class PolicyHandle:
     """An applied policy. ``remove()`` restores the model exactly; ``stats()`` reports the last run."""
 
@@ -295,7 +309,7 @@ class PolicyHandle:
         scratch: set[tuple[str, int, int]] = set()
         infos: list[BlockInfo] = []
         for ref in adapter.blocks():
-            dynamic, alphas, betas = [], [], []
+            dynamic, alphas, betas, dynamic_lps = [], [], [], []
             # Executed static layers by activation format, in the names the controller counts.
             static = {f: 0 for f in _COUNTED}
             for rel, lin in adapter.linears(ref).items():
@@ -319,6 +333,7 @@ class PolicyHandle:
                 scratch |= new.scratch_shapes()
                 if lp.mode == "dynamic":
                     dynamic.append(new)
+                    dynamic_lps.append(lp)
                     alphas.append(float(lp.alpha))
                     betas.append(float(lp.beta))
                 elif new.activation in static:
@@ -327,7 +342,7 @@ class PolicyHandle:
                     self._uncounted.add(new.activation)
             attention, attn_line = self._attention_of(ref.index)
             infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks, attention,
-                                   attn_line))
+                                   attn_line, _branch_lines(dynamic_lps), self._attention_branch_lines(ref.index)))
         self._scratch_bytes = {}
         for f, n, k in scratch:
             self._scratch_bytes[f] = self._scratch_bytes.get(f, 0) + _formats.weight_bytes(f, n, k)
@@ -400,6 +415,14 @@ class PolicyHandle:
             return "8bit", None
         line = _policy.decision_line(att.blocks[str(index)].predictor)
         return "dynamic", (float(line.alpha), float(line.beta))
+
+    def _attention_branch_lines(self, index: int) -> dict[str, tuple[float, float]]:
+        """Block ``index``'s attention line per guidance branch, where its predictor has branch lines."""
+        att = self.policy.attention
+        if att is None or att.mode_of(index) != "dynamic":
+            return {}
+        predictor = att.blocks[str(index)].predictor or {}
+        return {b: (float(ln.alpha), float(ln.beta)) for b, ln in predictor.items() if b in _GUIDANCE_BRANCHES}
 
     def _install_attention(self, infos: Sequence[BlockInfo], backend: Backend) -> None:
         """Install 8-bit attention (:mod:`sixbit_tune.runtime.attention`) on the blocks whose attention the policy

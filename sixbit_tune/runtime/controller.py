@@ -110,6 +110,11 @@ class BlockInfo:
     # mode chosen each step from attn_line (alpha, beta) and Γ, as the DMPQ rule chooses a dynamic layer's route.
     attention: str | None = None
     attn_line: tuple[float, float] | None = None
+    # Per guidance branch ("cond", "uncond"): the dynamic layers' alphas and betas and the attention line, used by a
+    # cache context named after that branch (separate CFG: one transformer call per branch). Elsewhere, and for a
+    # branch not listed, the shared lines above (the policy's decision lines) decide.
+    branch_lines: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    branch_attn_lines: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class ContextState(BaseState):
@@ -342,6 +347,7 @@ class Controller:
     def _state(self, name: str) -> ContextState:
         if name not in self.states:
             self.states[name] = ContextState(len(self.blocks))
+            self.states[name].branch = name  # a separate-CFG context is named after its guidance branch
         return self.states[name]
 
     def _begin_call(self, ctx: CacheContext, args: tuple, kwargs: dict) -> ContextState:
@@ -540,12 +546,15 @@ class Controller:
             g = state.gamma[i]
             g = [g[r] for r in computed] if g is not None and len(g) == rows else None
             g = None if g is None or None in g else g
+            branch = getattr(state, "branch", None)
             if info.dynamic:
-                state.fmts[i] = _rules.dmpq_formats(info.alphas, info.betas, g, self.threshold, self.first_format,
+                alphas, betas = info.branch_lines.get(branch, (info.alphas, info.betas))
+                state.fmts[i] = _rules.dmpq_formats(alphas, betas, g, self.threshold, self.first_format,
                                                     refresh_robust=refresh)
             if info.attn_line is not None:  # the DMPQ rule with the attention's own line and threshold
+                line = info.branch_attn_lines.get(branch, info.attn_line)
                 state.attn_modes[i] = "bf16" if refresh else _rules.dmpq_format(
-                    *info.attn_line, g, self.attn_threshold, "bf16", fast="8bit", robust="bf16")
+                    *line, g, self.attn_threshold, "bf16", fast="8bit", robust="bf16")
 
     def _forced_rows(self, name: str, step: int, state: ContextState) -> list[list[bool]]:
         """The forced skips of context ``name`` at ``step`` (see ``PolicyHandle.force_skips``), per block and row:
