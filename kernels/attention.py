@@ -30,6 +30,7 @@ from sixbit_tune.formats import fp8
 from sixbit_tune.formats.attention import check_attention_inputs, check_qk_format
 
 from ._triton_support import interpreting
+from .ops import ATTENTION_HEAD_DIMS
 from .quant import _int8_codes
 
 E4M3_MAX: tl.constexpr = tl.constexpr(fp8.E4M3_MAX)
@@ -268,11 +269,12 @@ def attention_kernel_only(codes, shape, dtype: torch.dtype, scale: float) -> tor
 
 def check_kernel_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise for what the kernel does not take: the reference's shape checks (no NaN scan: it would synchronize
-    with the device at every call; NaN inputs give NaN outputs) plus head_dim 16..256, a power of two."""
+    with the device at every call; NaN inputs give NaN outputs) plus a head_dim in ``ops.ATTENTION_HEAD_DIMS``."""
     check_attention_inputs(q, k, v, finite=False)
     D = q.shape[-1]
-    if D < 16 or D > 256 or D & (D - 1):
-        raise ValueError(f"the FP8 attention kernel takes head_dim 16, 32, 64, 128 or 256, got {D}")
+    if D not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"the FP8 attention kernel takes head_dim {', '.join(map(str, ATTENTION_HEAD_DIMS))}, "
+                         f"got {D}")
 
 
 @torch.library.custom_op("sixbit::attention_8bit", mutates_args=())

@@ -147,6 +147,25 @@ def _(x, w_data, w_block_scales, w_global_scale, bias, out_dtype):
     return _linear_out(x, w_data.shape[0], out_dtype), x.new_empty((), dtype=torch.float32)
 
 
+# -------------------------------------------------------------------------------------------- attention
+
+#: Head dims the 8-bit attention kernel takes (``kernels.attention.check_kernel_inputs``).
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@custom_op("sixbit::attention_8bit_reference", mutates_args=())
+def attention_8bit_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             qk_format: str) -> torch.Tensor:
+    from sixbit_tune.formats.attention import attention_8bit_reference as reference
+
+    return reference(q, k, v, scale, qk_format).contiguous()
+
+
+@attention_8bit_reference.register_fake
+def _(q, k, v, scale, qk_format):
+    return q.new_empty(q.shape)
+
+
 # -------------------------------------------------------------------------------------------- checks
 
 

@@ -59,8 +59,9 @@ from torch.overrides import TorchFunctionMode
 
 from sixbit_tune import compat
 from sixbit_tune.errors import PolicyError
-from sixbit_tune.formats.attention import QK_FORMATS, attention_8bit_reference
+from sixbit_tune.formats.attention import QK_FORMATS
 from sixbit_tune.kernels import KernelPreference
+from sixbit_tune.kernels import ops as _ops
 from sixbit_tune.kernels._triton_support import triton_usable_on
 from sixbit_tune.models.adapters import ATTENTION_KINDS, get_adapter
 
@@ -77,24 +78,13 @@ log = logging.getLogger("sixbit_tune.runtime")
 
 #: Modes of a block's attention: the 8-bit path, or the model's own attention (whatever dtype the model runs in).
 ATTENTION_MODES = ("8bit", "bf16")
-#: Head dims the 8-bit kernel takes (``sixbit_tune.kernels.attention.check_kernel_inputs``).
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+#: Head dims the 8-bit kernel takes.
+KERNEL_HEAD_DIMS = _ops.ATTENTION_HEAD_DIMS
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WRAPPED_ATTR = "_sixbit_attention_site"
 
 
 # ------------------------------------------------------------------------------------------------ 8-bit attention
-@torch.library.custom_op("sixbit::attention_8bit_reference", mutates_args=())
-def _attention_8bit_reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                                 qk_format: str) -> torch.Tensor:
-    return attention_8bit_reference(q, k, v, scale, qk_format).contiguous()
-
-
-@_attention_8bit_reference_op.register_fake
-def _(q, k, v, scale, qk_format):
-    return q.new_empty(q.shape)
-
-
 def attention_path(device, preference: KernelPreference | str = "auto") -> str:
     """``"triton"`` (the kernel) or ``"reference"`` for attention on ``device``, as the linears choose: ``auto``
     uses the kernel on CUDA with Triton and the reference elsewhere, ``triton`` uses the kernel or raises (on the
@@ -120,7 +110,7 @@ def attention_8bit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         from sixbit_tune.kernels.attention import attention_8bit_op
 
         return attention_8bit_op(q, k, v, sm_scale, qk_format)
-    return _attention_8bit_reference_op(q, k, v, sm_scale, qk_format)
+    return _ops.attention_8bit_reference(q, k, v, sm_scale, qk_format)
 
 
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
