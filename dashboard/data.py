@@ -26,7 +26,8 @@ import pandas as pd
 from sixbit_tune.store import Store
 
 #: Search objectives as the dashboard compares them: (column, direction). ``memory_bytes`` is the memory the search
-#: optimised (``quality.memory_bytes``: CUDA peak on a GPU, policy-controlled bytes on the CPU).
+#: optimised (``quality.memory_bytes``: the measured peak, ``max_memory_allocated`` on a GPU, torch's CPU allocator peak
+#: plus the pipeline's parameters on the CPU; ``quality.memory_metric`` names which).
 OBJECTIVES: tuple[tuple[str, str], ...] = (("latency_ms", "min"), ("memory_bytes", "min"), ("psnr_db", "max"))
 
 #: Where a search may keep sample outputs of a trial (images or videos), relative to the store folder.
