@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from sixbit_tune.commands.fit import summarize as fit_summary
     from sixbit_tune.models.specs import load_pipeline
     from sixbit_tune.predictor import fit_store, write_fit
+    from sixbit_tune.profiling.config import PROFILE_ATTENTION_FORMATS
     from sixbit_tune.profiling.runner import ProfileConfig, profile
     from sixbit_tune.runtime import apply_policy, load_policy
     from sixbit_tune.search.config import SearchConfig
@@ -117,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     stage(f"profile {model} on {device}: {len(prompts)} prompts x {steps} steps -> {store_dir}")
     run_id = profile(
         ProfileConfig(model=model, prompts=prompts, store=str(store_dir), steps=steps, device=device,
-                      seed=args.seed, layer_every=size.layer_every, formats=("nvfp4",), progress=True)
+                      seed=args.seed, layer_every=size.layer_every, formats=("nvfp4",), progress=True,
+                      # a cache-only search uses no attention predictors: the CPU demo does not profile attention
+                      attention_formats=() if cache_only else PROFILE_ATTENTION_FORMATS)
     )
     print(f"profile run {run_id}", flush=True)
 

@@ -36,3 +36,8 @@ def test_demo_quick_runs_offline_and_exports_a_loadable_policy(tmp_path):
                               storage=open_storage(str(tmp_path / "tmp" / "store" / "optuna.journal")))
     assert study.user_attrs["dmpq"] is False
     assert "tau" not in study.trials[policy.provenance.trial].params
+    # a cache-only search uses no attention predictors: the CPU demo's profile records no attention errors
+    from sixbit_tune.store import Store
+
+    with Store.open(tmp_path / "tmp" / "store", read_only=True) as store:
+        assert len(store.attn_steps()) == 0 and len(store.block_steps()) > 0
