@@ -253,13 +253,10 @@ def apply_policy(
     return handle
 
 
-_GUIDANCE_BRANCHES = ("cond", "uncond")  # the names of the cache contexts of separate-CFG pipelines
-
-
 def _branch_lines(layers: Sequence[_policy.LayerPolicy]) -> dict[str, tuple[list[float], list[float]]]:
     """Per guidance branch that some layer has a line for: every layer's (alpha, beta) for that branch (its own
     line, else its pooled one, else its decision line), in the order of ``layers``."""
-    branches = sorted({b for lp in layers for b in (lp.predictor or {}) if b in _GUIDANCE_BRANCHES})
+    branches = sorted({b for lp in layers for b in (lp.predictor or {}) if b != "pooled"})
     out = {}
     for b in branches:
         lines = [lp.line(b) or lp.decision_line for lp in layers]
@@ -422,7 +419,7 @@ class PolicyHandle:
         if att is None or att.mode_of(index) != "dynamic":
             return {}
         predictor = att.blocks[str(index)].predictor or {}
-        return {b: (float(ln.alpha), float(ln.beta)) for b, ln in predictor.items() if b in _GUIDANCE_BRANCHES}
+        return {b: (float(ln.alpha), float(ln.beta)) for b, ln in predictor.items() if b != "pooled"}
 
     def _install_attention(self, infos: Sequence[BlockInfo], backend: Backend) -> None:
         """Install 8-bit attention (:mod:`sixbit_tune.runtime.attention`) on the blocks whose attention the policy

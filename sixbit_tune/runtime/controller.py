@@ -110,9 +110,9 @@ class BlockInfo:
     # mode chosen each step from attn_line (alpha, beta) and Γ, as the DMPQ rule chooses a dynamic layer's route.
     attention: str | None = None
     attn_line: tuple[float, float] | None = None
-    # Per guidance branch ("cond", "uncond"): the dynamic layers' alphas and betas and the attention line, used by a
-    # cache context named after that branch (separate CFG: one transformer call per branch). Elsewhere, and for a
-    # branch not listed, the shared lines above (the policy's decision lines) decide.
+    # Per guidance branch ("cond", "uncond"): the dynamic layers' alphas and betas and the attention line, used by the
+    # cache context named after that branch (separate CFG: one transformer call per branch). Other contexts
+    # ("cond_uncond" of batched CFG, "inference") find none here: the shared lines above (the decision lines) decide.
     branch_lines: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     branch_attn_lines: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -120,8 +120,11 @@ class BlockInfo:
 class ContextState(BaseState):
     """Everything remembered for one cache context during one run (see the module docstring)."""
 
-    def __init__(self, n_blocks: int = 0):
+    def __init__(self, n_blocks: int = 0, name: str | None = None):
         self.n = n_blocks
+        # The cache context's name: a separate-CFG pipeline names each branch's context after the branch, so it
+        # selects that branch's predictor lines (BlockInfo.branch_lines); other names select none.
+        self.branch = name
         self.reset()
 
     def reset(self, *args, **kwargs) -> None:
@@ -346,8 +349,7 @@ class Controller:
 
     def _state(self, name: str) -> ContextState:
         if name not in self.states:
-            self.states[name] = ContextState(len(self.blocks))
-            self.states[name].branch = name  # a separate-CFG context is named after its guidance branch
+            self.states[name] = ContextState(len(self.blocks), name)
         return self.states[name]
 
     def _begin_call(self, ctx: CacheContext, args: tuple, kwargs: dict) -> ContextState:
@@ -546,7 +548,7 @@ class Controller:
             g = state.gamma[i]
             g = [g[r] for r in computed] if g is not None and len(g) == rows else None
             g = None if g is None or None in g else g
-            branch = getattr(state, "branch", None)
+            branch = state.branch
             if info.dynamic:
                 alphas, betas = info.branch_lines.get(branch, (info.alphas, info.betas))
                 state.fmts[i] = _rules.dmpq_formats(alphas, betas, g, self.threshold, self.first_format,

@@ -57,14 +57,13 @@ def _dynamic_predictors(ctx) -> dict[str, Any]:
     return cached
 
 
-def attention_section(store, fit_id: str, threshold: float, fmt: str | None = None):
-    """The policy's attention section at ``threshold``: every block with a trusted attention predictor of the fit is
-    ``"dynamic"`` with its line (per guidance branch where the fit chose per-branch lines, else pooled); the other
-    blocks keep the model's attention. None when no block has a trusted predictor."""
+def attention_section(preds, threshold: float):
+    """The policy's attention section at ``threshold`` from a fit's attention predictors
+    (:func:`sixbit_tune.predictor.attention_predictors`): every block with a trusted predictor is ``"dynamic"``
+    with its line (per guidance branch where the fit chose per-branch lines, else pooled); the other blocks keep the
+    model's attention. None when no block has a trusted predictor."""
     from sixbit_tune import policy as P
-    from sixbit_tune.predictor import attention_predictors
 
-    preds = attention_predictors(store, fit_id, fmt)
     blocks = {}
     for b, lines in preds.blocks.items():
         if not preds.trusted.get(b):
@@ -79,6 +78,16 @@ def attention_section(store, fit_id: str, threshold: float, fmt: str | None = No
             br: P.Line(float(lf.alpha), float(lf.beta), float(lf.r2) if math.isfinite(lf.r2) else None, int(lf.n))
             for br, lf in usable.items()})
     return P.Attention(float(threshold), preds.format, blocks) if blocks else None
+
+
+def _attention_predictors(ctx):
+    """The attention predictors of the context's fit, read once per context."""
+    cached = getattr(ctx, "_attention_preds", None)
+    if cached is None:
+        from sixbit_tune.predictor import attention_predictors
+
+        cached = ctx._attention_preds = attention_predictors(ctx.store, ctx.predictors.fit_id)
+    return cached
 
 
 def build_policy(ctx, params: dict, corner: str | None = None):
@@ -101,7 +110,7 @@ def build_policy(ctx, params: dict, corner: str | None = None):
     tolerance = 0.0 if corner == "dmpq_no_cache" else float(params["delta"])
     attention = None
     if "attn_tau" in params and corner is None:
-        attention = attention_section(ctx.store, preds.fit_id, float(params["attn_tau"]))
+        attention = attention_section(_attention_predictors(ctx), float(params["attn_tau"]))
     return make_dynamic_policy(
         ctx.pipe,
         _dynamic_predictors(ctx),

@@ -169,15 +169,16 @@ def profile_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, dic
         "WHERE delta_change IS NOT NULL AND list_contains($runs, run_id)",
         {"runs": list(run_ids), "qs": qs},
     )
+    return _quantiles(pred), _quantiles(dc)
 
-    def as_dict(df) -> dict:
-        if len(df) == 0 or df["q"].iloc[0] is None or int(df["n"].iloc[0]) == 0:
-            return {}
-        return {f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(qs, df["q"].iloc[0])} | {
-            "n": int(df["n"].iloc[0])
-        }
 
-    return as_dict(pred), as_dict(dc)
+def _quantiles(df) -> dict:
+    """``{"q01": …, "q99": …, "n": …}`` from a one-row query result of ``quantile_cont(…, _Q) AS q, count(*) AS n``
+    (empty when it counted nothing)."""
+    if len(df) == 0 or df["q"].iloc[0] is None or int(df["n"].iloc[0]) == 0:
+        return {}
+    return {f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(_Q, df["q"].iloc[0])} | {
+        "n": int(df["n"].iloc[0])}
 
 
 def attention_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, str | None]:
@@ -200,10 +201,8 @@ def attention_quantiles(store, fit_id: str, run_ids: list[str]) -> tuple[dict, s
         """,
         {"runs": list(run_ids), "fit": fit_id, "fmt": fmt, "qs": qs},
     )
-    if len(df) == 0 or df["q"].iloc[0] is None or int(df["n"].iloc[0]) == 0:
-        return {}, None
-    return {f"q{int(round(q * 100)):02d}": float(v) for q, v in zip(qs, df["q"].iloc[0])} | {
-        "n": int(df["n"].iloc[0])}, fmt
+    q = _quantiles(df)
+    return (q, fmt) if q else ({}, None)
 
 
 def _range(q: dict) -> tuple[float, float]:
@@ -230,6 +229,7 @@ def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True, attn
     else:
         delta_high = 0.5
     half = max(0, steps // 2)
+    attn_low, attn_high = _range(attn_q) if attn_q else (None, None)
     return SearchSpace(
         tau_low=float(tau_low),
         tau_high=float(tau_high),
@@ -245,8 +245,8 @@ def derive_space(tau_q: dict, delta_q: dict, steps: int, dmpq: bool = True, attn
         extrapolate_max=1,
         refresh_robust_max=1 if tau_q and dmpq else 0,
         dmpq=dmpq,
-        attn_tau_low=_range(attn_q)[0] if attn_q else None,
-        attn_tau_high=_range(attn_q)[1] if attn_q else None,
+        attn_tau_low=attn_low,
+        attn_tau_high=attn_high,
         attn_format=attn_format if attn_q else None,
         attn_quantiles=attn_q or None,
     )
