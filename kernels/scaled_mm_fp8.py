@@ -15,14 +15,31 @@ bfloat16 intermediate, rounded twice.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from sixbit_tune.formats import fp8
 
-#: ``use_fast_accum`` of ``torch._scaled_mm``: False keeps the float32 accumulation exact to float32 rounding
-#: (Hopper's fast FP8 accumulation keeps fewer bits).
-FAST_ACCUM = False
+#: The default ``use_fast_accum`` of ``torch._scaled_mm``: False keeps the float32 accumulation exact to float32
+#: rounding. Hopper's fast FP8 accumulation keeps fewer bits and runs faster; torchao's dynamic FP8 uses it by
+#: default. :func:`set_fast_accum` (or the environment variable ``SIXBIT_FP8_FAST_ACCUM=1``) changes it for the
+#: process; ``torch.compile`` reads it when it traces a call, so set it before compiling.
+FAST_ACCUM = os.environ.get("SIXBIT_FP8_FAST_ACCUM", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_fast_accum(enabled: bool) -> None:
+    """Whether the FP8 GEMM uses ``torch._scaled_mm``'s fast accumulation from now on (see :data:`FAST_ACCUM`)."""
+    global FAST_ACCUM
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_fast_accum takes True or False, got {enabled!r}")
+    FAST_ACCUM = enabled
+
+
+def fast_accum() -> bool:
+    """Whether the FP8 GEMM uses fast accumulation (:data:`FAST_ACCUM`)."""
+    return FAST_ACCUM
 
 
 @torch.compiler.assume_constant_result
@@ -79,10 +96,10 @@ def fp8_scaled_mm(
     sb = ws.reshape(1, N + pn).float().contiguous()
     if out_dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16):
         y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16,
-                             use_fast_accum=FAST_ACCUM)
+                             use_fast_accum=fast_accum())
     else:
         mm_dtype = torch.float32 if _fp32_output_ok(xq.device) else torch.bfloat16
-        y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype, use_fast_accum=FAST_ACCUM)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=sb, out_dtype=mm_dtype, use_fast_accum=fast_accum())
         y = y.float()
         if bias is not None:
             y = y + bias.float()

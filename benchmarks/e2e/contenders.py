@@ -318,12 +318,42 @@ def _tuned(ctx: Context, row: dict):
     return made["policy"]
 
 
-def _static(fmt: str):
+def _static(fmt: str, **routes: str):
+    """Every in-block linear stores ``fmt`` and runs one route (``routes``: ``make_static_policy``'s ``mode``,
+    ``fast``, ``robust``; e.g. ``mode="robust", robust="fp8"`` over an NVFP4 weight)."""
     def make(ctx: Context, row: dict):
         from sixbit_tune.runtime import make_static_policy
 
-        return make_static_policy(ctx.runner.transformer, fmt, spec=ctx.wl.spec)
+        return make_static_policy(ctx.runner.transformer, fmt, spec=ctx.wl.spec, **routes)
     return make
+
+
+def _fp8_fast_accum_install(ctx: Context, row: dict) -> Installed:
+    """The FP8 GEMM with ``torch._scaled_mm``'s fast accumulation (torchao's dynamic FP8 default) while installed."""
+    from sixbit_tune.kernels import scaled_mm_fp8
+
+    before = scaled_mm_fp8.fast_accum()
+    scaled_mm_fp8.set_fast_accum(True)
+    row["notes"].append("FP8 GEMM with fast accumulation (use_fast_accum=True, as torchao's dynamic FP8)")
+    return Installed(remove=lambda: scaled_mm_fp8.set_fast_accum(before))
+
+
+FP8_FAST_ACCUM = Part("fp8-fast-accum", _fp8_fast_accum_install, needs=("fp8",))
+
+
+def static_contenders() -> list[Contender]:
+    """Our static corners: every in-block linear stored once in one format and run on one route."""
+    return [
+        Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
+        Contender("ours-fp8", "ours", (policy_part(_static("fp8")),), needs=("fp8",)),
+        Contender("ours-fp8-fast-accum", "ours", (FP8_FAST_ACCUM, policy_part(_static("fp8"))), needs=("fp8",)),
+        Contender("ours-nvfp4-fp8", "ours", (policy_part(_static("nvfp4", mode="robust", robust="fp8")),),
+                  needs=("fp8",)),
+        Contender("ours-nvfp4-fp8-fast-accum", "ours",
+                  (FP8_FAST_ACCUM, policy_part(_static("nvfp4", mode="robust", robust="fp8"))), needs=("fp8",)),
+        Contender("ours-nvfp4-int8", "ours", (policy_part(_static("nvfp4", mode="robust", robust="int8")),)),
+        Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),
+    ]
 
 
 def choose_replay(ctx: Context, rows: list[dict]) -> None:
@@ -392,8 +422,7 @@ def pipeline_contenders(ctx: Context) -> list[Contender]:
     out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after=1))
     out.append(Contender("fbc+torchao-fp8", "peer", (FP8, fbc_part(_matched_threshold("fbc"))),
                          compile_after=1))
-    out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
-            Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),))]
+    out += static_contenders()
     for t in args.dbcache_thresholds:
         out.append(Contender(f"dbcache-{t:g}", "peer", (cache_dit_part(t, False),), fields={"threshold": t}))
     for t in args.taylorseer_thresholds:
@@ -496,9 +525,8 @@ def transformer_contenders(ctx: Context) -> list[Contender]:
     out += stacks
     out.append(Contender("torchao-fp8-dynamic", "peer", (FP8,), compile_after=1))
     out += plain
-    out += [Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
-            Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),
-            _bf16("bf16-cudagraphs", "graphs", needs=("cuda",)), _bf16("bf16-eager", "eager")]
+    out += static_contenders()
+    out += [_bf16("bf16-cudagraphs", "graphs", needs=("cuda",)), _bf16("bf16-eager", "eager")]
     return out
 
 
