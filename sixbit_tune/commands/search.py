@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
-from sixbit_tune.search.config import SearchConfig
+from sixbit_tune.policy import NVFP4_WEIGHT_ENCODERS
+from sixbit_tune.search.config import WEIGHT_SETTINGS, SearchConfig
 
 _D = SearchConfig(store="", model="")
 
@@ -61,6 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep every linear unquantized and search only the Temporal Delta Cache's knobs (no reference corners)",
     )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_SETTINGS,
+        default=_D.weights,
+        help="how policies store the in-block linears' weights: 'mixed' (layers with a trusted predictor NVFP4 and "
+        "dynamic, the others in the fit's untrusted format) or 'nvfp4' (every in-block linear NVFP4; layers without "
+        "a trusted predictor run the robust route, W4A8) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--nvfp4-encoder",
+        choices=NVFP4_WEIGHT_ENCODERS,
+        default=_D.nvfp4_encoder,
+        help="NVFP4 weight encoder of every policy; gptq needs the Hessians of a profile run with --nvfp4-hessians "
+        "(default %(default)s)",
+    )
     parser.add_argument("--fit", dest="fit_id", default=None, help="fit id (default: the store's latest fit)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -93,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         memory_budget_bytes=args.memory_budget,
         max_memory_gib=args.max_memory,
         dmpq=not args.cache_only,
+        weights=args.weights,
+        nvfp4_encoder=args.nvfp4_encoder,
         fit_id=args.fit_id,
         device=args.device,
         progress=not args.no_progress,
@@ -120,4 +138,10 @@ def run(args: argparse.Namespace) -> int:
         f"the quality floor with `sixbit-tune export --store {config.store} --study {config.study_name}{storage} "
         "--out policies/NAME.json` (or pick one with --trial N)"
     )
+    if config.dmpq and config.nvfp4_encoder == "gptq":
+        print(
+            "the policies of this study encode NVFP4 weights with gptq: the export writes the calibration Hessians "
+            "beside the policy (policies/NAME.nvfp4-hessians.pt); apply it with "
+            "`apply_policy(pipe, 'policies/NAME.json', nvfp4_hessians=torch.load('policies/NAME.nvfp4-hessians.pt'))`"
+        )
     return 0

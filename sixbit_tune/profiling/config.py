@@ -47,6 +47,9 @@ class ProfileConfig:
         attention_every: record ``attn_err`` on every ``attention_every``-th step only (steps 0, k, 2k, ...), as
             ``layer_every`` does for the layer errors.
         compile_stats: fuse the statistic computations with ``torch.compile`` (None: on CUDA only).
+        nvfp4_hessians: also accumulate, per in-block linear, ``sum xᵀx`` over its inputs at every recorded step
+            (the calibration of the ``"gptq"`` NVFP4 weight encoder), written to
+            ``<store>/calibration/<run_id>-w<worker>.nvfp4-hessians.pt`` (:mod:`sixbit_tune.profiling.calibration`).
         progress: show a tqdm bar over prompts x steps.
         run_id: explicit run id (default: generated).
     """
@@ -68,6 +71,7 @@ class ProfileConfig:
     attention_formats: tuple[str, ...] = PROFILE_ATTENTION_FORMATS
     attention_every: int = 1
     compile_stats: bool | None = None
+    nvfp4_hessians: bool = False
     progress: bool = True
     run_id: str | None = None
 
@@ -105,6 +109,8 @@ class ProfileConfig:
             raise ValueError(
                 f"attention_formats must be distinct values of {QK_FORMATS} (or none), got {list(self.attention_formats)}"
             )
+        if not isinstance(self.nvfp4_hessians, bool):
+            raise ValueError(f"nvfp4_hessians must be True or False, got {self.nvfp4_hessians!r}")
         if not str(self.store):
             raise ValueError("store: give a folder")
         self.store = str(self.store)

@@ -203,7 +203,7 @@ class _BlockHook(StatefulHook):
 
 class _LinearHook(ModelHook):
     def __init__(self, recorder: _Recorder, layer_id: int, qw: QuantizedWeight, act_fn=quantize_activation,
-                 out_fn=output_errors):
+                 out_fn=output_errors, hessian: torch.Tensor | None = None):
         super().__init__()
         self.recorder = recorder
         self.layer_id = layer_id
@@ -211,10 +211,18 @@ class _LinearHook(ModelHook):
         self.act_fn = act_fn
         self.out_fn = out_fn
         self.key = (None if qw.nvfp4_v is None else qw.nvfp4_v.dtype, qw.int8_q is not None)
+        #: sum of xᵀx over the input rows of the recorded calls ([K, K]; None: not accumulated)
+        self.hessian = hessian
+        self.hessian_rows = 0
 
     def new_forward(self, module, *args, **kwargs):
         out = self.fn_ref.original_forward(*args, **kwargs)
         rec = self.recorder
+        if rec.current is not None and self.hessian is not None:
+            x = args[0] if args else kwargs["input"]
+            rows = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.dtype)
+            self.hessian.addmm_(rows.T, rows)
+            self.hessian_rows += rows.shape[0]
         if rec.current is not None and rec.record_layers:
             x = args[0] if args else kwargs["input"]
             cache = rec.act_cache
@@ -324,6 +332,8 @@ class Instrumentation:
         layer_formats: per layer, the formats recorded for it (NVFP4 is left out where K % 16 != 0).
         attention_formats: the attention formats whose ``attn_err`` is recorded (empty: none).
         attention_modules: ``block index -> full module name`` of each instrumented self-attention.
+        hessians: whether each linear whose in_features is a multiple of 16 accumulates ``sum xᵀx`` over the input
+            rows of every recorded call (:meth:`nvfp4_hessians`; float64 on the CPU, float32 on a GPU).
     """
 
     def __init__(
@@ -333,8 +343,10 @@ class Instrumentation:
         layers: bool = True,
         compile_stats: bool | None = None,
         attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
+        hessians: bool = False,
     ):
         self.adapter = get_adapter(model)
+        self.hessians = bool(hessians)
         self.transformer = self.adapter.transformer
         self.formats = tuple(formats)
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -359,6 +371,7 @@ class Instrumentation:
         self.layer_formats: list[tuple[str, ...]] = []
         self._layer_block: list[int] = []
         self._modules: list[torch.nn.Module] = []
+        self._linear_hooks: list[_LinearHook] = []
         self._registrations: list[Registration] = []
         self._removed = False
         try:
@@ -388,7 +401,12 @@ class Instrumentation:
                     self.layer_names.append(f"{ref.name}.{rel}")
                     self.layer_formats.append(qw.formats)
                     self._layer_block.append(ref.index)
-                    hook = _LinearHook(self._recorder, layer_id, qw, act_fn, out_fn)
+                    hessian = None
+                    if self.hessians and lin.in_features % 16 == 0:
+                        dtype = torch.float32 if device.type == "cuda" else torch.float64
+                        hessian = torch.zeros(lin.in_features, lin.in_features, dtype=dtype, device=device)
+                    hook = _LinearHook(self._recorder, layer_id, qw, act_fn, out_fn, hessian)
+                    self._linear_hooks.append(hook)
                     self._register(lin, hook)
         except BaseException:
             self.remove()
@@ -398,6 +416,17 @@ class Instrumentation:
         invalidate_child_registries(self.transformer)
 
     # ------------------------------------------------------------------------------------------------ control
+    def nvfp4_hessians(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per layer name, ``sum xᵀx`` ``[K, K]`` over the input rows of every call recorded so far (on the CPU),
+        and the number of rows; empty unless built with ``hessians=True``. :meth:`reset` does not clear them."""
+        hess, rows = {}, {}
+        for hook in self._linear_hooks:
+            if hook.hessian is not None:
+                name = self.layer_names[hook.layer_id]
+                hess[name] = hook.hessian.detach().to("cpu", copy=True)
+                rows[name] = int(hook.hessian_rows)
+        return hess, rows
+
     @property
     def compile_failures(self) -> list[str]:
         """Why ``torch.compile`` of a statistic function failed (its eager version ran instead); empty if none."""
@@ -593,6 +622,7 @@ def instrument(
     layers: bool = True,
     compile_stats: bool | None = None,
     attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
+    hessians: bool = False,
 ) -> Instrumentation:
     """Attach recording hooks to a diffusers pipeline's transformer (or a transformer).
 
@@ -607,6 +637,8 @@ def instrument(
             statistics differ from the eager ones (which match ``sixbit_tune.formats`` to 1e-7) by up to 4.9e-3
             relative, block statistics by 4e-7; the layer difference is not explained yet (suspected: Triton's
             float32 division moving a quantization code across a rounding boundary in small layers).
+        hessians: each linear (in_features a multiple of 16) accumulates ``sum xᵀx`` over its recorded inputs, the
+            calibration of the ``"gptq"`` NVFP4 weight encoder (:meth:`Instrumentation.nvfp4_hessians`).
 
     Returns:
         The :class:`Instrumentation` (call ``remove()`` or use it as a context manager).
@@ -616,4 +648,4 @@ def instrument(
         NonFiniteError: a weight holds NaN or Inf.
     """
     return Instrumentation(model, formats=formats, layers=layers, compile_stats=compile_stats,
-                           attention_formats=attention_formats)
+                           attention_formats=attention_formats, hessians=hessians)

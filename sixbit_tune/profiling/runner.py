@@ -186,7 +186,7 @@ def _run_shard(
         if hasattr(model, "set_progress_bar_config"):
             model.set_progress_bar_config(disable=True)
     inst = instrument(model, formats=config.formats, compile_stats=config.compile_stats,
-                      attention_formats=config.attention_formats)
+                      attention_formats=config.attention_formats, hessians=config.nvfp4_hessians)
     adapter = inst.adapter
     meta = {
         "model_class": type(adapter.transformer).__name__,
@@ -225,6 +225,10 @@ def _run_shard(
                 writer.write_attn_steps(records.attention, run_id=run_id)
             writer.write_block_steps({**records.blocks, "prompt": [prompt] * len(records.blocks["step"])},
                                      run_id=run_id)
+        if config.nvfp4_hessians:
+            from sixbit_tune.profiling.calibration import hessians_path, save_hessians
+
+            save_hessians(hessians_path(config.store, run_id, worker_index), run_id, *inst.nvfp4_hessians())
     finally:
         inst.remove()
 

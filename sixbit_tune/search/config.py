@@ -21,6 +21,10 @@ DEFAULT_PROMPTS = (
 OBJECTIVES = ("latency_ms", "memory_bytes", "psnr_db")
 DIRECTIONS = ("minimize", "minimize", "maximize")
 
+#: How a search stores the in-block linears' weights: ``"mixed"`` (layers with a trusted predictor NVFP4 and
+#: dynamic, the others in the fit's ``untrusted_mode`` format on their fast route), ``"nvfp4"`` (every in-block
+#: linear NVFP4; the layers without a trusted predictor run the robust route, W4A8).
+WEIGHT_SETTINGS = ("mixed", "nvfp4")
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,13 @@ class SearchConfig:
         device: ``cpu`` or ``cuda`` (default: cuda when available).
         startup_trials: TPE random startup trials (default ``max(3, trials // 4)``).
         progress: show a tqdm bar.
-        reference_corners: enqueue the corner policies (static INT8, static NVFP4, DMPQ without cache); ignored
-            with ``dmpq`` off (they are quantized policies).
+        reference_corners: enqueue the corner policies (static INT8, static NVFP4, DMPQ without cache; with
+            ``weights="nvfp4"`` the first is NVFP4-stored on the robust route); ignored with ``dmpq`` off (they are
+            quantized policies).
+        weights: :data:`WEIGHT_SETTINGS`: ``"mixed"`` (the default) or ``"nvfp4"`` (every in-block linear stores
+            its weight in NVFP4).
+        nvfp4_encoder: the NVFP4 weight encoder of every policy (``sixbit_tune.policy.NVFP4_WEIGHT_ENCODERS``);
+            ``"gptq"`` needs the Hessians a profile with ``nvfp4_hessians=True`` records.
     """
 
     store: str
@@ -152,6 +161,8 @@ class SearchConfig:
     reference_corners: bool = True
     max_memory_gib: float | None = None
     dmpq: bool = True
+    weights: str = "mixed"
+    nvfp4_encoder: str = "standard"
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -176,6 +187,15 @@ class SearchConfig:
                 raise ValueError(f"max_memory_gib must be a positive, finite number of GiB, got {m!r}")
         if not isinstance(self.dmpq, bool):
             raise ValueError(f"dmpq must be True or False, got {self.dmpq!r}")
+        if self.weights not in WEIGHT_SETTINGS:
+            raise ValueError(f"weights must be one of {WEIGHT_SETTINGS}, got {self.weights!r}")
+        from sixbit_tune.policy import NVFP4_WEIGHT_ENCODERS
+
+        if self.nvfp4_encoder not in NVFP4_WEIGHT_ENCODERS:
+            raise ValueError(f"nvfp4_encoder must be one of {NVFP4_WEIGHT_ENCODERS}, got {self.nvfp4_encoder!r}")
+        if not self.dmpq and (self.weights != "mixed" or self.nvfp4_encoder != "standard"):
+            raise ValueError("weights and nvfp4_encoder choose how policies quantize; a cache-only search (dmpq "
+                             "off) quantizes nothing: leave them at their defaults")
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(self.prompts))
             if not self.prompts:

@@ -75,6 +75,47 @@ def trial_policy(study: optuna.Study, number: int, require_feasible: bool = Fals
     return policy.replace(measured=measured, provenance=provenance), ok
 
 
+def hessians_path(out: str | Path) -> Path:
+    """Where the export of a policy to ``out`` writes its calibration Hessians (``NAME.nvfp4-hessians.pt`` beside
+    ``NAME.json``)."""
+    out = Path(out)
+    return out.with_name(out.stem + ".nvfp4-hessians.pt")
+
+
+def gptq_layers(policy: P.Policy) -> list[str]:
+    """The NVFP4-stored layers of ``policy`` whose weight the ``"gptq"`` encoder encodes."""
+    dmpq = policy.dmpq
+    return [n for n, lp in dmpq.layers.items() if lp.weight == "nvfp4" and dmpq.encoder_of(n) == "gptq"]
+
+
+def write_policy_hessians(store: str | Path, study: optuna.Study, policy: P.Policy, out: str | Path) -> Path | None:
+    """Write the calibration Hessians the policy's gptq-encoded layers need (``{layer: [K, K]}``, what
+    ``apply_policy(..., nvfp4_hessians=torch.load(path))`` takes) to :func:`hessians_path` of ``out``, from the
+    profile runs the study was fitted on. None (nothing written) when no layer is gptq-encoded.
+
+    Raises:
+        CalibrationMissingError: the profile runs recorded no Hessians.
+        ValueError: a gptq-encoded layer has no Hessian in them.
+    """
+    layers = gptq_layers(policy)
+    if not layers:
+        return None
+    import torch
+
+    from sixbit_tune.profiling.calibration import load_hessians
+
+    hess, _ = load_hessians(store, study.user_attrs.get("profile_runs") or [])
+    missing = [n for n in layers if n not in hess]
+    if missing:
+        raise ValueError(f"the profile's Hessians lack {len(missing)} gptq-encoded layer(s), e.g. {missing[0]!r}")
+    path = hessians_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({n: hess[n] for n in layers}, tmp)
+    tmp.replace(path)
+    return path
+
+
 def export_trial(
     store: str | Path,
     study: str,
@@ -83,12 +124,15 @@ def export_trial(
     storage: str | None = None,
     require_feasible: bool = False,
 ) -> tuple[Path, P.Policy, bool]:
-    """Write trial ``number``'s policy to ``out`` (validated JSON) and record it in the store's ``policies``."""
+    """Write trial ``number``'s policy to ``out`` (validated JSON) and record it in the store's ``policies``.
+    A policy whose NVFP4 weights the gptq encoder encodes gets its calibration Hessians beside it
+    (:func:`write_policy_hessians`; written first, so a policy file never lacks them)."""
     from sixbit_tune.store import Store
 
     with Store.open(store) as st:  # a store that cannot be written is refused before any file is written
         s = load_study(store, study, storage)
         policy, ok = trial_policy(s, number, require_feasible)
+        write_policy_hessians(store, s, policy, out)
         path = P.save(policy, out)
         st.writer().write_policy(Path(out).stem, policy.to_dict(), path=str(Path(out).absolute()), study=study,
                                  trial=number)

@@ -94,30 +94,50 @@ def build_policy(ctx, params: dict, corner: str | None = None):
     """The policy of one trial (see :meth:`sixbit_tune.search.runner.SearchContext.build_policy`).
 
     Trusted layers are ``"dynamic"`` over one stored NVFP4 weight (fast W4A4, robust W4A8) with their predictor
-    (per guidance branch where the fit chose per-branch lines: :func:`fit_lines`); untrusted ones (and any layer
-    the fit lacks) store the fit's ``untrusted_mode`` format and run its fast route. Corners:
-    ``static_int8``/``static_nvfp4`` (every layer static, no cache), ``dmpq_no_cache`` (DMPQ at the trial's τ, TDC
-    off). With ``attn_tau`` among the parameters (a space with attention predictors), the blocks with trusted
-    attention predictors choose 8-bit attention per step at that threshold (:func:`attention_section`); the
-    corners keep the model's attention.
+    (per guidance branch where the fit chose per-branch lines: :func:`fit_lines`). The other layers (untrusted, or
+    absent from the fit): with ``weights="mixed"`` they store the fit's ``untrusted_mode`` format and run its fast
+    route; with ``weights="nvfp4"`` they store NVFP4 and run the robust route (W4A8). Corners:
+    ``static_int8``/``static_nvfp4``/``static_nvfp4_robust`` (every layer static, no cache), ``dmpq_no_cache``
+    (DMPQ at the trial's τ, TDC off). Every policy records the search's NVFP4 weight encoder. With ``attn_tau``
+    among the parameters (a space with attention predictors), the blocks with trusted attention predictors choose
+    8-bit attention per step at that threshold (:func:`attention_section`); the corners keep the model's attention.
     """
-    from sixbit_tune.runtime import make_dynamic_policy, make_static_policy
+    from sixbit_tune.runtime import make_dynamic_policy
 
     preds = ctx.predictors
-    spec = ctx.config.model
-    if corner in ("static_int8", "static_nvfp4"):
-        return make_static_policy(ctx.pipe, corner.split("_", 1)[1], 0.0, spec=spec, **tdc_options(params))
+    config = ctx.config
+    spec = config.model
+    encoder = config.nvfp4_encoder
+    if corner in _STATIC_CORNERS:
+        fmt, mode = _STATIC_CORNERS[corner]
+        if config.weights == "nvfp4" and fmt != "nvfp4":
+            raise ValueError(f"corner {corner!r} stores {fmt}: not a corner of an NVFP4-stored search")
+        return make_dynamic_policy(ctx.pipe, {}, 0.0, other_layers=fmt, other_mode=mode, encoder=encoder, spec=spec,
+                                   **tdc_options(params))
     tolerance = 0.0 if corner == "dmpq_no_cache" else float(params["delta"])
     attention = None
     if "attn_tau" in params and corner is None:
         attention = attention_section(_attention_predictors(ctx), float(params["attn_tau"]))
+    if config.weights == "nvfp4":
+        other = {"other_layers": "nvfp4", "other_mode": "robust"}
+    else:
+        other = {"other_layers": preds.untrusted_mode}
     return make_dynamic_policy(
         ctx.pipe,
         _dynamic_predictors(ctx),
         float(params["tau"]),
-        other_layers=preds.untrusted_mode,
+        **other,
+        encoder=encoder,
         tdc_tolerance=tolerance,
         spec=spec,
         attention=attention,
         **tdc_options(params),
     )
+
+
+#: The static corners: (stored weight format, route every layer runs).
+_STATIC_CORNERS = {
+    "static_int8": ("int8", "fast"),
+    "static_nvfp4": ("nvfp4", "fast"),
+    "static_nvfp4_robust": ("nvfp4", "robust"),
+}

@@ -31,6 +31,14 @@ from sixbit_tune.search.quality import Generation, GenerationSettings, Reference
 
 #: Reference trials (the corners of the policy space), enqueued before TPE samples anything.
 CORNERS = ("static_int8", "static_nvfp4", "dmpq_no_cache")
+#: The corners of a search whose every in-block linear stores NVFP4 (``SearchConfig.weights == "nvfp4"``):
+#: static INT8 becomes NVFP4-stored on the robust route (W4A8) everywhere.
+NVFP4_CORNERS = ("static_nvfp4_robust", "static_nvfp4", "dmpq_no_cache")
+
+
+def corners_of(weights: str) -> tuple[str, ...]:
+    """The corner trials of a search with this ``SearchConfig.weights`` setting."""
+    return NVFP4_CORNERS if weights == "nvfp4" else CORNERS
 
 #: Exceptions that fail a trial and let the study go on (anything else stops the worker: it is a bug). A
 #: PolicyError is a policy the model cannot run (e.g. NVFP4 on a layer whose K is not a multiple of 16).
@@ -114,6 +122,20 @@ class SearchContext:
             "config_hash": self.adapter.config_hash(),
         }
         self.references = ReferenceCache(_store_path(self.store) / "references", self.model_id)
+        if config.dmpq and config.weights == "nvfp4":
+            odd = [n for n, lin in self.adapter.all_linears().items() if lin.in_features % 16 != 0]
+            if odd:
+                raise ValueError(
+                    f"--weights nvfp4 stores every in-block linear in NVFP4, which needs in_features to be a "
+                    f"multiple of 16; {len(odd)} layer(s) are not, e.g. {odd[0]!r}: search with --weights mixed")
+        #: per layer, the calibration Hessian of the gptq NVFP4 weight encoder (None: another encoder)
+        self.nvfp4_hessians: dict[str, torch.Tensor] | None = None
+        if config.dmpq and config.nvfp4_encoder == "gptq":
+            from sixbit_tune.profiling.calibration import load_hessians
+
+            self.nvfp4_hessians = load_hessians(
+                _store_path(self.store), self.predictors.run_ids,
+                profile_hint=f"the fit {self.predictors.fit_id} was made on them")[0]
         self._refs: dict[tuple[str, int], Generation] = {}
         if self.device == "cuda" and config.memory_budget_bytes:
             total = torch.cuda.get_device_properties(0).total_memory
@@ -133,7 +155,7 @@ class SearchContext:
     # ------------------------------------------------------------------------------------------- policies
     def build_policy(self, params: dict, corner: str | None = None):
         """The policy of one trial: DMPQ at τ (untrusted layers static) and TDC from the window knobs; a corner
-        (:data:`CORNERS`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache. With
+        (:func:`corners_of`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache. With
         ``config.dmpq`` off, every linear keeps its weights (mode ``"none"``) and only the cache is configured."""
         if not self.config.dmpq:
             from sixbit_tune.runtime import make_static_policy
@@ -243,7 +265,8 @@ class SearchContext:
         outputs: dict[tuple[str, int], Generation] = {}
         try:
             times, peak, handle = self._run_cases(outputs, on_output=collect,
-                                                  apply=lambda: apply_policy(self.pipe, policy))
+                                                  apply=lambda: apply_policy(self.pipe, policy,
+                                                                             nvfp4_hessians=self.nvfp4_hessians))
             handle.remove()
         except RuntimeError as e:
             if _is_cpu_oom(e) and not isinstance(e, torch.OutOfMemoryError):

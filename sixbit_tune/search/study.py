@@ -9,7 +9,7 @@ together.
 Trials. The objectives are (latency_ms ↓, memory_bytes ↓, psnr_db ↑), ``memory_bytes`` the measured peak
 (:mod:`sixbit_tune.search.memory`), with the constraint ``quality_floor_db − psnr_db ≤ 0`` and, with
 ``max_memory_gib``, ``peak − max_memory ≤ 0`` (in GiB): a trial above the memory budget completes and is recorded
-as infeasible, and the trial chosen for export is the fastest feasible one. The corner policies (:data:`~sixbit_tune.search.runner.CORNERS`) are
+as infeasible, and the trial chosen for export is the fastest feasible one. The corner policies (:func:`~sixbit_tune.search.runner.corners_of`) are
 enqueued when the study is created, marked by ``user_attrs["reference"]``. Every trial is mirrored into the
 store's ``trials`` table: RUNNING when it starts, then COMPLETE or FAIL (with its reason). Out-of-memory and
 non-finite quality fail the trial and the study goes on; any other exception stops the worker.
@@ -57,16 +57,16 @@ from optuna.trial import TrialState
 
 from sixbit_tune.errors import SixbitError
 from sixbit_tune.search.config import DIRECTIONS, OBJECTIVES, SearchConfig
-from sixbit_tune.search.runner import CORNERS, TRIAL_FAILURES, SearchContext, memory_metric
+from sixbit_tune.search.runner import TRIAL_FAILURES, SearchContext, corners_of, memory_metric
 from sixbit_tune.search.space import SearchSpace, attention_quantiles, derive_space, profile_quantiles
 
 HEARTBEAT_S = 20
 GRACE_S = 60
 #: Keys of the study's user attributes that must agree when a study is resumed.
 _FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device",
-                "memory_metric", "dmpq", "max_memory_gib")
+                "memory_metric", "dmpq", "max_memory_gib", "weights", "nvfp4_encoder")
 #: Frozen settings that studies created before they existed lack, and the value those studies had.
-_DEFAULTS = {"dmpq": True, "max_memory_gib": None}
+_DEFAULTS = {"dmpq": True, "max_memory_gib": None, "weights": "mixed", "nvfp4_encoder": "standard"}
 #: The study's user attribute set last when a study is created: without it, the creation was cut short.
 SETTINGS_RECORDED = "settings_recorded"
 
@@ -150,7 +150,7 @@ def make_sampler(config: SearchConfig, worker: int = 0) -> optuna.samplers.TPESa
     are reproducible draws of the seed. (Later TPE draws depend on the measured objectives, wall-clock latency
     among them, so two runs agree on them only as far as their measurements agree.)
     """
-    corners = len(CORNERS) if config.corners else 0
+    corners = len(corners_of(config.weights)) if config.corners else 0
     return optuna.samplers.TPESampler(
         seed=config.seed + worker, n_startup_trials=corners + config.n_startup, multivariate=True, constant_liar=True
     )
@@ -170,6 +170,8 @@ def study_attrs(config: SearchConfig, ctx: SearchContext, space: SearchSpace) ->
         "memory_metric": memory_metric(ctx.device),
         "dmpq": config.dmpq,
         "max_memory_gib": config.max_memory_gib,
+        "weights": config.weights,
+        "nvfp4_encoder": config.nvfp4_encoder,
         "objectives": list(OBJECTIVES),
         "sampler": {"name": "TPESampler", "seed": config.seed, "n_startup_trials": config.n_startup},
         "trials": config.trials,
@@ -262,9 +264,10 @@ def _record_settings(study: optuna.Study, config: SearchConfig, ctx: SearchConte
         # quarter of the dynamic layer-calls in NVFP4), between the two static corners.
         q = (space.tau_quantiles or {}).get("q25")
         dmpq_tau = q if q is not None else 0.5 * (space.tau_low + space.tau_high)
-        taus = {"static_int8": space.tau_low, "static_nvfp4": space.tau_high, "dmpq_no_cache": dmpq_tau}
+        taus = {"static_int8": space.tau_low, "static_nvfp4_robust": space.tau_low, "static_nvfp4": space.tau_high,
+                "dmpq_no_cache": dmpq_tau}
         enqueued = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
-        for corner in CORNERS:
+        for corner in corners_of(config.weights):
             if corner not in enqueued:
                 study.enqueue_trial(space.corner(taus[corner], 0.0), user_attrs={"reference": corner})
     study.set_user_attr(SETTINGS_RECORDED, True)
