@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from sixbit_tune import __version__
 from sixbit_tune import policy as P
+from sixbit_tune.search.policies import gptq_layers
 from sixbit_tune.search.study import feasible, open_storage
 
 
@@ -80,12 +81,6 @@ def hessians_path(out: str | Path) -> Path:
     ``NAME.json``)."""
     out = Path(out)
     return out.with_name(out.stem + ".nvfp4-hessians.pt")
-
-
-def gptq_layers(policy: P.Policy) -> list[str]:
-    """The NVFP4-stored layers of ``policy`` whose weight the ``"gptq"`` encoder encodes."""
-    dmpq = policy.dmpq
-    return [n for n, lp in dmpq.layers.items() if lp.weight == "nvfp4" and dmpq.encoder_of(n) == "gptq"]
 
 
 def write_policy_hessians(store: str | Path, study: optuna.Study, policy: P.Policy, out: str | Path) -> Path | None:

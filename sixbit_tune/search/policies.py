@@ -47,6 +47,12 @@ def fit_lines(store, fit_id: str, dynamic: dict[str, tuple]) -> dict[str, Any]:
     return out
 
 
+def gptq_layers(policy) -> list[str]:
+    """The NVFP4-stored layers of ``policy`` whose weight the ``"gptq"`` encoder encodes."""
+    dmpq = policy.dmpq
+    return [n for n, lp in dmpq.layers.items() if lp.weight == "nvfp4" and dmpq.encoder_of(n) == "gptq"]
+
+
 def _dynamic_predictors(ctx) -> dict[str, Any]:
     """``fit_lines`` of the context's fit, read once per context."""
     cached = getattr(ctx, "_policy_lines", None)

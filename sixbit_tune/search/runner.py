@@ -190,31 +190,44 @@ class SearchContext:
         )
         return Baseline(statistics.median(times), int(peak), int(peak), int(weight))
 
-    def _memory_run(self, apply):
+    def _memory_run(self, apply, encode_first: int | None = None):
         """Install the policy (``apply()``, None for none) and, on the CPU, run one untimed generation, all under
-        the CPU allocator's measurement. Returns (the handle, the CPU peak in bytes or None on a GPU)."""
+        the CPU allocator's measurement. Returns (the handle, the CPU peak in bytes or None on a GPU).
+
+        ``encode_first`` (the bytes of the original weights of the layers the policy replaces): install the policy
+        before the measurement begins and count what it holds as resident (the pipeline's parameters and buffers
+        after installing, the quantized encodings among them, plus those original weights, which the handle
+        keeps); only the generation is measured by the allocator. Used for the gptq NVFP4 weight encoder, whose column-by-column loop of small operations makes
+        the profiler's record of the installation grow to tens of GB on the reference model."""
         if self.device == "cuda":
             return (apply() if apply is not None else None), None
         from sixbit_tune.search.memory import AllocatorPeak, resident_bytes
 
         gc.collect()
-        resident = resident_bytes(self.pipe)
         handle = None
-        with AllocatorPeak() as mem:
-            handle = apply() if apply is not None else None
-            try:
+        if encode_first is not None and apply is not None:
+            handle = apply()
+            gc.collect()
+            resident = resident_bytes(self.pipe) + int(encode_first)
+        else:
+            resident = resident_bytes(self.pipe)
+        try:
+            with AllocatorPeak() as mem:
+                if handle is None and apply is not None:
+                    handle = apply()
                 generate(self.pipe, self.cases[0][0], self.cases[0][1], self.generation)
-            except BaseException:
-                if handle is not None:
-                    handle.remove()
-                raise
+        except BaseException:
+            if handle is not None:
+                handle.remove()
+            raise
         return handle, resident + int(mem.peak_bytes)
 
-    def _run_cases(self, outputs: dict | None, on_output=None, apply=None):
+    def _run_cases(self, outputs: dict | None, on_output=None, apply=None, encode_first: int | None = None):
         """Install the policy (``apply``), warm up, time every case. Returns (times in ms, peak memory in bytes,
-        the policy's handle); the caller removes the handle (also when this raises: then it is removed here)."""
+        the policy's handle); the caller removes the handle (also when this raises: then it is removed here).
+        ``encode_first``: as in :meth:`_memory_run`."""
         cfg = self.config
-        handle, cpu_peak = self._memory_run(apply)
+        handle, cpu_peak = self._memory_run(apply, encode_first)
         try:
             warmups = cfg.warmup_runs if cpu_peak is None else max(0, cfg.warmup_runs - 1)
             for _ in range(warmups):  # untimed
@@ -246,6 +259,7 @@ class SearchContext:
             NonFiniteError: a generated video or latents with NaN/Inf.
         """
         from sixbit_tune.runtime import apply_policy
+        from sixbit_tune.search.policies import gptq_layers
 
         cfg = self.config
         self.ensure_references()
@@ -263,10 +277,16 @@ class SearchContext:
             counts["blocks"] += st.block_calls
 
         outputs: dict[tuple[str, int], Generation] = {}
+        encode_first = None
+        if gptq_layers(policy):
+            linears = self.adapter.all_linears()
+            encode_first = sum(linears[n].weight.numel() * linears[n].weight.element_size()
+                               for n, lp in policy.dmpq.layers.items() if lp.weight != "none")
         try:
             times, peak, handle = self._run_cases(outputs, on_output=collect,
                                                   apply=lambda: apply_policy(self.pipe, policy,
-                                                                             nvfp4_hessians=self.nvfp4_hessians))
+                                                                             nvfp4_hessians=self.nvfp4_hessians),
+                                                  encode_first=encode_first)
             handle.remove()
         except RuntimeError as e:
             if _is_cpu_oom(e) and not isinstance(e, torch.OutOfMemoryError):

@@ -122,3 +122,23 @@ def test_gptq_search_and_export_give_a_deployable_policy(calibrated_store, tmp_p
         handle.remove()
     q = compare(gen, ctx.reference(PROMPTS[0], 0))
     assert q["psnr_db"] == pytest.approx(trial.user_attrs["figures"]["psnr_db"], abs=1e-6)
+
+
+def test_gptq_trials_memory_counts_what_a_measurement_of_the_installation_counts(calibrated_store, tmp_path):
+    """A gptq policy is installed before the CPU allocator's measurement begins (its encoder's many small
+    operations would swamp the profiler); the figure still counts the encodings and the replaced weights: it equals
+    the figure of the same policy installed under the measurement."""
+    from sixbit_tune.runtime import apply_policy
+    from sixbit_tune.search.runner import SearchContext
+
+    store = tmp_path / "store"
+    shutil.copytree(calibrated_store, store)
+    ctx = SearchContext(search_config(store, weights="nvfp4", nvfp4_encoder="gptq"))
+    policy = ctx.build_policy({"tau": 0.0, "delta": 0.0, "warmup": 1, "cooldown": 1, "max_skips": 1})
+    figures, _ = ctx.measure(policy)
+    _, measured_whole, handle = ctx._run_cases(
+        None, apply=lambda: apply_policy(ctx.pipe, policy, nvfp4_hessians=ctx.nvfp4_hessians))
+    handle.remove()
+    quantized = sum(1 for lp in policy.dmpq.layers.values() if lp.weight == "nvfp4")
+    assert quantized == len(policy.dmpq.layers) > 0
+    assert figures.memory_bytes == pytest.approx(measured_whole, rel=0.01)
