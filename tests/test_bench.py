@@ -348,3 +348,19 @@ def test_interleaved_imports_the_benchmark_from_the_root():
     res = _run("benchmarks/interleaved.py", "--out", "unused.json", "--contenders", "nonsense", timeout=300)
     assert res.returncode == 2 and "unknown contender 'nonsense'" in res.stderr, res.stderr[-3000:]
     assert not (ROOT / "unused.json").exists()
+
+
+def test_contenders_run_in_the_order_given_after_the_baseline(tmp_path):
+    out = tmp_path / "out"
+    res = _run("-m", "benchmarks.e2e", "--smoke", "--no-compile", "--steps", "2", "--workloads",
+               "tiny:wan (transformer)", "--contenders", "ours-nvfp4-fp8,ours-fp8", "--out", str(out), timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    data = json.loads((out / "e2e.json").read_text())
+    names = [r["contender"] for r in data["results"]]
+    assert names == ["bf16-compiled", "ours-nvfp4-fp8", "ours-nvfp4-fp8-fast-accum", "ours-fp8",
+                     "ours-fp8-fast-accum"]
+    rows = {r["contender"]: r for r in data["results"]}
+    # an NVFP4-stored policy holds 4.5 bits per in-block weight, a static FP8 one 8 bits and a scale per channel
+    assert rows["ours-nvfp4-fp8"]["weight_bytes"] < rows["ours-fp8"]["weight_bytes"] < rows["bf16-compiled"][
+        "weight_bytes"]
+    assert all(r["error"] is None and r["latency_s"] for r in data["results"])

@@ -49,8 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "end of each workload (a drift check; ratios stay against the first)")
     p.add_argument("--eager-variants", action="store_true", help="also measure our policies with blocks not "
                    "compiled")
-    p.add_argument("--contenders", default=None, help="comma-separated name prefixes to run (the compiled bf16 "
-                   "baseline always runs; the bf16 eager run too on a pipeline workload: it makes the quality "
+    p.add_argument("--contenders", default=None, help="comma-separated name prefixes to run, in that order "
+                   "(the compiled bf16 baseline always runs, first; the bf16 eager run too on a pipeline workload: it makes the quality "
                    "references)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="model dtype (default: bfloat16 on "

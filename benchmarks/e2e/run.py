@@ -202,10 +202,17 @@ class Bench:
         wanted = self.args.contenders
         walls: list[float] = []
         ours_rows: list[dict] = []
-        for c in contenders_for(ctx):
-            always = c.name == BASELINE or (c.name == "bf16-eager" and wl.kind == "pipeline")
-            if wanted and not always and not any(c.name.startswith(w) for w in wanted):
-                continue
+        def rank(c: Contender) -> int:
+            """Where ``--contenders`` puts ``c`` (-1: always run, first; absent from it: not run)."""
+            if c.name == BASELINE or (c.name == "bf16-eager" and wl.kind == "pipeline"):
+                return -1
+            if not wanted:
+                return 0
+            return next((i for i, w in enumerate(wanted) if c.name.startswith(w)), len(wanted))
+
+        chosen = [c for c in contenders_for(ctx) if rank(c) < max(1, len(wanted or ()))]
+        for c in sorted(chosen, key=rank):  # stable: the workload's own order within one prefix
+            always = rank(c) < 0
             est = 0.0 if always or not walls else statistics.median(walls)
             row = self.run_contender(ctx, c, wl_deadline, est)
             if row.get("wall_s") and not row["not_run"]:
