@@ -18,7 +18,7 @@ for stage in "$@"; do
   echo "=== $stage ($(date -u +%H:%M:%S))"
   case $stage in
     tests)
-      timeout "${TESTS_S:-200}" python3 -m pytest -q -m gpu tests/runtime tests/kernels tests/profiling \
+      timeout "${TESTS_S:-200}" python3 -m pytest -q -rfEs -m gpu ${TEST_PATHS:-tests/runtime tests/kernels tests/profiling} \
         -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
       echo "tests rc=$?"; tail -15 "$out/gpu-tests.log" ;;
     menu)
