@@ -38,6 +38,7 @@ import torch
 
 from sixbit_tune.errors import NonFiniteError
 from sixbit_tune.formats.common import check_float_input
+from sixbit_tune.routes import QUANT_FORMATS
 
 from . import ops
 from ._triton_support import HAS_TRITON, interpreting, triton_usable_on
@@ -45,7 +46,7 @@ from ._triton_support import HAS_TRITON, interpreting, triton_usable_on
 log = logging.getLogger("sixbit_tune.kernels")
 
 PATHS = ("triton-int8", "triton-nvfp4-emulated", "native-nvfp4", "scaled-mm-fp8", "reference")
-_FORMATS = ("nvfp4", "int8", "fp8")
+_FORMATS = QUANT_FORMATS
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

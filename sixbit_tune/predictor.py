@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sixbit_tune.routes import V1_FORMATS
+
 #: Per-branch fits are chosen only when they raise the median R² over layers by at least this much.
 PER_BRANCH_MIN_GAIN = 0.05
 #: var(Γ_{t−1}) below this (relative to mean(Γ)²) means Γ did not vary: the slope is undefined.
@@ -71,8 +73,8 @@ class FitSettings:
             raise ValueError(f"min_n must be >= 2 (a line needs two points), got {self.min_n}")
         if self.pooling not in ("auto", "pooled", "per_branch"):
             raise ValueError(f"pooling must be 'auto', 'pooled' or 'per_branch', got {self.pooling!r}")
-        if self.untrusted_mode not in ("int8", "nvfp4"):
-            raise ValueError(f"untrusted_mode must be 'int8' or 'nvfp4', got {self.untrusted_mode!r}")
+        if self.untrusted_mode not in V1_FORMATS:
+            raise ValueError(f"untrusted_mode must be one of {V1_FORMATS}, got {self.untrusted_mode!r}")
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,9 @@ def environment(device, dtype) -> dict:
     try:
         from sixbit_tune.kernels import kernel_path
 
-        meta["kernel_paths"] = {f: kernel_path(f, device) for f in ("int8", "nvfp4")}
+        from sixbit_tune.routes import QUANT_FORMATS
+
+        meta["kernel_paths"] = {f: kernel_path(f, device) for f in QUANT_FORMATS}
     except Exception as e:
         meta["kernel_paths"] = f"unknown ({e})"
     return meta

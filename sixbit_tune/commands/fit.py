@@ -8,6 +8,7 @@ import argparse
 import numpy as np
 
 from sixbit_tune.predictor import FitSettings
+from sixbit_tune.routes import V1_FORMATS
 
 _D = FitSettings()
 
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--untrusted-mode",
-        choices=("int8", "nvfp4"),
+        choices=V1_FORMATS,
         default=_D.untrusted_mode,
         help=f"static format of layers whose predictor is not trusted (default {_D.untrusted_mode})",
     )

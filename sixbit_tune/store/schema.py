@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sixbit_tune.errors import NonFiniteError
+from sixbit_tune.routes import V1_FORMATS
 
 SCHEMA_VERSION = 3
 """Version of the on-disk layout and of every table below (kept in ``<store>/meta.json``). Version 2: every part's
@@ -23,7 +24,7 @@ name carries the SHA-256 of its bytes (version 1 parts carry none; the tables ar
 RUN_KINDS = ("profile", "search", "bench", "fit")
 RUN_STATUSES = ("running", "finished", "failed")
 BRANCHES = ("cond", "uncond")
-LAYER_FORMATS = ("nvfp4", "int8")
+LAYER_FORMATS = V1_FORMATS
 ATTENTION_FORMATS = ("fp8", "int8")
 """Attention formats: the Q·Kᵀ operand format of the 8-bit attention (``sixbit_tune.formats.attention``)."""
 TRIAL_STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
