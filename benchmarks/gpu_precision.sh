@@ -22,7 +22,7 @@ for stage in "$@"; do
         -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
       echo "tests rc=$?"; tail -15 "$out/gpu-tests.log" ;;
     menu)
-      timeout "${MENU_S:-200}" python3 benchmarks/route_menu.py --out "$out/menu" --repeats 10 2>&1 | tail -60 ;;
+      timeout "${MENU_S:-200}" python3 benchmarks/route_menu.py --out "$out/menu" --repeats 10 --workloads "${MENU_WORKLOADS:-shape:wan2.1-1.3b,shape:cogvideox-2b}" 2>&1 | tail -60 ;;
     e2e:*)
       IFS=: read -r _ wl contenders <<< "$stage"
       mkdir -p "$out/e2e-$wl"
