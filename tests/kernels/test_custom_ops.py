@@ -4,6 +4,8 @@ compiled outputs equal to eager, NaN checks that survive compilation."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch._dynamo
@@ -331,3 +333,29 @@ def test_opcheck_triton_ops_gpu():
     t = nvfp4.quantize(w)
     torch.library.opcheck(torch.ops.sixbit.nvfp4_linear_triton,
                           (x, t.data, t.block_scales, t.global_scale, None, torch.bfloat16), test_utils=FP8_INPUTS)
+
+
+def test_fp8_fast_accumulation_is_a_process_switch_read_at_each_call():
+    import subprocess
+    import sys
+
+    from sixbit_tune.kernels import scaled_mm_fp8
+
+    assert scaled_mm_fp8.fast_accum() is False  # exact float32 accumulation unless asked
+    with pytest.raises(TypeError, match="True or False"):
+        scaled_mm_fp8.set_fast_accum("yes")
+    x, w = _x(5, 32, torch.bfloat16, seed=20), _x(16, 32, seed=21)
+    wq, ws = fp8.quantize(w)
+    ref = scaled_mm_fp8.fp8_linear_scaled_mm(x, wq, ws, None, torch.float32)
+    scaled_mm_fp8.set_fast_accum(True)
+    try:
+        assert scaled_mm_fp8.fast_accum() is True
+        y = scaled_mm_fp8.fp8_linear_scaled_mm(x, wq, ws, None, torch.float32)
+    finally:
+        scaled_mm_fp8.set_fast_accum(False)
+    assert bool(((y - ref).abs().double() <= _fp8_bound(x, w, ref, torch.float32)).all())
+    code = "from sixbit_tune.kernels import scaled_mm_fp8; print(scaled_mm_fp8.fast_accum())"
+    for value, expected in (("1", "True"), ("off", "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "SIXBIT_FP8_FAST_ACCUM": value}).stdout.strip()
+        assert out == expected
