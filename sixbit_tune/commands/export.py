@@ -93,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
         f" ({speed_phrase(m.speedup)} the unquantized model when searched), PSNR {m.psnr_db:.2f} dB, "
         f"NVFP4 {_pct(m.nvfp4_share)}, skipped {_pct(m.skip_share)}"
     )
+    from sixbit_tune.search.export import hessians_path
+    from sixbit_tune.search.policies import gptq_layers
+
+    if gptq_layers(policy):
+        h = hessians_path(path)
+        print(f"wrote {h}: the calibration its gptq-encoded NVFP4 weights are encoded with; apply the policy with "
+              f"apply_policy(pipe, policy, nvfp4_hessians=torch.load({str(h)!r}))")
     if not ok:
         print("warning: this trial is below the study's quality floor")
     return 0

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "block's self-attention records, or 'none' (default %(default)s)")
     parser.add_argument("--attention-every", type=int, default=d["attention_every"],
                         help="record attn_err every N-th step only (default %(default)s)")
+    parser.add_argument("--nvfp4-hessians", action="store_true",
+                        help="also accumulate each in-block linear's input statistics (sum of x^T x) into "
+                        "<store>/calibration: the calibration a 'search --nvfp4-encoder gptq' needs")
     parser.add_argument("--run-id", default=d["run_id"], help="explicit run id (default: generated)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
             attention_formats=_attention_formats(args.attention_formats),
             attention_every=args.attention_every,
+            nvfp4_hessians=args.nvfp4_hessians,
             progress=not args.no_progress,
             run_id=args.run_id,
         )

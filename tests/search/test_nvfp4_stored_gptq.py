@@ -88,7 +88,7 @@ def test_gptq_search_without_hessians_names_what_to_run(store_copy, capsys):
     assert not (store_copy / "optuna.journal").exists()  # refused before any study was created
 
 
-def test_gptq_search_and_export_give_a_deployable_policy(calibrated_store, tmp_path):
+def test_gptq_search_and_export_give_a_deployable_policy(calibrated_store, tmp_path, capsys):
     from sixbit_tune.models.specs import load_pipeline
     from sixbit_tune.runtime import apply_policy
     from sixbit_tune.search.export import export_trial, hessians_path
@@ -105,6 +105,13 @@ def test_gptq_search_and_export_give_a_deployable_policy(calibrated_store, tmp_p
     out = tmp_path / "policies" / "g.json"
     path, policy, _ = export_trial(store, "g", trial.number, out)
     policy = P.load(path)
+    # the CLI export names the Hessians file and how to apply the policy with it
+    cli_out = tmp_path / "policies" / "cli.json"
+    assert main(["export", "--store", str(store), "--study", "g", "--trial", str(trial.number), "--out",
+                 str(cli_out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(hessians_path(cli_out)) in printed and "nvfp4_hessians=torch.load(" in printed
+    assert hessians_path(cli_out).is_file()
     assert policy.dmpq.nvfp4_weight_encoder == "gptq"
     assert {lp.weight for lp in policy.dmpq.layers.values()} == {"nvfp4"}
     hess = torch.load(hessians_path(out), weights_only=True)
@@ -142,3 +149,11 @@ def test_gptq_trials_memory_counts_what_a_measurement_of_the_installation_counts
     quantized = sum(1 for lp in policy.dmpq.layers.values() if lp.weight == "nvfp4")
     assert quantized == len(policy.dmpq.layers) > 0
     assert figures.memory_bytes == pytest.approx(measured_whole, rel=0.01)
+
+
+def test_profile_cli_records_the_hessians_only_when_asked(tmp_path):
+    for flag, expected in ((["--nvfp4-hessians"], 1), ([], 0)):
+        store = tmp_path / f"s{expected}"
+        assert main(["profile", "--model", MODEL, "--prompt", PROMPTS[0], "--steps", "2", "--store", str(store),
+                     "--device", "cpu", "--no-progress", "--attention-formats", "none", *flag]) == 0
+        assert len(list((store / "calibration").glob("*.nvfp4-hessians.pt"))) == expected
