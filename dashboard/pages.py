@@ -24,6 +24,7 @@ import streamlit as st
 from sixbit_tune.dashboard import data, figures
 from sixbit_tune.dashboard.export import check_export_name, export_policy
 
+from sixbit_tune.routes import V1_FORMATS
 from sixbit_tune.store import Store
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -202,7 +203,7 @@ def sensitivity_page() -> None:
     st.dataframe(summary, hide_index=True, key="sens_summary")
     layer_col, attn_col = st.columns([3, 2])
     with layer_col:
-        for fmt in ("nvfp4", "int8"):
+        for fmt in V1_FORMATS:
             grid = query(cfg, "layer_error_grid", run, fmt, branch)
             if grid.empty:
                 st.info(f"No {fmt.upper()} errors in this run: profile with `--formats nvfp4,int8`.")

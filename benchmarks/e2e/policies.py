@@ -57,13 +57,14 @@ def replay_policy(transformer, ref_policy, nvfp4_share: float | None, skip: bool
     tolerance and no window, so that every block keeps its cache and ``PolicyHandle.force_skips`` decides."""
     from sixbit_tune import policy as P
     from sixbit_tune.models.adapters import get_adapter
+    from sixbit_tune.routes import V1_LAYER_MODES
     from sixbit_tune.runtime import make_static_policy
 
     adapter = get_adapter(transformer)
     names = list(adapter.all_linears())
     linears = adapter.all_linears()
     modes = [lp.mode for lp in ref_policy.dmpq.layers.values()]
-    counts = {m: modes.count(m) / len(modes) for m in ("dynamic", "nvfp4", "int8", "none")}
+    counts = {m: modes.count(m) / len(modes) for m in V1_LAYER_MODES}
     acc = dict.fromkeys(counts, 0.0)
     assigned = []
     for _ in names:  # largest-remainder interleaving

@@ -8,13 +8,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sixbit_tune.routes import V1_FORMATS
+
 __all__ = ["DTYPES", "PROFILE_ATTENTION_FORMATS", "PROFILE_FORMATS", "ProfileConfig", "load_prompts"]
 
 #: Model dtypes a run may use.
 DTYPES = ("bfloat16", "float16", "float32")
 #: Formats recorded by default: ``sixbit_tune.formats.FORMATS`` (checked equal in ``__post_init__``; that
 #: package imports torch, this module must not).
-PROFILE_FORMATS = ("nvfp4", "int8")
+PROFILE_FORMATS = V1_FORMATS
 #: Attention formats whose ``attn_err`` is recorded by default (a subset of
 #: ``sixbit_tune.formats.attention.QK_FORMATS``, checked in ``__post_init__``).
 PROFILE_ATTENTION_FORMATS = ("fp8",)
