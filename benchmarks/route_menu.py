@@ -13,6 +13,7 @@ again with fast accumulation. Writes ``menu.json`` and ``menu.md`` into ``--out`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -46,9 +47,8 @@ def _check_routes(shapes, device, routes) -> dict[str, float]:
         if r.weight == "nvfp4" and K % 16:
             continue
         fast = MixedPrecisionLinear(lin, "fast", Backend("auto"), weight=r.weight, fast=r.activation)
-        ref = MixedPrecisionLinear(lin.cpu().float(), "fast", Backend("reference"), weight=r.weight,
+        ref = MixedPrecisionLinear(copy.deepcopy(lin).cpu().float(), "fast", Backend("reference"), weight=r.weight,
                                    fast=r.activation)
-        lin.to(device, torch.bfloat16)
         with torch.no_grad():
             y = fast(x).float().cpu()
             y_ref = ref(x.cpu().float())
@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         runner = make_runner(wl, device, dtype)
         shapes = linear_shapes(runner.transformer, lambda runner=runner: runner.step(0, 50))
         del runner
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(f"{wl.spec}: {len(shapes)} GEMM shapes, {sum(shapes.values())} layer calls per step", flush=True)
         errors = _check_routes(list(shapes), device, ["int8/int8", "fp8/fp8", "nvfp4/nvfp4", "nvfp4/int8",
                                                       "nvfp4/fp8"])

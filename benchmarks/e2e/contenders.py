@@ -343,14 +343,11 @@ FP8_FAST_ACCUM = Part("fp8-fast-accum", _fp8_fast_accum_install, needs=("fp8",))
 
 def static_contenders() -> list[Contender]:
     """Our static corners: every in-block linear stored once in one format and run on one route."""
-    return [
-        Contender("ours-int8", "ours", (policy_part(_static("int8")),)),
-        Contender("ours-fp8", "ours", (policy_part(_static("fp8")),), needs=("fp8",)),
-        Contender("ours-fp8-fast-accum", "ours", (FP8_FAST_ACCUM, policy_part(_static("fp8"))), needs=("fp8",)),
-        Contender("ours-nvfp4-fp8", "ours", (policy_part(_static("nvfp4", mode="robust", robust="fp8")),),
-                  needs=("fp8",)),
-        Contender("ours-nvfp4-fp8-fast-accum", "ours",
-                  (FP8_FAST_ACCUM, policy_part(_static("nvfp4", mode="robust", robust="fp8"))), needs=("fp8",)),
+    out = [Contender("ours-int8", "ours", (policy_part(_static("int8")),))]
+    for name, make in (("ours-fp8", _static("fp8")), ("ours-nvfp4-fp8", _static("nvfp4", mode="robust", robust="fp8"))):
+        out += [Contender(name, "ours", (policy_part(make),), needs=("fp8",)),
+                Contender(f"{name}-fast-accum", "ours", (FP8_FAST_ACCUM, policy_part(make)))]
+    return out + [
         Contender("ours-nvfp4-int8", "ours", (policy_part(_static("nvfp4", mode="robust", robust="int8")),)),
         Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),
     ]

@@ -202,17 +202,17 @@ class Bench:
         wanted = self.args.contenders
         walls: list[float] = []
         ours_rows: list[dict] = []
-        def rank(c: Contender) -> int:
-            """Where ``--contenders`` puts ``c`` (-1: always run, first; absent from it: not run)."""
+        def rank(c: Contender) -> int | None:
+            """Where ``--contenders`` puts ``c``: -1 always runs, first; None: not run."""
             if c.name == BASELINE or (c.name == "bf16-eager" and wl.kind == "pipeline"):
                 return -1
             if not wanted:
                 return 0
-            return next((i for i, w in enumerate(wanted) if c.name.startswith(w)), len(wanted))
+            return next((i for i, w in enumerate(wanted) if c.name.startswith(w)), None)
 
-        chosen = [c for c in contenders_for(ctx) if rank(c) < max(1, len(wanted or ()))]
-        for c in sorted(chosen, key=rank):  # stable: the workload's own order within one prefix
-            always = rank(c) < 0
+        ranked = [(r, c) for c in contenders_for(ctx) if (r := rank(c)) is not None]
+        for r, c in sorted(ranked, key=lambda rc: rc[0]):  # stable: the workload's own order within one prefix
+            always = r < 0
             est = 0.0 if always or not walls else statistics.median(walls)
             row = self.run_contender(ctx, c, wl_deadline, est)
             if row.get("wall_s") and not row["not_run"]:

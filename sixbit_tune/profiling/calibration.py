@@ -34,14 +34,20 @@ def hessians_path(store: str | os.PathLike, run_id: str, worker: int) -> Path:
     return Path(store) / CALIBRATION_DIR / f"{run_id}-w{worker}{HESSIANS_SUFFIX}"
 
 
-def save_hessians(path: str | os.PathLike, run_id: str, hessians: dict, rows: dict) -> Path:
-    """Write one worker's Hessians atomically (a temporary file renamed into place)."""
+def save_atomic(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` of ``obj`` to ``path`` through a temporary file renamed into place (its folder is made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": HESSIANS_FORMAT, "run_id": run_id, "rows": dict(rows), "hessians": dict(hessians)}, tmp)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
     os.replace(tmp, path)
     return path
+
+
+def save_hessians(path: str | os.PathLike, run_id: str, hessians: dict, rows: dict) -> Path:
+    """Write one worker's Hessians atomically (:func:`save_atomic`)."""
+    return save_atomic({"format": HESSIANS_FORMAT, "run_id": run_id, "rows": dict(rows), "hessians": dict(hessians)},
+                       path)
 
 
 def hessian_files(store: str | os.PathLike, run_ids: Iterable[str]) -> list[Path]:

@@ -218,13 +218,14 @@ class _LinearHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         out = self.fn_ref.original_forward(*args, **kwargs)
         rec = self.recorder
-        if rec.current is not None and self.hessian is not None:
-            x = args[0] if args else kwargs["input"]
+        if rec.current is None:
+            return out
+        x = args[0] if args else kwargs["input"]
+        if self.hessian is not None:
             rows = x.detach().reshape(-1, x.shape[-1]).to(self.hessian.dtype)
             self.hessian.addmm_(rows.T, rows)
             self.hessian_rows += rows.shape[0]
-        if rec.current is not None and rec.record_layers:
-            x = args[0] if args else kwargs["input"]
+        if rec.record_layers:
             cache = rec.act_cache
             version = _version(x)
             if cache is not None and cache[0] is x and cache[1] == version and cache[2] == self.key:

@@ -28,6 +28,7 @@ from torch import nn
 from sixbit_tune import policy as _policy
 from sixbit_tune import routes as _routes
 from sixbit_tune.runtime._backend import Backend
+from sixbit_tune.runtime.linear import MixedPrecisionLinear
 
 __all__ = ["MenuMeasurement", "linear_shapes", "measure_menu"]
 
@@ -124,12 +125,6 @@ def _timer(device: torch.device, fn: Callable[[], object], warmup: int, repeats:
     return statistics.median(out)
 
 
-def _route_layer(linear: nn.Linear, route: _routes.Route, backend: Backend) -> nn.Module:
-    from sixbit_tune.runtime.linear import MixedPrecisionLinear
-
-    return MixedPrecisionLinear(linear, "fast", backend, weight=route.weight, fast=route.activation)
-
-
 def measure_menu(
     shapes: Mapping[Shape, int],
     device: torch.device | str,
@@ -179,7 +174,8 @@ def measure_menu(
             if route.weight == "nvfp4" and K % 16:
                 continue  # NVFP4 needs K % 16 == 0: not a route at this shape
             try:
-                layers[route.key] = _route_layer(base, route, backend)
+                layers[route.key] = MixedPrecisionLinear(base, "fast", backend, weight=route.weight,
+                                                         fast=route.activation)
             except (RuntimeError, ValueError) as exc:
                 out.failed[route.key] = f"{type(exc).__name__}: {exc}"
         times = {}

@@ -95,20 +95,13 @@ def write_policy_hessians(store: str | Path, study: optuna.Study, policy: P.Poli
     layers = gptq_layers(policy)
     if not layers:
         return None
-    import torch
-
-    from sixbit_tune.profiling.calibration import load_hessians
+    from sixbit_tune.profiling.calibration import load_hessians, save_atomic
 
     hess, _ = load_hessians(store, study.user_attrs.get("profile_runs") or [])
     missing = [n for n in layers if n not in hess]
     if missing:
         raise ValueError(f"the profile's Hessians lack {len(missing)} gptq-encoded layer(s), e.g. {missing[0]!r}")
-    path = hessians_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({n: hess[n] for n in layers}, tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic({n: hess[n] for n in layers}, hessians_path(out))
 
 
 def export_trial(
