@@ -21,11 +21,12 @@ recommended way; ``torch.compile(transformer)`` / ``transformer.compile()`` work
 breaks the graph:
 
 * compiles: the block's attention (8-bit attention included: a torch custom op), norms, MLP and elementwise code,
-  and its *static* quantized layers (modes ``"fast"``/``"robust"``); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5 with
-  inductor; the TDC/DMPQ decisions are the same;
+  and its quantized layers: static ones (modes ``"fast"``/``"robust"``) as one call each, *dynamic* ones as a
+  ``torch.cond`` over both routes whose predicate is a CPU tensor the runtime sets per step (no recompilation
+  and no graph break when routes change); outputs equal eager bit for bit with the ``eager`` backend and to 1e-5
+  with inductor; the TDC/DMPQ decisions are the same;
 * graph breaks (``torch.compiler.disable``): the runtime's bookkeeping before the block (skip decision, formats,
-  input clone) and after it (Γ/Δ measurement, cache update), and each *dynamic* layer (its format changes from
-  step to step; tracing it would recompile for every combination of formats);
+  input clone) and after it (Γ/Δ measurement, cache update);
 * graph breaks outside the runtime: on the CPU/reference path, every activation quantizer checks finiteness with
   ``bool(tensor)`` (``sixbit_tune.formats``), which breaks the graph at each quantized layer. The CUDA kernel
   path is called with ``check_finite=False`` (the runtime checks once per step instead); whether the Triton

@@ -16,9 +16,9 @@
 ``torch.compile``: the step logic is compiler-disabled host bookkeeping, so compiling the whole transformer
 (``torch.compile(transformer)``, ``transformer.compile()``) traces its forward between graph breaks at the
 step hooks and at each block's bookkeeping; the block hook's bookkeeping (``Controller.block_begin`` /
-``block_end``) and each *dynamic* layer (its format changes from step to step) are compiler-disabled too, so a
-compiled block (``block.compile()``, ``compile_repeated_blocks()``) graph-breaks there and traces the rest,
-static quantized layers included.
+``block_end``) is compiler-disabled too, so a compiled block (``block.compile()``, ``compile_repeated_blocks()``)
+graph-breaks there and traces the rest, its quantized layers included (a dynamic layer as a ``torch.cond``,
+:mod:`sixbit_tune.runtime.linear`).
 """
 
 from __future__ import annotations

@@ -24,9 +24,12 @@ while the quantized layer serves (``original_weight="cpu"``), so the model's dev
 quantized encodings; the ``Parameter`` object stays the same and comes back unchanged.
 
 ``torch.compile``: a static layer's forward is one call into the backend and is traced like any module (a derived
-route then converts without the shared scratch buffer). A dynamic layer branches on a Python attribute that changes
-from step to step; it goes through a ``torch.compiler.disable``-d function so a compiled block graph-breaks around
-it instead of recompiling for every combination of routes.
+route then converts without the shared scratch buffer). A dynamic layer traces both routes into one
+``torch.cond`` on a 0-dim boolean tensor that stays on the CPU (``route == "fast"``, updated in place whenever the
+route is set): a compiled block holding dynamic layers is one graph, switching routes between steps neither
+recompiles nor graph-breaks, and the compiled code reads the predicate on the host without waiting for the GPU.
+The flag is a plain attribute, not a buffer, so ``.to()`` and offloading leave it on the CPU. Eager calls branch
+in Python.
 """
 
 from __future__ import annotations
@@ -141,6 +144,8 @@ class MixedPrecisionLinear(nn.Module):
         self.weight_format = weight
         self.fast = fast
         self.robust = robust
+        # The route as a CPU tensor, the predicate of the compiled dynamic forward (see the module docstring).
+        self._fast_flag = torch.ones((), dtype=torch.bool)
         self.route = "fast" if mode == "fast" else "robust" if mode == "robust" else "fast"
         self.fmt = initial_format if mode == "dynamic" else mode
         self._backend = backend
@@ -157,6 +162,18 @@ class MixedPrecisionLinear(nn.Module):
             original.weight.data = original.weight.data.to("cpu")
 
     # ------------------------------------------------------------------------------------------------ routes
+    @property
+    def route(self) -> str:
+        """``"fast"`` or ``"robust"``: the route the next call runs."""
+        return self._route
+
+    @route.setter
+    def route(self, value: str) -> None:
+        if value not in _routes.ROUTE_ROLES:
+            raise ValueError(f"route must be one of {_routes.ROUTE_ROLES}, got {value!r}")
+        self._route = value
+        self._fast_flag.fill_(value == "fast")
+
     @property
     def fmt(self) -> str:
         """The route the next call runs, in ``sixbit_tune.rules``' names (``FAST_FORMAT``: the fast route,
@@ -209,13 +226,19 @@ class MixedPrecisionLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "dynamic":
-            return self._dynamic_forward(x)
+        if self.mode != "dynamic":
+            return self._run(x, self.activation)
+        if self.fast == self.robust:
+            return self._run(x, self.fast)
+        if torch.compiler.is_compiling():
+            return torch.cond(self._fast_flag, self._run_fast, self._run_robust, (x,))
         return self._run(x, self.activation)
 
-    @torch.compiler.disable
-    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x, self.activation)
+    def _run_fast(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, self.fast)
+
+    def _run_robust(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, self.robust)
 
     def _run(self, x: torch.Tensor, act: str) -> torch.Tensor:
         if act == self.weight_format:
