@@ -328,6 +328,19 @@ def _static(fmt: str, **routes: str):
     return make
 
 
+def _dynamic_nvfp4(ctx: Context, row: dict):
+    """Every in-block linear NVFP4-stored and dynamic, fast route FP8 and robust route INT8 (both W4A8 over the one
+    NVFP4 weight), with a zero error predictor: the first step runs the robust route, every later step the fast one.
+    Beside ``ours-nvfp4-fp8`` (the same GEMMs, static) it measures what a dynamic layer costs in a compiled block."""
+    from sixbit_tune.models.adapters import get_adapter
+    from sixbit_tune.runtime import make_dynamic_policy
+
+    names = list(get_adapter(ctx.runner.transformer).all_linears())
+    row["notes"].append("dynamic NVFP4-stored layers: step 0 W4A8-INT8, later steps W4A8-FP8")
+    return make_dynamic_policy(ctx.runner.transformer, {n: (0.0, 0.0, None, None) for n in names}, 1.0,
+                               weight="nvfp4", fast="fp8", robust="int8", spec=ctx.wl.spec)
+
+
 def _fp8_fast_accum_install(ctx: Context, row: dict) -> Installed:
     """The FP8 GEMM with ``torch._scaled_mm``'s fast accumulation (torchao's dynamic FP8 default) while installed."""
     from sixbit_tune.kernels import scaled_mm_fp8
@@ -350,6 +363,7 @@ def static_contenders() -> list[Contender]:
     return out + [
         Contender("ours-nvfp4-int8", "ours", (policy_part(_static("nvfp4", mode="robust", robust="int8")),)),
         Contender("ours-nvfp4", "ours", (policy_part(_static("nvfp4")),)),
+        Contender("ours-nvfp4-dynamic-fast-accum", "ours", (FP8_FAST_ACCUM, policy_part(_dynamic_nvfp4))),
     ]
 
 
