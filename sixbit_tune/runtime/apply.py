@@ -17,7 +17,7 @@ from sixbit_tune import routes as _routes
 from sixbit_tune.errors import PolicyError
 from sixbit_tune.models.adapters import ModelAdapter, get_adapter
 from sixbit_tune.runtime._backend import KERNEL_PREFERENCES, Backend
-from sixbit_tune.runtime.controller import BlockInfo, Controller, _CallRecord, foreign_cache_message
+from sixbit_tune.runtime.controller import BlockInfo, Controller, foreign_cache_message
 from sixbit_tune.runtime.hooks import BLOCK_HOOK, STEP_HOOK, BlockHook, StepHook, install_call_hooks
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 from sixbit_tune.runtime.report import RunStats
@@ -36,7 +36,6 @@ _HANDLE_ATTR = "_sixbit_tune_policy_handle"
 
 
 # The activation formats the controller's per-call records count (static layers of other formats are not counted).
-_COUNTED = tuple(_CallRecord(context="", step=0, rows=0).layer_calls)
 
 
 class GPUMismatchWarning(UserWarning):
@@ -278,7 +277,6 @@ class PolicyHandle:
         self._removed = False
         self.backend: Backend | None = None
         self._scratch_bytes: dict[str, int] = {}
-        self._uncounted: set[str] = set()
         self.attention_installed = False
         self._attention = None  # runtime.attention.AttentionHandle
 
@@ -308,7 +306,7 @@ class PolicyHandle:
         for ref in adapter.blocks():
             dynamic, alphas, betas, dynamic_lps = [], [], [], []
             # Executed static layers by activation format, in the names the controller counts.
-            static = {f: 0 for f in _COUNTED}
+            static = dict.fromkeys(_routes.ACTIVATION_FORMATS, 0)
             for rel, lin in adapter.linears(ref).items():
                 name = f"{ref.name}.{rel}"
                 lp = dmpq.layers[name]
@@ -333,10 +331,8 @@ class PolicyHandle:
                     dynamic_lps.append(lp)
                     alphas.append(float(lp.alpha))
                     betas.append(float(lp.beta))
-                elif new.activation in static:
-                    static[new.activation] += 1
                 else:
-                    self._uncounted.add(new.activation)
+                    static[new.activation] += 1
             attention, attn_line = self._attention_of(ref.index)
             infos.append(BlockInfo(ref, dynamic, alphas, betas, static, ref.index in cache_blocks, attention,
                                    attn_line, _branch_lines(dynamic_lps), self._attention_branch_lines(ref.index)))
@@ -381,7 +377,7 @@ class PolicyHandle:
     def stats(self) -> RunStats | None:
         """Statistics of the run in progress if it has made any call, else of the last finished run (None if
         there was none). ``scratch_bytes`` holds the derived weight operands' buffers (not in ``weight_bytes``);
-        ``notes`` say where the policy asked for what this runtime did not do (8-bit attention, uncounted routes)."""
+        ``notes`` say where the policy asked for what this runtime did not do (8-bit attention)."""
         c = self.controller
         if c is None:
             return None
@@ -389,9 +385,6 @@ class PolicyHandle:
         if stats is None:
             return None
         notes = list(stats.notes)
-        if self._uncounted:
-            notes.append(f"layer_calls does not count static layers on the {sorted(self._uncounted)} activation "
-                         f"routes (counted: {list(_COUNTED)})")
         return dataclasses.replace(stats, scratch_bytes=dict(self._scratch_bytes), notes=notes,
                                    attention_installed=self.attention_installed)
 

@@ -79,6 +79,7 @@ from typing import Any
 
 import torch
 
+from sixbit_tune import routes as _routes
 from sixbit_tune import rules as _rules
 from sixbit_tune import stats as _stats
 from sixbit_tune.compat import BaseState, CacheContext, StateManager, current_context, diffusers_cache_hooks
@@ -104,7 +105,7 @@ class BlockInfo:
     dynamic: list[MixedPrecisionLinear]
     alphas: list[float]
     betas: list[float]
-    static_calls: dict[str, int]  # per block call, executed static layers by format ("nvfp4", "int8", "none")
+    static_calls: dict[str, int]  # per block call, executed static layers by activation format
     cacheable: bool
     # 8-bit attention installed on this block (see PolicyHandle): "8bit" / "bf16" for a fixed mode, "dynamic" for a
     # mode chosen each step from attn_line (alpha, beta) and Γ, as the DMPQ rule chooses a dynamic layer's route.
@@ -170,7 +171,7 @@ class _CallRecord:
     context: str
     step: int
     rows: int
-    layer_calls: dict[str, int] = field(default_factory=lambda: {"nvfp4": 0, "int8": 0, "none": 0})
+    layer_calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_routes.ACTIVATION_FORMATS, 0))
     block_calls: int = 0
     skipped: int = 0
     attention_calls: dict[str, int] = field(default_factory=dict)
@@ -235,7 +236,7 @@ class Controller:
 
     def run_stats(self, completed: bool = False) -> RunStats:
         """Statistics of the run in progress."""
-        totals = {"nvfp4": 0, "int8": 0, "none": 0}
+        totals = dict.fromkeys(_routes.ACTIVATION_FORMATS, 0)
         blocks = skipped = 0
         attention: dict[str, int] = {}
         for r in self._records:
@@ -693,7 +694,7 @@ class Controller:
             return True, self.adapter.output_from_streams(info.ref, outs)
         for layer, fmt in zip(info.dynamic, state.fmts[index]):
             layer.fmt = fmt
-            rec.layer_calls[fmt] += 1
+            rec.layer_calls[layer.activation] += 1
         for k, v in info.static_calls.items():
             rec.layer_calls[k] += v
         if info.attention is not None and self.attention is not None:

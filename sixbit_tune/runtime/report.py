@@ -20,7 +20,8 @@ class _Shares:
 
     @property
     def nvfp4_share(self) -> float | None:
-        """NVFP4 layer-calls / all executed in-block linear calls (None when no layer ran)."""
+        """Layer calls with NVFP4 activations (W4A4) / all executed in-block linear calls (None when no layer
+        ran)."""
         return _share(self.layer_calls.get("nvfp4", 0), sum(self.layer_calls.values()))
 
     @property
@@ -38,8 +39,8 @@ class StepStats(_Shares):
             outside any context).
         step: 0-based step index within the context.
         rows: batch rows of the call.
-        layer_calls: executed in-block linear calls by format (``"nvfp4"``, ``"int8"``, ``"none"``); a dynamic
-            layer counts its fast route as ``"nvfp4"`` and its robust route as ``"int8"``.
+        layer_calls: executed in-block linear calls by the activation format of the route they ran
+            (``sixbit_tune.routes.ACTIVATION_FORMATS``: ``"nvfp4"``, ``"int8"``, ``"fp8"``, ``"none"``).
         block_calls: transformer blocks reached (computed + skipped).
         skipped_blocks: blocks answered from the Temporal Delta Cache.
         attention_calls: computed blocks with 8-bit attention installed, by the attention mode they ran
@@ -59,12 +60,12 @@ class StepStats(_Shares):
 class RunStats(_Shares):
     """Statistics of one run (a pipeline call, or the transformer calls since the last reset).
 
-    Shares count executed calls: a skipped block's linears do not run, so they count neither as NVFP4 nor INT8;
+    Shares count executed calls: a skipped block's linears do not run, so they count in no format;
     ``"none"`` layers (left in the model dtype) are in the denominator of :attr:`nvfp4_share`.
 
     Attributes:
         steps: per-call records in execution order.
-        layer_calls: executed in-block linear calls by format over the run.
+        layer_calls: executed in-block linear calls by activation format over the run.
         block_calls: blocks reached over the run.
         skipped_blocks: blocks skipped over the run.
         execution: execution path of each quantized format (``sixbit_tune.kernels.kernel_path``, or

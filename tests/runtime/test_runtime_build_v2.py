@@ -69,7 +69,23 @@ def test_static_fp8_weights_equal_the_reference_fake_quant():
             stats = h.stats()
     assert torch.equal(got, expected)
     assert stats.execution == {"fp8": "reference"} and set(k for k, v in stats.weight_bytes.items() if v) == {"fp8"}
-    assert any("fp8" in n for n in stats.notes)  # the controller's records do not count FP8-route calls
+    n_linears = len(get_adapter(model).all_linears())
+    assert stats.layer_calls == {"nvfp4": 0, "int8": 0, "fp8": n_linears, "none": 0}
+
+
+def test_layer_calls_count_the_activation_format_of_the_route_that_ran():
+    """A dynamic NVFP4-stored layer whose fast route is FP8 counts its fast calls as FP8, not as NVFP4 (W4A4)."""
+    pipe = get_pipe("wan")
+    names = list(get_adapter(pipe).all_linears())
+    policy = make_dynamic_policy(pipe, {n: (0.0, 0.0, None, None) for n in names}, 1.0, fast="fp8", robust="int8",
+                                 warmup=0, cooldown=0)
+    with apply_policy(pipe, policy) as h:
+        run_pipe(pipe, "wan", steps=3)
+        stats = h.stats()
+    per_step = {(s.context, s.step): s.layer_calls for s in stats.steps}
+    assert all(c["int8"] == len(names) and c["fp8"] == 0 for (ctx, step), c in per_step.items() if step == 0)
+    assert all(c["fp8"] == len(names) and c["int8"] == 0 for (ctx, step), c in per_step.items() if step > 0)
+    assert stats.nvfp4_share == 0.0 and stats.layer_calls["fp8"] > 0
 
 
 def test_per_branch_predictors_decide_with_their_upper_envelope():

@@ -35,7 +35,7 @@ def test_static_policy_equals_reference_fake_quant(family, fmt):
     assert not torch.equal(got, plain)  # the policy did quantize something
     stats = handle.stats()
     assert stats.layer_calls == {"nvfp4": n_layers if fmt == "nvfp4" else 0,
-                                 "int8": n_layers if fmt == "int8" else 0, "none": 0}
+                                 "int8": n_layers if fmt == "int8" else 0, "fp8": 0, "none": 0}
     assert stats.nvfp4_share == (1.0 if fmt == "nvfp4" else 0.0)
     assert stats.execution == {fmt: "reference"}
     handle.remove()
