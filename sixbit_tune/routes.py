@@ -113,3 +113,44 @@ def operand_format(weight: str, activation: str) -> str:
 def is_derived(weight: str, activation: str) -> bool:
     """Whether the route converts the stored weight to another format at call time (NVFP4 -> INT8 or FP8)."""
     return operand_format(weight, activation) != weight
+
+
+#: The per-layer errors the profiler records, as the store's ``layer_steps.format`` and ``predictors.format`` name
+#: them: a format name ``f`` means the route ``f/f`` (``"nvfp4"``: W4A4, ``"int8"``: W8A8 INT8, ``"fp8"``: W8A8
+#: FP8 E4M3), a ``"<weight>/<activation>"`` key a route whose GEMM weight operand is derived from the stored weight
+#: (``"nvfp4/int8"``: W4A8, ``"nvfp4/fp8"``). Grouped by activation format, the order the profiler computes them in
+#: (one activation quantization per format, shared by the routes that read it). Every name stored by schema-3
+#: profiles (``"nvfp4"``, ``"int8"``) keeps its meaning.
+PROFILE_ROUTES = ("nvfp4", "int8", "nvfp4/int8", "fp8", "nvfp4/fp8")
+#: The routes a profile records by default: the NVFP4-stored layer's fast and robust routes (W4A4, W4A8), and the
+#: 8-bit-stored routes (INT8 and FP8 W8A8), i.e. every route a version-2 policy can choose over a quantized weight.
+PROFILE_DEFAULT_ROUTES = PROFILE_ROUTES
+
+
+def profile_route(name: str) -> Route:
+    """The route a :data:`PROFILE_ROUTES` name stands for (``"int8"`` -> ``int8/int8``).
+
+    Raises:
+        ValueError: not a name of :data:`PROFILE_ROUTES`.
+    """
+    if name not in PROFILE_ROUTES:
+        raise ValueError(f"unknown profile route {name!r}; the profile records {list(PROFILE_ROUTES)}")
+    weight, sep, act = name.partition("/")
+    return Route(weight, act if sep else weight)
+
+
+def profile_route_name(text: str) -> str:
+    """The :data:`PROFILE_ROUTES` name of a format or route as a user writes it: ``"nvfp4/int8"``, ``"int8"`` or
+    ``"int8/int8"`` (the same route as ``"int8"``).
+
+    Raises:
+        ValueError: neither a quantized format nor a route over a quantized weight (the message lists the names).
+    """
+    weight, sep, act = str(text).strip().partition("/")
+    name = weight if not sep or act == weight else f"{weight}/{act}"
+    if name not in PROFILE_ROUTES:
+        raise ValueError(
+            f"unknown format or route {text!r} to profile; choose from {list(PROFILE_ROUTES)} (a format f stands "
+            "for the route f/f)"
+        )
+    return name

@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record per-layer errors every N-th step only; block statistics every step "
                         "(default %(default)s)")
     parser.add_argument("--formats", default=",".join(d["formats"]),
-                        help="comma-separated formats to record (default %(default)s)")
+                        help="comma-separated routes whose per-layer errors are recorded: nvfp4 (W4A4), int8, fp8 "
+                        "(W8A8), nvfp4/int8 (W4A8: INT8 weight derived from the NVFP4 one), nvfp4/fp8 (a format f "
+                        "is the route f/f; default %(default)s)")
     parser.add_argument("--attention-formats", default=",".join(d["attention_formats"]) or "none",
                         help="comma-separated attention formats (fp8, int8: the Q·Kᵀ operands) whose attn_err each "
                         "block's self-attention records, or 'none' (default %(default)s)")

@@ -8,15 +8,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sixbit_tune.routes import V1_FORMATS
+from sixbit_tune.routes import PROFILE_DEFAULT_ROUTES, PROFILE_ROUTES, profile_route_name
 
 __all__ = ["DTYPES", "PROFILE_ATTENTION_FORMATS", "PROFILE_FORMATS", "ProfileConfig", "load_prompts"]
 
 #: Model dtypes a run may use.
 DTYPES = ("bfloat16", "float16", "float32")
-#: Formats recorded by default: ``sixbit_tune.formats.FORMATS`` (checked equal in ``__post_init__``; that
-#: package imports torch, this module must not).
-PROFILE_FORMATS = V1_FORMATS
+#: Routes whose per-layer errors are recorded by default (:data:`sixbit_tune.routes.PROFILE_DEFAULT_ROUTES`).
+PROFILE_FORMATS = PROFILE_DEFAULT_ROUTES
 #: Attention formats whose ``attn_err`` is recorded by default (a subset of
 #: ``sixbit_tune.formats.attention.QK_FORMATS``, checked in ``__post_init__``).
 PROFILE_ATTENTION_FORMATS = ("fp8",)
@@ -43,7 +42,10 @@ class ProfileConfig:
         layer_every: record the per-layer errors on every ``layer_every``-th step only (steps 0, k, 2k, ...; block
             statistics are recorded at every step, so every recorded out_err_t still has its Γ_{t−1}). 1 = every
             step. Larger values trade calibration pairs for a cheaper run.
-        formats: formats whose per-layer errors are recorded.
+        formats: routes whose per-layer errors are recorded, as :data:`sixbit_tune.routes.PROFILE_ROUTES` names (a
+            format ``f`` is the route ``f/f``: ``"nvfp4"`` W4A4, ``"int8"``, ``"fp8"`` W8A8; ``"nvfp4/int8"`` W4A8,
+            ``"nvfp4/fp8"``; ``"int8/int8"`` is accepted for ``"int8"``), stored in that order. Routes over an NVFP4
+            weight are left out for linears whose in_features is not a multiple of 16.
         attention_formats: attention formats (Q·Kᵀ in ``"fp8"`` or ``"int8"``) whose ``attn_err`` each block's
             self-attention records; empty: no attention errors (a cheaper run).
         attention_every: record ``attn_err`` on every ``attention_every``-th step only (steps 0, k, 2k, ...), as
@@ -97,11 +99,15 @@ class ProfileConfig:
             raise ValueError(f"guidance must be finite, got {self.guidance!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        from sixbit_tune.formats import FORMATS
-
-        self.formats = tuple(self.formats)
-        if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        if isinstance(self.formats, str):
+            self.formats = (self.formats,)
+        names = tuple(profile_route_name(f) for f in self.formats)
+        if not names:
+            raise ValueError(f"formats: give at least one of {list(PROFILE_ROUTES)}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"formats: {dup} given more than once (a format f and the route f/f are the same)")
+        self.formats = tuple(n for n in PROFILE_ROUTES if n in names)
         from sixbit_tune.formats.attention import QK_FORMATS
 
         self.attention_formats = tuple(self.attention_formats)

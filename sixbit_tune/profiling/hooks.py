@@ -5,7 +5,8 @@
 * the transformer (a root hook that notes which ``cache_context`` the call runs in),
 * every transformer block (clones the block's input streams before it runs, then computes Γ, ‖Δ‖, and the change
   of Δ against the same block's Δ at the previous step of the same context, from ``sixbit_tune.stats``),
-* every ``nn.Linear`` inside the blocks (``act_err``/``out_err`` per format, :mod:`sixbit_tune.profiling.quant`),
+* every ``nn.Linear`` inside the blocks (``act_err``/``out_err`` per route of
+  :data:`sixbit_tune.routes.PROFILE_ROUTES`, :mod:`sixbit_tune.profiling.quant`),
 * every block's self-attention module (``attn_err`` per attention format, :mod:`sixbit_tune.profiling.attention`).
 
 The hooks never change what a module returns: outputs of an instrumented model are bit-identical to an
@@ -48,7 +49,6 @@ from sixbit_tune.compat import (
     reset_hook_state,
 )
 from sixbit_tune.errors import NonFiniteError
-from sixbit_tune.formats import FORMATS
 from sixbit_tune.models.adapters import BlockRef, ModelAdapter, get_adapter
 from sixbit_tune.profiling.attention import (
     SDPACapture,
@@ -64,7 +64,9 @@ from sixbit_tune.profiling.quant import (
     output_errors,
     quantize_activation,
     quantize_weight,
+    routes_for,
 )
+from sixbit_tune.routes import PROFILE_DEFAULT_ROUTES, PROFILE_ROUTES
 from sixbit_tune.stats import Compiled, block_stats, delta_change, stream_delta
 
 __all__ = ["FALLBACK_CONTEXT", "HOOK_NAME", "Instrumentation", "StepRecords", "block_record", "instrument"]
@@ -123,7 +125,7 @@ class _Call:
 
     context: str | None
     blocks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block index, [4, B])
-    layers: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer id, [F, 2, B])
+    layers: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer id, [R, 2, B])
     attention: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (block index, [F, B])
 
 
@@ -210,7 +212,8 @@ class _LinearHook(ModelHook):
         self.qw = qw
         self.act_fn = act_fn
         self.out_fn = out_fn
-        self.key = (None if qw.nvfp4_v is None else qw.nvfp4_v.dtype, qw.int8_q is not None)
+        self.key = qw.act_key
+        self.act_index = list(qw.act_index)
         #: sum of xᵀx over the input rows of the recorded calls ([K, K]; None: not accumulated)
         self.hessian = hessian
         self.hessian_rows = 0
@@ -233,10 +236,11 @@ class _LinearHook(ModelHook):
             else:
                 qa = self.act_fn(x, *self.key)
                 rec.act_cache = (x, version, self.key, qa)
-            act, xv, xs, xq, xqs = qa
+            act, xv, xs, xq, xqs, xf, xfs = qa
             qw = self.qw
-            err = self.out_fn(out, qw.bias, xv, xs, qw.nvfp4_v, qw.nvfp4_s, xq, xqs, qw.int8_q, qw.int8_s)
-            rec.current.layers.append((self.layer_id, torch.stack((act, err), dim=1)))
+            err = self.out_fn(out, qw.bias, xv, xs, qw.nvfp4_v, qw.nvfp4_s, xq, xqs, qw.int8_q, qw.int8_s,
+                              xf, xfs, qw.fp8_q, qw.fp8_s)
+            rec.current.layers.append((self.layer_id, torch.stack((act[self.act_index], err), dim=1)))
         return out
 
 
@@ -328,9 +332,10 @@ class Instrumentation:
 
     Attributes:
         adapter: the model's :class:`ModelAdapter`.
-        formats: the profiled formats.
+        formats: the profiled routes (:data:`sixbit_tune.routes.PROFILE_ROUTES` names, in that order).
         layer_names: full module names of the instrumented linears (index = layer id).
-        layer_formats: per layer, the formats recorded for it (NVFP4 is left out where K % 16 != 0).
+        layer_formats: per layer, the routes recorded for it (those over an NVFP4 weight are left out where
+            K % 16 != 0).
         attention_formats: the attention formats whose ``attn_err`` is recorded (empty: none).
         attention_modules: ``block index -> full module name`` of each instrumented self-attention.
         hessians: whether each linear whose in_features is a multiple of 16 accumulates ``sum xᵀx`` over the input
@@ -340,7 +345,7 @@ class Instrumentation:
     def __init__(
         self,
         model: Any,
-        formats: Sequence[str] = FORMATS,
+        formats: Sequence[str] = PROFILE_DEFAULT_ROUTES,
         layers: bool = True,
         compile_stats: bool | None = None,
         attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
@@ -349,10 +354,10 @@ class Instrumentation:
         self.adapter = get_adapter(model)
         self.hessians = bool(hessians)
         self.transformer = self.adapter.transformer
-        self.formats = tuple(formats)
-        unknown = [f for f in self.formats if f not in FORMATS]
-        if unknown or not self.formats:
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
+        unknown = [f for f in formats if f not in PROFILE_ROUTES]
+        if unknown or not formats or len(set(formats)) != len(formats):
+            raise ValueError(f"formats must be distinct values of {PROFILE_ROUTES} (at least one), got {list(formats)}")
+        self.formats = tuple(f for f in PROFILE_ROUTES if f in formats)
         self.attention_formats = fmt_ok(attention_formats)
         self.attention_modules: dict[int, str] = {}
         self._recorder = _Recorder()
@@ -387,12 +392,11 @@ class Instrumentation:
                 if not layers:
                     continue
                 for rel, lin in self.adapter.linears(ref).items():
-                    fmts = self.formats
-                    if "nvfp4" in fmts and lin.in_features % 16 != 0:
-                        fmts = tuple(f for f in fmts if f != "nvfp4")
+                    fmts = routes_for(self.formats, lin.in_features)
+                    if fmts != self.formats:
                         warnings.warn(
-                            f"{ref.name}.{rel}: in_features={lin.in_features} is not a multiple of 16; "
-                            "recording INT8 only for it",
+                            f"{ref.name}.{rel}: in_features={lin.in_features} is not a multiple of 16, so no NVFP4 "
+                            f"weight; recording {', '.join(fmts) or 'nothing'} only for it",
                             stacklevel=2,
                         )
                     if not fmts:
@@ -619,7 +623,7 @@ class Instrumentation:
 
 def instrument(
     model: Any,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = PROFILE_DEFAULT_ROUTES,
     layers: bool = True,
     compile_stats: bool | None = None,
     attention_formats: Sequence[str] = DEFAULT_ATTENTION_FORMATS,
@@ -629,7 +633,7 @@ def instrument(
 
     Args:
         model: a pipeline or transformer of a supported family.
-        formats: formats whose per-layer errors are recorded.
+        formats: routes whose per-layer errors are recorded (:data:`sixbit_tune.routes.PROFILE_ROUTES` names).
         layers: also instrument the linears (False: block statistics only).
         attention_formats: attention formats (``"fp8"``, ``"int8"``) whose ``attn_err`` each block's
             self-attention records; empty: none.

@@ -57,6 +57,13 @@ def _add_attention_tables(root: Path) -> None:
         (root / name).mkdir(exist_ok=True)
 
 
+def _layer_routes(root: Path) -> None:
+    """Version 3 -> 4: ``layer_steps.format`` and ``predictors.format`` accept the routes ``"fp8"``,
+    ``"nvfp4/int8"`` and ``"nvfp4/fp8"`` besides ``"nvfp4"`` and ``"int8"``, which keep their meaning. No stored part
+    changes (``migrate`` rewrites the seed files); the version bump keeps an older sixbit-tune, which would reject
+    the new values when it writes a fit, from opening a store that may hold them."""
+
+
 MIGRATIONS: dict[int, Migration] = {
     1: Migration(
         1,
@@ -64,6 +71,8 @@ MIGRATIONS: dict[int, Migration] = {
         _checksum_parts,
     ),
     2: Migration(2, "add the attention tables attn_steps and attn_predictors (empty)", _add_attention_tables),
+    3: Migration(3, "layer_steps and predictors may hold the routes fp8, nvfp4/int8 and nvfp4/fp8 (no part changes)",
+                 _layer_routes),
 }
 """``from_version -> Migration``. Version 1 is the first released schema."""
 

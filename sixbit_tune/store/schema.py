@@ -14,17 +14,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sixbit_tune.errors import NonFiniteError
-from sixbit_tune.routes import V1_FORMATS
+from sixbit_tune.routes import PROFILE_ROUTES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the on-disk layout and of every table below (kept in ``<store>/meta.json``). Version 2: every part's
 name carries the SHA-256 of its bytes (version 1 parts carry none; the tables are the same). Version 3: the tables
-``attn_steps`` (attention errors) and ``attn_predictors`` (their fitted predictors); the others are unchanged."""
+``attn_steps`` (attention errors) and ``attn_predictors`` (their fitted predictors); the others are unchanged.
+Version 4: ``layer_steps.format`` and ``predictors.format`` also hold ``"fp8"`` and the derived routes
+``"nvfp4/int8"``, ``"nvfp4/fp8"`` (:data:`LAYER_FORMATS`); ``"nvfp4"`` and ``"int8"`` keep their meaning (the
+routes nvfp4/nvfp4 and int8/int8), so no stored row changes."""
 
 RUN_KINDS = ("profile", "search", "bench", "fit")
 RUN_STATUSES = ("running", "finished", "failed")
 BRANCHES = ("cond", "uncond")
-LAYER_FORMATS = V1_FORMATS
+LAYER_FORMATS = PROFILE_ROUTES
+"""Layer routes of ``layer_steps`` and ``predictors`` (:data:`sixbit_tune.routes.PROFILE_ROUTES`: a format name f is
+the route f/f, ``"<weight>/<activation>"`` a route with a derived weight operand)."""
 ATTENTION_FORMATS = ("fp8", "int8")
 """Attention formats: the Q·Kᵀ operand format of the 8-bit attention (``sixbit_tune.formats.attention``)."""
 TRIAL_STATES = ("COMPLETE", "FAIL", "PRUNED", "RUNNING")
@@ -164,11 +169,12 @@ LAYER_STEPS = Table(
         _c("step", pa.int32(), required=True),
         _c("block_index", pa.int32(), required=True),
         _c("layer", pa.string(), "full module name of the linear", required=True),
-        _c("format", pa.string(), required=True, allowed=LAYER_FORMATS),
-        _c("act_err", pa.float64(), "||Q(x)-x||_2/||x||_2"),
+        _c("format", pa.string(), "the route: a format f (the route f/f) or '<weight>/<activation>'", required=True,
+           allowed=LAYER_FORMATS),
+        _c("act_err", pa.float64(), "||Q(x)-x||_2/||x||_2, x quantized in the route's activation format"),
         _c("out_err", pa.float64(), "relative output error, weights and activations quantized", required=True),
     ),
-    doc="one (run, prompt, branch, step, layer, format): quantization errors",
+    doc="one (run, prompt, branch, step, layer, route): quantization errors",
 )
 
 ATTN_STEPS = Table(
@@ -191,7 +197,8 @@ PREDICTORS = Table(
     (
         _c("fit_id", pa.string(), required=True),
         _c("layer", pa.string(), required=True),
-        _c("format", pa.string(), required=True, allowed=LAYER_FORMATS),
+        _c("format", pa.string(), "the route whose out_err is predicted (as layer_steps.format)", required=True,
+           allowed=LAYER_FORMATS),
         _c("alpha", pa.float64()),
         _c("beta", pa.float64()),
         _c("r2", pa.float64()),

@@ -17,6 +17,7 @@ from sixbit_tune.models.tiny import (
     tiny_transformer_inputs,
 )
 from sixbit_tune.profiling.hooks import HOOK_NAME, instrument
+from sixbit_tune.routes import PROFILE_DEFAULT_ROUTES, PROFILE_ROUTES, profile_route
 
 FAMILIES = ["cogvideox", "wan", "hunyuanvideo", "ltx", "mochi"]
 
@@ -44,7 +45,7 @@ def test_transformer_output_bit_identical_while_recording_and_after_removal(fami
     assert torch.equal(plain, recorded) and torch.equal(plain, after)
     n_blocks = len(get_adapter(model).blocks())
     assert len(recs.blocks["step"]) == n_blocks * batch
-    assert len(recs.layers["step"]) == len(inst.layer_names) * 2 * batch
+    assert len(recs.layers["step"]) == len(inst.layer_names) * len(PROFILE_DEFAULT_ROUTES) * batch
     # Removal leaves no hook of ours anywhere in the model.
     assert not any(HOOK_NAME in m._diffusers_hook.hooks
                    for m in model.modules() if hasattr(m, "_diffusers_hook"))
@@ -144,9 +145,10 @@ def test_statistics_equal_direct_computation(family):
             (x,), _ = caps[rel].inputs[step]
             ref = x.double() @ lin.weight.double().t()
             name = f"{block.name}.{rel}"
-            for fmt in formats.FORMATS:
-                yq = formats.quantized_linear_reference(x, lin.weight, None, fmt).double()
-                xq = formats.fake_quant(x, fmt).double()
+            assert inst.layer_formats[inst.layer_names.index(name)] == PROFILE_DEFAULT_ROUTES
+            for fmt in PROFILE_DEFAULT_ROUTES:
+                yq = _route_reference(x, lin.weight, fmt).double()
+                xq = formats.fake_quant(x, profile_route(fmt).activation).double()
                 for r in range(batch):
                     i = [k for k in range(len(recs.layers["step"]))
                          if recs.layers["layer"][k] == name and recs.layers["format"][k] == fmt][r]
@@ -287,3 +289,56 @@ def test_remove_frees_history_and_quantized_weights_while_referenced():
     assert w_ref() is None and d_ref() is None
     assert lin_hook.qw is None and block_hook.state_manager._state_cache == {}
     assert inst.pending_calls == 0
+
+
+def _route_reference(x: torch.Tensor, w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """formats.quantized_linear_reference of route ``fmt``: over the dequantized NVFP4 weight for a derived route."""
+    route = profile_route(fmt)
+    if route.weight != route.activation:
+        w = formats.nvfp4.quantize(w).dequantize(torch.float32)
+    return formats.quantized_linear_reference(x, w, None, route.activation)
+
+
+def test_routes_over_nvfp4_weights_are_left_out_where_k_is_not_a_multiple_of_16():
+    """A real Wan transformer whose feed-forward output projection has K = 40: that layer records the INT8 and FP8
+    W8A8 routes only (with a warning naming them), every other layer all routes; the values are the references'."""
+    import diffusers
+
+    from sixbit_tune.models.tiny import TINY_TRANSFORMER_KWARGS
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(**{**TINY_TRANSFORMER_KWARGS["wan"], "ffn_dim": 40}).eval()
+    adapter = get_adapter(model)
+    odd = {n for n, lin in adapter.all_linears().items() if lin.in_features % 16}
+    assert odd == {f"{b.name}.ffn.net.2" for b in adapter.blocks()}
+    with pytest.warns(UserWarning, match=r"in_features=40 is not a multiple of 16, so no NVFP4 weight; recording "
+                                         r"int8, fp8 only"):
+        inst = instrument(model, formats=PROFILE_ROUTES)
+    for name, fmts in zip(inst.layer_names, inst.layer_formats):
+        assert fmts == (("int8", "fp8") if name in odd else PROFILE_ROUTES), name
+    name = sorted(odd)[0]
+    lin = adapter.all_linears()[name]
+    cap = _Capture(lin)
+    _run(model, "wan", 1, seed=3, context="cond")
+    recs = inst.flush(0, [0])
+    inst.remove()
+    cap.remove()
+    got = {f: (a, o) for n, f, a, o in zip(recs.layers["layer"], recs.layers["format"], recs.layers["act_err"],
+                                           recs.layers["out_err"]) if n == name}
+    assert sorted(got) == ["fp8", "int8"]
+    (x,), _ = cap.inputs[0]
+    ref = x.double() @ lin.weight.double().t()
+    for fmt, (act, out) in got.items():
+        yq = _route_reference(x, lin.weight, fmt).double()
+        xq = formats.fake_quant(x, fmt).double()
+        assert out == pytest.approx(((yq - ref).norm() / ref.norm()).item(), rel=1e-4), fmt
+        assert act == pytest.approx(((xq - x.double()).norm() / x.double().norm()).item(), rel=1e-5), fmt
+    n_full = len(inst.layer_names) - len(odd)
+    assert len(recs.layers["format"]) == n_full * len(PROFILE_ROUTES) + len(odd) * 2
+
+
+def test_unknown_routes_are_refused():
+    model = tiny_transformer("wan")
+    for bad in (("fp4",), (), ("int8", "int8"), ("int8/int8",)):
+        with pytest.raises(ValueError, match="formats must be distinct values of"):
+            instrument(model, formats=bad)

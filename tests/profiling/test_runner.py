@@ -16,6 +16,7 @@ from sixbit_tune.models.adapters import get_adapter
 from sixbit_tune.models.tiny import tiny_transformer
 from sixbit_tune.profiling.config import ProfileConfig, load_prompts
 from sixbit_tune.profiling.runner import profile
+from sixbit_tune.routes import PROFILE_DEFAULT_ROUTES
 from sixbit_tune.store import Store
 
 FAMILIES = ["cogvideox", "wan", "hunyuanvideo", "ltx", "mochi"]
@@ -41,7 +42,7 @@ def test_every_family_profiles_into_a_store(tmp_path, family):
         assert len(run["timesteps"]) == steps
         assert run["gpu_name"] is None or run["gpu_name"] != run["gpu_name"]  # NULL without a GPU (None/NaN)
         settings = json.loads(run["settings"])
-        assert settings["steps"] == steps and settings["formats"] == ["nvfp4", "int8"]
+        assert settings["steps"] == steps and settings["formats"] == list(PROFILE_DEFAULT_ROUTES)
         assert json.loads(run["versions"])["torch"]
         b = s.query("SELECT branch, step, count(*) AS n, count(delta_change) AS nc, min(gamma) AS g, "
                     "any_value(timestep) AS t FROM block_steps WHERE run_id = ? GROUP BY ALL ORDER BY ALL", [run_id])
@@ -52,8 +53,8 @@ def test_every_family_profiles_into_a_store(tmp_path, family):
         assert sorted(set(b["t"])) == sorted(run["timesteps"])
         lay = s.query("SELECT format, count(*) AS n, min(out_err) AS lo, max(out_err) AS hi FROM layer_steps "
                       "WHERE run_id = ? GROUP BY ALL ORDER BY format", [run_id])
-        assert list(lay["format"]) == ["int8", "nvfp4"]
-        assert list(lay["n"]) == [n_layers * 2 * steps] * 2
+        assert list(lay["format"]) == sorted(PROFILE_DEFAULT_ROUTES)  # every route: the tiny models' K % 16 == 0
+        assert list(lay["n"]) == [n_layers * 2 * steps] * len(PROFILE_DEFAULT_ROUTES)
         assert (lay["lo"] > 0).all() and (lay["hi"] < 1.5).all()
         # attn_err of every block's self-attention, at every step and branch, in the default format
         assert settings["attention_formats"] == ["fp8"] and len(settings["attention_modules"]) == n_blocks
@@ -82,7 +83,7 @@ def test_cli_prompts_file_and_two_workers(tmp_path):
         assert list(b["prompt"]) == ["a cat runs", "a dog jumps in snow", "a red car"]
         assert list(b["n"]) == [n_blocks * 2 * 2] * 3
         n = s.query("SELECT count(*) AS n FROM layer_steps")["n"][0]
-        assert n == 3 * n_layers * 2 * 2 * 2
+        assert n == 3 * n_layers * len(PROFILE_DEFAULT_ROUTES) * 2 * 2
         att = s.query("SELECT format, count(*) AS n FROM attn_steps GROUP BY ALL")
         assert list(att["format"]) == ["int8"] and list(att["n"]) == [3 * n_blocks * 2 * 2]
     parts = [p.name for p in (store / "block_steps").glob("*.parquet")]
@@ -136,7 +137,7 @@ def test_killed_run_leaves_finished_prompts_readable(tmp_path):
         lay = s.query("SELECT prompt_index, count(*) AS n FROM layer_steps GROUP BY ALL ORDER BY ALL")
         # every prompt with block rows has all its layer rows (layer rows are written first)
         done = lay[lay["prompt_index"].isin(b["prompt_index"])]
-        assert len(done) == len(b) and (done["n"] == n_layers * 2 * 3 * 2).all()
+        assert len(done) == len(b) and (done["n"] == n_layers * len(PROFILE_DEFAULT_ROUTES) * 3 * 2).all()
 
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
@@ -166,8 +167,24 @@ def test_transformer_only_mode_on_a_tiny_transformer(tmp_path, family):
 def test_bad_settings_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), steps=0)
-    with pytest.raises(ValueError, match="formats must be"):
-        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("fp8",))
+    with pytest.raises(ValueError, match=r"unknown format or route 'fp4' to profile; choose from \['nvfp4', "):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("fp8", "fp4"))
+    with pytest.raises(ValueError, match="unknown format or route 'int8/fp8'"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("int8/fp8",))
+    with pytest.raises(ValueError, match=r"formats: \['int8'\] given more than once"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=("int8", "int8/int8"))
+    with pytest.raises(ValueError, match="formats: give at least one of"):
+        ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats=())
+    # a format f and the route f/f are one name; the order given does not matter
+    cfg = ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path),
+                        formats=("nvfp4/fp8", "int8/int8", "nvfp4/nvfp4", " nvfp4/int8 "))
+    assert cfg.formats == ("nvfp4", "int8", "nvfp4/int8", "nvfp4/fp8")
+    assert ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), formats="fp8").formats == ("fp8",)
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "--model", "tiny:wan", "--prompt", "a", "--store", str(tmp_path / "s"),
+              "--formats", "nvfp4,w4a8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown format or route 'w4a8'" in err and "nvfp4/int8" in err
     with pytest.raises(ValueError, match="attention_formats must be distinct values of"):
         ProfileConfig(model="tiny:wan", prompts=["a"], store=str(tmp_path), attention_formats=("nvfp4",))
     with pytest.raises(ValueError, match="attention_every must be an integer >= 1"):
@@ -270,7 +287,7 @@ def test_killing_the_parent_stops_the_workers(tmp_path):
         assert (b["n"] == n_blocks * 2 * 3).all()
         lay = s.query("SELECT prompt_index, count(*) AS n FROM layer_steps GROUP BY ALL ORDER BY ALL")
         done = lay[lay["prompt_index"].isin(b["prompt_index"])]
-        assert len(done) == len(b) and (done["n"] == n_layers * 2 * 3 * 2).all()
+        assert len(done) == len(b) and (done["n"] == n_layers * len(PROFILE_DEFAULT_ROUTES) * 3 * 2).all()
 
 
 def _start_two_workers(tmp_path, n_prompts=60):

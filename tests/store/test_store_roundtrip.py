@@ -234,9 +234,9 @@ def test_bad_input_is_refused_with_the_column_named(store):
         w.write_block_steps({**good, "run_id": ["other"]}, run_id=rid)
     with pytest.raises(ValueError, match="different lengths"):
         w.write_block_steps({**good, "step": [0, 1]}, run_id=rid)
-    with pytest.raises(ValueError, match=r"layer_steps.format: values \['fp8'\]"):
+    with pytest.raises(ValueError, match=r"layer_steps.format: values \['fp4'\]"):
         w.write_layer_steps({"prompt_index": [0], "branch": ["cond"], "step": [0], "block_index": [0],
-                             "layer": ["x"], "format": ["fp8"], "out_err": [0.1]}, run_id=rid)
+                             "layer": ["x"], "format": ["fp4"], "out_err": [0.1]}, run_id=rid)
     with pytest.raises(ValueError, match=r"runs.kind: values \['profle'\] not allowed"):
         w.begin_run("profle", "tiny:wan")
     with pytest.raises(ValueError, match=r"gpu: unknown keys \['power'\]"):
