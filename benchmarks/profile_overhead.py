@@ -2,24 +2,31 @@
 
 A step is one CogVideoX-2B-shaped transformer forward (random weights, bf16) on random latents of a 49-frame
 480x720 video with a classifier-free-guidance batch of 2 (35,552 tokens), inside ``cache_context("cond_uncond")``
-as the pipeline calls it. An instrumented step also flushes its statistics to the host (the once-per-step
-transfer the runner does in ``callback_on_step_end``), so it is timed including that.
+as the pipeline calls it (a family that calls the transformer once per CFG branch, e.g. Wan and the ``reference``
+model: one forward of batch 1 inside ``cache_context("cond")``). An instrumented step also flushes its statistics
+to the host (the once-per-step transfer the runner does in ``callback_on_step_end``), so it is timed including
+that.
 
 Variants, each timed with CUDA events after warm-up (median over ``--iters`` steps):
 
 * ``plain``: no hooks (timed first and again last).
 * ``blocks``: block statistics only (Γ, ‖Δ‖, Δ change/cos), eager.
-* ``full-eager``: blocks + act_err/out_err of every in-block linear for NVFP4 and INT8, eager torch ops.
+* ``full-eager``: blocks + act_err/out_err of every in-block linear for every route of ``--formats`` (default: the
+  profile's default routes, ``sixbit_tune.profiling.config.PROFILE_FORMATS``), eager torch ops.
 * ``full-compiled``: the same with the statistic functions fused by ``torch.compile`` (the default on CUDA).
 
 Correctness checked in the same run: the transformer output of every instrumented variant is ``torch.equal`` to
 the plain output; compiled and eager statistics agree; one real layer's recorded act_err/out_err are compared with
-``sixbit_tune.formats`` (``fake_quant`` / ``quantized_linear_reference``) recomputed from its captured input.
+``sixbit_tune.formats`` (``fake_quant`` / ``quantized_linear_reference``; a route with a derived weight operand,
+``"nvfp4/int8"``, against ``quantized_linear_reference`` of the dequantized NVFP4 weight) recomputed from its
+captured input.
 
 Usage (H200)::
 
     python benchmarks/profile_overhead.py --out $OUT
     python benchmarks/profile_overhead.py --spec tiny:cogvideox --device cpu --frames 9 --height 16 --width 16
+    python benchmarks/profile_overhead.py --spec reference --device cpu --dtype float32 --frames 9 --height 64 \
+        --width 64 --no-compiled --formats nvfp4,int8
 """
 
 from __future__ import annotations
@@ -98,7 +105,8 @@ def markdown(result: dict) -> str:
         f"{sh.get('in_block_linears')} in-block linears), {result['settings']['dtype']}",
         f"- inputs: latents {sh.get('hidden_states')}, text {sh.get('encoder_hidden_states')} "
         f"({result['settings']['frames']} frames {result['settings']['height']}x{result['settings']['width']}, "
-        "CFG batch 2)",
+        f"batch {sh.get('batch', 2)} in cache_context({sh.get('context', 'cond_uncond')!r}))",
+        f"- routes recorded by the full variants: {', '.join(result.get('formats', [])) or 'n/a'}",
         f"- command: `{result['command']}`",
         "",
         "A step is one transformer forward inside `cache_context(\"cond_uncond\")`; instrumented steps include the "
@@ -151,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-warmup", type=int, default=4)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--budget-s", type=float, default=300.0, help="skip variants that would start after this")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated routes the full variants record (default: the profile's default)")
+    p.add_argument("--no-compiled", action="store_true", help="skip the full-compiled variant")
     p.add_argument("--out", default=None, help="folder for results.json")
     args = p.parse_args(argv)
     t_start = time.time()
@@ -164,6 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     out_dir = Path(args.out) if args.out else None
+    if args.formats is None:
+        from sixbit_tune.profiling.config import PROFILE_FORMATS
+
+        fmts = tuple(PROFILE_FORMATS)
+    else:
+        fmts = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     result: dict = {
         "benchmark": "profile_overhead",
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -188,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_transformer(args.spec, device=device, dtype=dtype)
     adapter = get_adapter(model)
     g = torch.Generator().manual_seed(0)
-    inputs = shape_step_inputs(adapter, args.frames, args.height, args.width, 2, g, device, dtype)
+    separate = adapter.cfg_mode == "separate"
+    batch, context = (1, "cond") if separate else (2, "cond_uncond")
+    inputs = shape_step_inputs(adapter, args.frames, args.height, args.width, batch, g, device, dtype)
     tokens = inputs["hidden_states"].shape
     result["shape"] = {
         "hidden_states": list(tokens),
@@ -197,13 +216,15 @@ def main(argv: list[str] | None = None) -> int:
         "in_block_linears": len(adapter.all_linears()),
         "params": sum(p.numel() for p in model.parameters()),
         "build_s": round(time.time() - t0, 1),
+        "batch": batch,
+        "context": context,
     }
     timer = _Timer(device)
     schedule = [999 - 37 * k for k in range(64)]
 
     def forward(k: int):
-        t = torch.full((2,), schedule[k % len(schedule)], device=device, dtype=torch.long)
-        with torch.inference_mode(), model.cache_context("cond_uncond"):
+        t = torch.full((batch,), schedule[k % len(schedule)], device=device, dtype=torch.long)
+        with torch.inference_mode(), model.cache_context(context):
             return model(**inputs, timestep=t)[0]
 
     plain_outputs: dict[int, torch.Tensor] = {}
@@ -270,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         if "x" not in captured:
             captured["x"] = a[0].detach().clone()
 
-    inst = instrument(model, compile_stats=False)
+    inst = instrument(model, formats=fmts, compile_stats=False)
+    result["formats"] = list(inst.formats)
     h = lin.register_forward_hook(grab)
     eager_records = run_variant("full-eager", inst)
     h.remove()
@@ -284,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             module_out = (lin(x).double() - lin.bias.double()) if lin.bias is not None else lin(x).double()
         check = {"layer": lin_name, "input_shape": list(x.shape), "rows": {}}
-        for fmt in formats.FORMATS:
-            yq = formats.quantized_linear_reference(x, w, None, fmt).double()
-            xq = formats.fake_quant(x.float(), fmt).double()
+        for fmt in inst.formats:
+            weight, _, act = fmt.partition("/")
+            act = act or weight
+            wr = formats.nvfp4.quantize(w).dequantize(torch.float32) if weight != act else w
+            yq = formats.quantized_linear_reference(x, wr, None, act).double()
+            xq = formats.fake_quant(x.float(), act).double()
             for r in range(x.shape[0]):
                 i = [j for j in range(len(rec.layers["layer"]))
                      if rec.layers["layer"][j] == lin_name and rec.layers["format"][j] == fmt][r]
@@ -308,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     # full, compiled (default on CUDA)
-    inst = instrument(model, compile_stats=True)
-    compiled_records = run_variant("full-compiled", inst, warmup=args.compile_warmup)
-    inst.remove()
+    compiled_records = None
+    if not args.no_compiled:
+        inst = instrument(model, formats=fmts, compile_stats=True)
+        compiled_records = run_variant("full-compiled", inst, warmup=args.compile_warmup)
+        inst.remove()
     if eager_records and compiled_records:
         worst = {"blocks": 0.0, "layers": 0.0}
         n = min(len(eager_records), len(compiled_records))

@@ -11,7 +11,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-FORMAT_LABEL = {"nvfp4": "NVFP4", "int8": "INT8"}
+FORMAT_LABEL = {"nvfp4": "NVFP4", "int8": "INT8", "fp8": "FP8", "nvfp4/int8": "W4A8 (NVFP4/INT8)",
+                "nvfp4/fp8": "NVFP4/FP8"}
+"""Labels of the profiled routes (``layer_steps.format``)."""
 PRECISION_SCALE = [[0.0, "#3b6fb6"], [1.0, "#e8833a"]]  # INT8 blue -> NVFP4 orange
 FASTER, SLOWER = "#2e8b57", "#c0392b"  # speed-up bars: green at or above 1x, red below (a slow-down)
 
@@ -35,7 +37,7 @@ def error_heatmap(grid: pd.DataFrame, fmt: str, log: bool = True) -> go.Figure:
 
     Args:
         grid: :func:`~sixbit_tune.dashboard.data.layer_error_grid` output.
-        fmt: ``"nvfp4"`` or ``"int8"`` (title only).
+        fmt: the route (``layer_steps.format``: ``"nvfp4"``, ``"nvfp4/int8"``, ...; title only).
         log: colour by log10(out_err) (errors span orders of magnitude across layers and formats).
     """
     title = f"{FORMAT_LABEL.get(fmt, fmt)} relative output error (out_err), layer × step"

@@ -24,7 +24,7 @@ import streamlit as st
 from sixbit_tune.dashboard import data, figures
 from sixbit_tune.dashboard.export import check_export_name, export_policy
 
-from sixbit_tune.routes import V1_FORMATS
+from sixbit_tune.routes import PROFILE_ROUTES, V1_FORMATS
 from sixbit_tune.store import Store
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -198,15 +198,17 @@ def sensitivity_page() -> None:
         log = st.checkbox("log colour scale", value=True, key="sens_log")
     summary = query(cfg, "format_summary", run)
     if summary.empty:
-        st.info("This run recorded no layer errors: profile with `--formats nvfp4,int8`.")
+        st.info(f"This run recorded no layer errors: profile with `--formats {','.join(PROFILE_ROUTES)}`.")
         return
     st.dataframe(summary, hide_index=True, key="sens_summary")
     layer_col, attn_col = st.columns([3, 2])
+    recorded = set(summary["format"])
     with layer_col:
-        for fmt in V1_FORMATS:
+        # the fast and robust formats always get a map (or say how to record them), every other route where recorded
+        for fmt in [f for f in PROFILE_ROUTES if f in V1_FORMATS or f in recorded]:
             grid = query(cfg, "layer_error_grid", run, fmt, branch)
             if grid.empty:
-                st.info(f"No {fmt.upper()} errors in this run: profile with `--formats nvfp4,int8`.")
+                st.info(f"No {fmt.upper()} errors in this run: profile with `--formats {','.join(PROFILE_ROUTES)}`.")
                 continue
             _plot(figures.error_heatmap(grid, fmt, log=log), key=f"sens_{fmt}")
     with attn_col:

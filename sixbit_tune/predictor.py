@@ -1,5 +1,9 @@
 """The DMPQ predictor: per linear layer j, NVFP4 output error out_err_t ≈ α_j·Γ_{t−1} + β_j.
 
+Every other route the profile recorded (``layer_steps.format``: ``"int8"``, ``"nvfp4/int8"``, ``"fp8"``, ...) gets
+the same fit per (layer, route) (:attr:`FitResult.routes`), written beside the NVFP4 lines in ``predictors`` under
+the same fit id; what policies are built from (the DMPQ rule's lines, trust, pooling) stays the NVFP4 fit.
+
 Γ_{t−1} is the ``gamma`` of the layer's block at the previous step of the same (run, prompt, guidance branch);
 out_err_t is the layer's NVFP4 ``out_err`` at step t. Every (run, prompt, branch, step ≥ 1) of the chosen profile
 runs gives one pair; the fit is ordinary least squares on those pairs, with R² and n kept.
@@ -163,6 +167,9 @@ class FitResult:
     #: attention format -> the attention fit (keys of its ``layers``: the block index as text); empty when the
     #: profile runs recorded no attention errors
     attention: dict[str, FitResult] = field(default_factory=dict)
+    #: route (``layer_steps.format``) -> the fit of that route's out_err, for every route recorded other than
+    #: ``settings.format``; empty when the runs recorded no other route
+    routes: dict[str, FitResult] = field(default_factory=dict)
 
     @property
     def trusted(self) -> dict[str, LayerFit]:
@@ -390,35 +397,68 @@ def fit_attention(store, run_ids: Sequence[str], settings: FitSettings = FitSett
     return out
 
 
+def fit_routes(store, run_ids: Sequence[str], settings: FitSettings = FitSettings(),
+               fit_id: str | None = None) -> dict[str, FitResult]:
+    """One :class:`FitResult` per route the runs recorded in ``layer_steps`` other than ``settings.format``, in
+    :data:`sixbit_tune.routes.PROFILE_ROUTES` order, each fitted by :func:`fit_pairs` (routes without a pair are
+    left out)."""
+    from sixbit_tune.routes import PROFILE_ROUTES
+
+    recorded = set(store.query(
+        "SELECT DISTINCT format FROM layer_steps WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [list(run_ids)],
+    )["format"])
+    out = {}
+    for fmt in PROFILE_ROUTES:
+        if fmt == settings.format or fmt not in recorded:
+            continue
+        pairs = load_pairs(store, run_ids, fmt)
+        if len(pairs):
+            out[fmt] = fit_pairs(pairs, run_ids, dataclasses.replace(settings, format=fmt), fit_id=fit_id)
+    return out
+
+
 def fit_store(store, run_ids: Sequence[str] | None = None, settings: FitSettings = FitSettings()) -> FitResult:
-    """Fit every layer of the chosen profile runs (see :func:`default_profile_runs`), and the attention of every
-    block where the runs recorded attention errors (:attr:`FitResult.attention`, same fit id)."""
+    """Fit every layer of the chosen profile runs (see :func:`default_profile_runs`), every other recorded route
+    (:attr:`FitResult.routes`), and the attention of every block where the runs recorded attention errors
+    (:attr:`FitResult.attention`), all under one fit id."""
     run_ids = default_profile_runs(store, run_ids)
     result = fit_pairs(load_pairs(store, run_ids, settings.format), run_ids, settings)
+    result.routes = fit_routes(store, run_ids, settings, fit_id=result.fit_id)
     result.attention = fit_attention(store, run_ids, settings, fit_id=result.fit_id)
     return result
 
 
 def write_fit(writer, result: FitResult) -> str:
-    """Record a fit in the store's ``predictors`` table (one row per layer, pooled form), and its attention fits in
-    ``attn_predictors`` (:func:`write_attention_fit`); returns the fit id."""
+    """Record a fit in the store's ``predictors`` table (one row per layer and route, pooled form: the fit's own
+    format and every fit of :attr:`FitResult.routes`), and its attention fits in ``attn_predictors``
+    (:func:`write_attention_fit`); returns the fit id.
+
+    Every row carries the same settings: those of the fit's own format (its untrusted reasons and per-branch lines),
+    and under ``"routes"`` a summary of each other route's fit (pooling chosen and its evidence, layers, trusted)."""
     rows = [
         {
             "layer": f.layer,
-            "format": result.settings.format,
+            "format": fit.settings.format,
             "alpha": f.pooled.alpha,
             "beta": f.pooled.beta,
             "r2": f.pooled.r2,
             "n": f.pooled.n,
             "trusted": f.trusted,
         }
-        for f in result.layers.values()
+        for fit in (result, *result.routes.values())
+        for f in fit.layers.values()
     ]
     settings = result.settings_json()
     settings["untrusted"] = {f.layer: f.reason for f in result.layers.values() if not f.trusted}
     settings["per_branch"] = {
         f.layer: {b: dataclasses.asdict(lf) for b, lf in f.per_branch.items()} for f in result.layers.values()
     }
+    if result.routes:
+        settings["routes"] = {
+            fmt: {"pooling_chosen": fit.pooling, "pooling_evidence": fit.pooling_evidence,
+                  "layers": len(fit.layers), "trusted": len(fit.trusted)}
+            for fmt, fit in result.routes.items()
+        }
     fit_id = writer.write_predictors(rows, run_ids=result.run_ids, fit_id=result.fit_id, settings=settings)
     for att in result.attention.values():
         write_attention_fit(writer, att, fit_id)

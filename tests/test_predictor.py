@@ -131,7 +131,12 @@ def test_fit_command_records_the_fit_and_prints_the_r2_distribution(tmp_path, ca
     out = capsys.readouterr().out
     assert f"from profile runs {run}" in out and "R² over 3 layers" in out and "-> pooled" in out
     assert "not trusted: 1 (policies run these as static INT8)" in out and "noisy: R²=" in out
+    assert "route int8: 3 layers" in out
     df = store.predictors(store.latest_fit_id())
+    assert sorted(set(df["format"])) == ["int8", "nvfp4"]  # a line per layer for every recorded route
+    int8 = df[df["format"] == "int8"]
+    assert sorted(int8["layer"]) == ["l0", "l1", "noisy"] and list(int8["beta"]) == pytest.approx([0.01] * 3)
+    df = df[df["format"] == "nvfp4"]
     assert sorted(df["layer"]) == ["l0", "l1", "noisy"]
     assert dict(zip(df["layer"], df["trusted"])) == {"l0": True, "l1": True, "noisy": False}
     assert main(["fit", "--store", str(tmp_path / "nowhere")]) != 0

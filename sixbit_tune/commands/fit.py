@@ -1,5 +1,5 @@
-"""``sixbit-tune fit``: the per-layer DMPQ predictor, and the per-block attention predictor, from a profile store
-(see :mod:`sixbit_tune.predictor`)."""
+"""``sixbit-tune fit``: the per-layer DMPQ predictor (a line per layer for every route the profile recorded), and
+the per-block attention predictor, from a profile store (see :mod:`sixbit_tune.predictor`)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,12 @@ def summarize(result, fit_id: str) -> str:
         lines.append(f"  {f.layer}: {f.reason}")
     if len(untrusted) > 20:
         lines.append(f"  ... and {len(untrusted) - 20} more")
+    for fmt, fit in result.routes.items():
+        r2 = fit.r2_values()
+        lines.append(
+            f"route {fmt}: {len(fit.layers)} layers, R² median {_f(float(np.median(r2)) if r2.size else None)}, "
+            f"branches -> {fit.pooling}; trusted {len(fit.trusted)}, not trusted {len(fit.untrusted)}"
+        )
     if not result.attention:
         lines.append("attention: the profile runs recorded no attention errors (no attention predictors)")
     for fmt, att in result.attention.items():
