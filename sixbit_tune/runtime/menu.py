@@ -8,7 +8,9 @@ quantizer and a derived weight operand's conversion are timed as a compiled bloc
 a :class:`~sixbit_tune.policy.MenuEntry`: its execution path, its throughput over all calls (TFLOP/s, ``2·M·K·N``
 per call), and its speed against the unquantized layers (total unquantized time ÷ total route time, each shape
 weighted by its call count). :meth:`MenuMeasurement.fastest` names the fastest of some routes for one shape: on
-Hopper the fast 8-bit route may be FP8 or INT8, whichever measures faster there.
+Hopper the fast 8-bit route may be FP8 or INT8, whichever measures faster there. :func:`choose_8bit_routes` puts a
+measurement into a policy: the measured menu becomes ``target.menu``, and every layer on an 8-bit route takes the
+faster of that route and its 8-bit alternative (:data:`EIGHT_BIT_ALTERNATIVES`) at the layer's shape.
 
 Times are CUDA-event medians on a GPU and wall-clock medians elsewhere (CPU figures are for tests: the reference
 numerics are not kernels).
@@ -30,7 +32,7 @@ from sixbit_tune import routes as _routes
 from sixbit_tune.runtime._backend import Backend
 from sixbit_tune.runtime.linear import MixedPrecisionLinear
 
-__all__ = ["MenuMeasurement", "linear_shapes", "measure_menu"]
+__all__ = ["EIGHT_BIT_ALTERNATIVES", "MenuMeasurement", "choose_8bit_routes", "linear_shapes", "measure_menu"]
 
 Shape = tuple[int, int, int]
 #: The unquantized layer's key in :attr:`MenuMeasurement.per_shape`.
@@ -207,3 +209,62 @@ def measure_menu(
             backend.path(op, device), tflops=flops / (total * 1e-3) / 1e12 if total > 0 else None,
             speedup=base_total / total if total > 0 else None)
     return out
+
+
+#: 8-bit routes a layer may run in place of each other (same stored weight, or an INT8 weight for an FP8 one):
+#: INT8 W8A8 and FP8 W8A8; over an NVFP4 weight, the W4A8 routes with an INT8 or an FP8 derived operand.
+EIGHT_BIT_ALTERNATIVES: tuple[tuple[str, str], ...] = (("int8/int8", "fp8/fp8"), ("nvfp4/int8", "nvfp4/fp8"))
+
+
+def _kn_times(measurement: MenuMeasurement) -> dict[tuple[int, int], dict[str, float]]:
+    """``(K, N)`` -> route -> milliseconds per model call summed over the measured shapes with that ``K`` and ``N``
+    (each shape's time times its calls); a route missing at one of those shapes is left out for that ``(K, N)``."""
+    out: dict[tuple[int, int], dict[str, float]] = {}
+    groups: dict[tuple[int, int], list[Shape]] = {}
+    for shape in measurement.per_shape:
+        groups.setdefault((shape[1], shape[2]), []).append(shape)
+    for kn, shapes in groups.items():
+        common = set.intersection(*(set(measurement.per_shape[s]) for s in shapes))
+        out[kn] = {r: sum(measurement.per_shape[s][r] * measurement.counts.get(s, 1) for s in shapes)
+                   for r in common}
+    return out
+
+
+def choose_8bit_routes(policy: _policy.Policy, measurement: MenuMeasurement) -> tuple[_policy.Policy, dict[str, int]]:
+    """``policy`` with the measured menu and the faster 8-bit route at every layer.
+
+    The menu's entries (execution path, TFLOP/s, speed-up) replace ``target.menu``'s for the routes measured. A
+    layer whose route (either of a dynamic layer's two) is one of an :data:`EIGHT_BIT_ALTERNATIVES` pair runs the
+    one of the pair with less time at the layer's ``(in_features, out_features)`` (over the measured ``M``, weighted
+    by calls); an INT8- or FP8-stored layer then stores the chosen format. Layers whose shape was not measured, and
+    W4A4 and unquantized routes, are left as they are.
+
+    Returns:
+        The new policy, and how many layers now run each 8-bit route (route key -> layers).
+    """
+    times = _kn_times(measurement)
+    alternative = {a: pair for pair in EIGHT_BIT_ALTERNATIVES for a in pair}
+    layers = {}
+    chosen: dict[str, int] = {}
+    for name, lp in policy.dmpq.layers.items():
+        at = times.get((lp.in_features, lp.out_features), {})
+        acts = {}
+        weight = lp.weight
+        picked = set()
+        for role in _routes.ROUTE_ROLES:  # an INT8/FP8-stored layer has one route in both roles: one choice
+            key = _routes.Route(lp.weight, getattr(lp, role)).key
+            pair = alternative.get(key)
+            if pair is not None and all(r in at for r in pair):
+                key = min(pair, key=at.__getitem__)
+                picked.add(key)
+            route = _routes.Route.parse(key)
+            weight, acts[role] = route.weight, route.activation
+        for key in picked:
+            chosen[key] = chosen.get(key, 0) + 1
+        layers[name] = _policy.LayerPolicy(weight, lp.in_features, lp.out_features, acts["fast"], acts["robust"],
+                                           lp.mode, lp.predictor, lp.encoder)
+    d = policy.dmpq
+    dmpq = _policy.DMPQ(d.threshold, layers, d.first_step, d.nvfp4_weight_encoder)
+    target = policy.target
+    target = _policy.Target(target.gpu, target.compute_capability, {**target.menu, **measurement.menu})
+    return policy.replace(dmpq=dmpq, target=target), chosen
