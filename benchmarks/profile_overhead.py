@@ -14,6 +14,8 @@ Variants, each timed with CUDA events after warm-up (median over ``--iters`` ste
 * ``full-eager``: blocks + act_err/out_err of every in-block linear for every route of ``--formats`` (default: the
   profile's default routes, ``sixbit_tune.profiling.config.PROFILE_FORMATS``), eager torch ops.
 * ``full-compiled``: the same with the statistic functions fused by ``torch.compile`` (the default on CUDA).
+* ``full-compiled (<routes>)`` / ``full-eager (<routes>)``: one per ``--also-formats``, recording only those routes
+  (e.g. ``nvfp4,int8``, the formats recorded before the per-route errors), for a baseline on the same card.
 
 Correctness checked in the same run: the transformer output of every instrumented variant is ``torch.equal`` to
 the plain output; compiled and eager statistics agree; one real layer's recorded act_err/out_err are compared with
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default=None,
                    help="comma-separated routes the full variants record (default: the profile's default)")
     p.add_argument("--no-compiled", action="store_true", help="skip the full-compiled variant")
+    p.add_argument("--also-formats", action="append", default=[], metavar="ROUTES",
+                   help="also time the full variant (compiled, or eager with --no-compiled) recording only these "
+                   "comma-separated routes, e.g. nvfp4,int8 (today's formats) as a same-run baseline; repeatable")
     p.add_argument("--out", default=None, help="folder for results.json")
     args = p.parse_args(argv)
     t_start = time.time()
@@ -350,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
                     worst["layers"] = max(worst["layers"], _rel(v, u))
         result["checks"]["compiled_vs_eager_max_rel_diff"] = worst
         save()
+
+    for also in args.also_formats:
+        routes = tuple(f.strip() for f in also.split(",") if f.strip())
+        inst = instrument(model, formats=routes, compile_stats=not args.no_compiled)
+        kind = "full-eager" if args.no_compiled else "full-compiled"
+        run_variant(f"{kind} ({','.join(inst.formats)})", inst,
+                    warmup=args.warmup if args.no_compiled else args.compile_warmup)
+        inst.remove()
 
     run_variant("plain-again", warmup=1)
 

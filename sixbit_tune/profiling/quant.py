@@ -42,12 +42,13 @@ more float32-output GEMM per linear call. The quantized products:
   over chunks of at most :data:`INT8_F32_EXACT_K` along K, where every partial sum is an integer below 2²⁴ and so
   exact, the chunks added in float64), then ``acc.float() * (s_x[:, None] * s_w[None, :])``: bit for bit the
   reference, which accumulates in float64.
-* FP8 (both FP8 routes): the E4M3 codes are held as their (exact) float32 values on the CPU, bfloat16 values on CUDA.
-  On the CPU ``formats.fp8.exact_matmul`` (exact accumulation, rounded once to float32), then
-  ``acc * (s_x[:, None] * s_w[None, :])``: bit for bit the reference. On CUDA they are multiplied on tensor cores
-  with float32 output, as NVFP4 is: every product is exact (4 significant bits each), the sum is accumulated in
-  float32 instead of exactly (a relative deviation of order K·2⁻²⁴ of the accumulator, far below the errors
-  measured).
+* FP8 (both FP8 routes): on the CPU the E4M3 values are held as (exact) float32 and multiplied with
+  ``formats.fp8.exact_matmul`` (exact accumulation, rounded once to float32), then
+  ``acc * (s_x[:, None] * s_w[None, :])``: bit for bit the reference. On CUDA the weight operands stay
+  ``float8_e4m3fn`` codes (one byte per element) and both operands are converted to (exact) bfloat16 at each call
+  and multiplied on tensor cores with float32 output, as NVFP4 is: every product is exact (4 significant bits
+  each), the sum is accumulated in float32 instead of exactly (a relative deviation of order K·2⁻²⁴ of the
+  accumulator, far below the errors measured).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class QuantizedWeight:
             ``nvfp4/int8``), or None.
         int8_s: ``[R·N]`` float32 per-output-channel scales, or None.
         fp8_q: ``[R·N, K]`` FP8 weight operands of the routes with FP8 activations (``fp8``, then ``nvfp4/fp8``):
-            the values of the ``float8_e4m3fn`` codes, held exactly as bfloat16 on CUDA, float32 elsewhere; or None.
+            ``float8_e4m3fn`` codes on CUDA, their (exact) float32 values elsewhere; or None.
         fp8_s: ``[R·N]`` float32 scales, or None.
         bias: the layer's bias (float32) or None; removed from the layer output to get ``x·Wᵀ``.
     """
@@ -202,8 +203,8 @@ def quantize_weight(linear: torch.nn.Linear, formats=PROFILE_DEFAULT_ROUTES) -> 
     qw.int8_q, qw.int8_s = _cat(int8_parts)
     fp8_parts = [fp8_codes(w if r.weight == "fp8" else wd) for r in routes if r.activation == "fp8"]
     qw.fp8_q, qw.fp8_s = _cat(fp8_parts)
-    if qw.fp8_q is not None:
-        qw.fp8_q = qw.fp8_q.to(_fp8_operand_dtype(w.device))  # exact: E4M3 values are bfloat16 values
+    if qw.fp8_q is not None and w.device.type != "cuda":
+        qw.fp8_q = qw.fp8_q.float()  # exact; converted once here, not at every call
     return qw
 
 
@@ -262,7 +263,7 @@ def _int_mm_exact(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
 
 
 def _fp8_operand_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the FP8 GEMM of out_err holds E4M3 values in (exactly): bfloat16 on CUDA, float32 elsewhere."""
+    """The dtype the FP8 GEMM of out_err multiplies E4M3 values in (exactly): bfloat16 on CUDA, float32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -270,7 +271,7 @@ def _fp8_mm(vx: torch.Tensor, vw: torch.Tensor) -> torch.Tensor:
     """``vx @ vw.T`` of E4M3 values as float32: exact on the CPU (``formats.fp8.exact_matmul``); on CUDA on tensor
     cores with float32 accumulation (see the module docstring)."""
     if vx.is_cuda:
-        return _mm_f32(vx, vw.t())
+        return _mm_f32(vx, vw.to(vx.dtype).t())
     return fp8.exact_matmul(vx, vw)
 
 

@@ -66,3 +66,33 @@ def test_attn_err_on_cuda_through_the_kernel_is_near_the_reference(family):
             oa = attention_8bit_reference(q, k, v, qk_format=fmt).float()
             ref = float((oa - o).norm() / o.norm())
             assert got[r] == pytest.approx(ref, rel=0.1), (fmt, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 256, 96), (33, 64, 40), (300, 2096, 24)])
+def test_route_products_on_cuda_against_the_reference(shape):
+    """On CUDA: the INT8 routes (torch._int_mm, exact) bit for bit the formats reference computed on the host; the
+    FP8 routes (exact bf16 products, float32 accumulation) and NVFP4 W4A4 within float32 accumulation of it."""
+    from sixbit_tune import formats
+    from sixbit_tune.profiling.quant import quantize_activation, quantize_weight, route_outputs
+    from sixbit_tune.routes import PROFILE_ROUTES, profile_route
+
+    M, K, N = shape
+    torch.manual_seed(K)
+    lin = torch.nn.Linear(K, N)
+    x = torch.randn(M, K) * torch.logspace(-2, 1, K)
+    qw = quantize_weight(lin.cuda(), PROFILE_ROUTES)
+    act, xv, xs, xq, xqs, xf, xfs = quantize_activation(x.cuda(), *qw.act_key)
+    outs = route_outputs(N, xv, xs, qw.nvfp4_v, qw.nvfp4_s, xq, xqs, qw.int8_q, qw.int8_s, xf, xfs, qw.fp8_q,
+                         qw.fp8_s)
+    w = lin.weight.detach().cpu()
+    wd = formats.nvfp4.quantize(w).dequantize(torch.float32)
+    for name, got in zip(qw.formats, outs):
+        route = profile_route(name)
+        ref = formats.quantized_linear_reference(x, wd if route.weight != route.activation else w, None,
+                                                 route.activation)
+        got = got.cpu()
+        if route.activation == "int8":
+            assert torch.equal(got, ref), name
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=name)

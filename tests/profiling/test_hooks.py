@@ -108,7 +108,7 @@ def test_statistics_equal_direct_computation(family):
     adapter = get_adapter(model)
     block = adapter.blocks()[1]
     linears = adapter.linears(block)  # every linear of the block: q/k/v share one quantized input
-    inst = instrument(model)
+    inst = instrument(model, formats=PROFILE_ROUTES)
     cap_b = _Capture(block.module)
     caps = {rel: _Capture(lin) for rel, lin in linears.items()}
     context = "cond_uncond" if adapter.cfg_mode == "batched" else "cond"
@@ -145,8 +145,8 @@ def test_statistics_equal_direct_computation(family):
             (x,), _ = caps[rel].inputs[step]
             ref = x.double() @ lin.weight.double().t()
             name = f"{block.name}.{rel}"
-            assert inst.layer_formats[inst.layer_names.index(name)] == PROFILE_DEFAULT_ROUTES
-            for fmt in PROFILE_DEFAULT_ROUTES:
+            assert inst.layer_formats[inst.layer_names.index(name)] == PROFILE_ROUTES
+            for fmt in PROFILE_ROUTES:
                 yq = _route_reference(x, lin.weight, fmt).double()
                 xq = formats.fake_quant(x, profile_route(fmt).activation).double()
                 for r in range(batch):

@@ -175,8 +175,8 @@ def test_derived_operands_are_the_runtimes():
     for fmt, (q, s), own in (("int8", (qw.int8_q, qw.int8_s), int8_codes), ("fp8", (qw.fp8_q, qw.fp8_s), fp8_codes)):
         dq, ds = backend.derive_weight(stored, fmt, scratch=False)
         oq, os_ = own(lin.weight.detach())
-        assert torch.equal(q[12:], dq.float() if fmt == "fp8" else dq) and torch.equal(s[12:], ds)
-        assert torch.equal(q[:12], oq.float() if fmt == "fp8" else oq) and torch.equal(s[:12], os_)
+        assert torch.equal(q[12:].float(), dq.float()) and torch.equal(s[12:], ds)
+        assert torch.equal(q[:12].float(), oq.float()) and torch.equal(s[:12], os_)
 
 
 def test_one_activation_quantization_per_format():
