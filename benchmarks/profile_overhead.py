@@ -111,7 +111,8 @@ def markdown(result: dict) -> str:
         f"- routes recorded by the full variants: {', '.join(result.get('formats', [])) or 'n/a'}",
         f"- command: `{result['command']}`",
         "",
-        "A step is one transformer forward inside `cache_context(\"cond_uncond\")`; instrumented steps include the "
+        f"A step is one transformer forward inside `cache_context({sh.get('context', 'cond_uncond')!r})`; "
+        "instrumented steps include the "
         "once-per-step flush of the statistics to the host. CUDA events, median over the timed steps after warm-up.",
         "",
         "| variant | median ms | x plain | min-max ms | peak allocated GiB | output == plain |",
