@@ -186,14 +186,15 @@ def quantize_weight(linear: torch.nn.Linear, formats=PROFILE_DEFAULT_ROUTES) -> 
     check_finite(w, "weight")
     names = tuple(f for f in PROFILE_ROUTES if f in formats)
     routes = [profile_route(f) for f in names]
-    if any(r.weight == "nvfp4" for r in routes):
+    over_nvfp4 = any(r.weight == "nvfp4" for r in routes)
+    if over_nvfp4:
         nvfp4.check_k(w.shape[-1])
     acts = [a for a in ACT_FORMATS if any(r.activation == a for r in routes)]
     qw = QuantizedWeight(formats=names, act_index=tuple(acts.index(r.activation) for r in routes))
     if linear.bias is not None:
         qw.bias = linear.bias.detach().float()
     v = s = wd = None
-    if any(r.weight == "nvfp4" for r in routes):
+    if over_nvfp4:
         v, s = nvfp4_values(w)
         wd = v * s  # the dequantized NVFP4 weight: NVFP4Tensor.dequantize(torch.float32)
     if "nvfp4" in names:
