@@ -6,7 +6,7 @@ import argparse
 import math
 
 from sixbit_tune.policy import NVFP4_WEIGHT_ENCODERS
-from sixbit_tune.search.config import WEIGHT_SETTINGS, SearchConfig
+from sixbit_tune.search.config import MENU_SETTINGS, WEIGHT_SETTINGS, SearchConfig
 
 _D = SearchConfig(store="", model="")
 
@@ -77,6 +77,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="NVFP4 weight encoder of every policy; gptq needs the Hessians of a profile run with --nvfp4-hessians "
         "(default %(default)s)",
     )
+    parser.add_argument(
+        "--menu",
+        choices=MENU_SETTINGS,
+        default=_D.menu,
+        help="measure this GPU's route menu at the model's linear shapes and run every 8-bit layer on the faster of "
+        "INT8 and FP8 there ('auto': on a GPU only; the policies record the menu) (default %(default)s)",
+    )
     parser.add_argument("--fit", dest="fit_id", default=None, help="fit id (default: the store's latest fit)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -111,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         dmpq=not args.cache_only,
         weights=args.weights,
         nvfp4_encoder=args.nvfp4_encoder,
+        menu=args.menu,
         fit_id=args.fit_id,
         device=args.device,
         progress=not args.no_progress,

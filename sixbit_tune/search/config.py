@@ -25,6 +25,10 @@ DIRECTIONS = ("minimize", "minimize", "maximize")
 #: dynamic, the others in the fit's ``untrusted_mode`` format on their fast route), ``"nvfp4"`` (every in-block
 #: linear NVFP4; the layers without a trusted predictor run the robust route, W4A8).
 WEIGHT_SETTINGS = ("mixed", "nvfp4")
+#: Whether a search measures this GPU's route menu and gives each layer on an 8-bit route the faster of INT8 and
+#: FP8 at its shape (``sixbit_tune.runtime.menu.choose_8bit_routes``): ``"auto"`` (on a GPU only), ``"measure"``,
+#: ``"off"`` (the routes the policy builders name).
+MENU_SETTINGS = ("auto", "measure", "off")
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,9 @@ class SearchConfig:
             its weight in NVFP4).
         nvfp4_encoder: the NVFP4 weight encoder of every policy (``sixbit_tune.policy.NVFP4_WEIGHT_ENCODERS``);
             ``"gptq"`` needs the Hessians a profile with ``nvfp4_hessians=True`` records.
+        menu: :data:`MENU_SETTINGS`: measure the device's route menu at the model's linear shapes once per worker
+            and run every 8-bit layer on the faster of INT8 and FP8 there (the corners' static 8-bit layers too);
+            every trial's policy records the measured menu in ``target.menu``.
     """
 
     store: str
@@ -163,6 +170,7 @@ class SearchConfig:
     dmpq: bool = True
     weights: str = "mixed"
     nvfp4_encoder: str = "standard"
+    menu: str = "auto"
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -193,6 +201,8 @@ class SearchConfig:
 
         if self.nvfp4_encoder not in NVFP4_WEIGHT_ENCODERS:
             raise ValueError(f"nvfp4_encoder must be one of {NVFP4_WEIGHT_ENCODERS}, got {self.nvfp4_encoder!r}")
+        if self.menu not in MENU_SETTINGS:
+            raise ValueError(f"menu must be one of {MENU_SETTINGS}, got {self.menu!r}")
         if not self.dmpq and (self.weights != "mixed" or self.nvfp4_encoder != "standard"):
             raise ValueError("weights and nvfp4_encoder choose how policies quantize; a cache-only search (dmpq "
                              "off) quantizes nothing: leave them at their defaults")
@@ -209,6 +219,14 @@ class SearchConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def measures_menu(self) -> bool:
+        """Whether trials take the measured menu's faster 8-bit routes (``menu``; ``"auto"``: on a GPU; never in a
+        cache-only search, which quantizes nothing)."""
+        if not self.dmpq or self.menu == "off":
+            return False
+        return self.menu == "measure" or self.resolved_device == "cuda"
 
     @property
     def study_name(self) -> str:

@@ -137,6 +137,7 @@ class SearchContext:
                 _store_path(self.store), self.predictors.run_ids,
                 profile_hint=f"the fit {self.predictors.fit_id} was made on them")[0]
         self._refs: dict[tuple[str, int], Generation] = {}
+        self._menu = None  # the measured route menu (route_menu), measured at the first use
         if self.device == "cuda" and config.memory_budget_bytes:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, config.memory_budget_bytes / total))
@@ -153,6 +154,22 @@ class SearchContext:
             self.reference(p, s)
 
     # ------------------------------------------------------------------------------------------- policies
+    def route_menu(self):
+        """This device's route menu (:func:`sixbit_tune.runtime.menu.measure_menu`) at the shapes the in-block
+        linears see in a one-step generation of the first case (the search's video size and guidance), 8-bit
+        routes only, each layer compiled on a GPU; measured once per worker."""
+        if self._menu is None:
+            from sixbit_tune.runtime.menu import EIGHT_BIT_ALTERNATIVES, linear_shapes, measure_menu
+
+            one_step = dataclasses.replace(self.generation, steps=1)
+            prompt, seed = self.cases[0]
+            shapes = linear_shapes(self.pipe, lambda: generate(self.pipe, prompt, seed, one_step))
+            dtype = next(iter(self.adapter.all_linears().values())).weight.dtype
+            self._menu = measure_menu(shapes, self.device, dtype,
+                                      routes=[r for pair in EIGHT_BIT_ALTERNATIVES for r in pair],
+                                      compile=self.device == "cuda")
+        return self._menu
+
     def build_policy(self, params: dict, corner: str | None = None):
         """The policy of one trial: DMPQ at τ (untrusted layers static) and TDC from the window knobs; a corner
         (:func:`corners_of`) gives the static all-INT8 / all-NVFP4 policies or DMPQ without the cache. With
@@ -165,7 +182,12 @@ class SearchContext:
                                       **tdc_options(params))
         from sixbit_tune.search.policies import build_policy
 
-        return build_policy(self, params, corner)
+        policy = build_policy(self, params, corner)
+        if self.config.measures_menu:
+            from sixbit_tune.runtime.menu import choose_8bit_routes
+
+            policy, _ = choose_8bit_routes(policy, self.route_menu())
+        return policy
 
     # ------------------------------------------------------------------------------------------- measuring
     def _timed_generate(self, prompt: str, seed: int) -> tuple[Generation, float]:

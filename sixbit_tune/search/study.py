@@ -64,9 +64,10 @@ HEARTBEAT_S = 20
 GRACE_S = 60
 #: Keys of the study's user attributes that must agree when a study is resumed.
 _FROZEN_KEYS = ("space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id", "model", "device",
-                "memory_metric", "dmpq", "max_memory_gib", "weights", "nvfp4_encoder")
+                "memory_metric", "dmpq", "max_memory_gib", "weights", "nvfp4_encoder", "measured_menu")
 #: Frozen settings that studies created before they existed lack, and the value those studies had.
-_DEFAULTS = {"dmpq": True, "max_memory_gib": None, "weights": "mixed", "nvfp4_encoder": "standard"}
+_DEFAULTS = {"dmpq": True, "max_memory_gib": None, "weights": "mixed", "nvfp4_encoder": "standard",
+             "measured_menu": False}
 #: The study's user attribute set last when a study is created: without it, the creation was cut short.
 SETTINGS_RECORDED = "settings_recorded"
 
@@ -172,6 +173,7 @@ def study_attrs(config: SearchConfig, ctx: SearchContext, space: SearchSpace) ->
         "max_memory_gib": config.max_memory_gib,
         "weights": config.weights,
         "nvfp4_encoder": config.nvfp4_encoder,
+        "measured_menu": config.measures_menu,
         "objectives": list(OBJECTIVES),
         "sampler": {"name": "TPESampler", "seed": config.seed, "n_startup_trials": config.n_startup},
         "trials": config.trials,

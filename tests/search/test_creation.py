@@ -94,7 +94,7 @@ def test_a_search_killed_while_creating_its_study_resumes(store_copy, tmp_path, 
     assert set(study.user_attrs) == {
         "settings_recorded", "baseline", "space", "quality_floor_db", "generation", "prompts", "seeds", "fit_id",
         "profile_runs", "model", "device", "memory_metric", "dmpq", "max_memory_gib", "objectives", "sampler",
-        "trials", "weights", "nvfp4_encoder"}
+        "trials", "weights", "nvfp4_encoder", "measured_menu"}
     assert study.user_attrs["quality_floor_db"] == config.quality_floor_db
 
 
