@@ -55,10 +55,10 @@ _CHECKSUM = re.compile(r"\.sha256-([0-9a-f]{64})\.parquet$")
 """A part's name ends with ``.sha256-<hex>.parquet``: the SHA-256 of the whole file, computed after it was written
 and fsynced, before it was renamed into its table folder. Parts named without it (schema version 1 wrote them) are
 "unchecksummed"."""
-_LEGACY_READABLE = frozenset({1, 2})
+_LEGACY_READABLE = frozenset({1, 2, 3})
 """Older schema versions that :meth:`Store.open` still reads (read-only) without a migration: version 1 differs
 only in carrying no checksums and no attention tables, version 2 only in having no attention tables (they read as
-empty)."""
+empty), version 3 only in holding fewer routes in the layer and predictor ``format`` columns."""
 
 
 class StoreDamageWarning(UserWarning):
