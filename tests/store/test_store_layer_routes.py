@@ -1,6 +1,6 @@
 """Schema version 4: ``layer_steps.format`` and ``predictors.format`` hold every profiled route (the formats of
-version 3 keep their meaning); a version-3 store, written before, opens only after a migration that changes none of
-its parts, and an older sixbit-tune is kept away from a version-4 store."""
+version 3 keep their meaning); a version-3 store, written before, opens read-only as it is and for writing only
+after a migration that changes none of its parts, and an older sixbit-tune is kept away from a version-4 store."""
 
 from __future__ import annotations
 
