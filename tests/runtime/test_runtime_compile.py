@@ -132,6 +132,10 @@ def test_a_failed_statistics_compile_falls_back_to_eager_and_says_so(monkeypatch
     assert st.steps == eager_stats.steps and torch.equal(got, eager)
 
 
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def _dynamic_block_routes(backend: str, device: str, preference: str) -> None:
     """A block whose in-block linears are quantized layers (dynamic NVFP4-stored: W4A4 fast, W4A8 robust; the others
     static INT8) compiles with ``fullgraph=True``; setting the dynamic layers' routes between calls gives each
@@ -170,20 +174,28 @@ def _dynamic_block_routes(backend: str, device: str, preference: str) -> None:
                 ["fast" if i % 3 else "robust" for i in range(len(dynamic))]]
     eager = [run(r) for r in settings]
     assert not torch.equal(eager[0], eager[1])
-    tol = {"rtol": 1e-4, "atol": 1e-4} if device == "cpu" else {"rtol": 2e-2, "atol": 2e-2}
+    between_routes = _rel_rms(eager[0], eager[1])
+
+    def check(got, want):
+        if backend == "eager":
+            assert torch.equal(got, want)
+        elif device == "cpu":
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            # bf16 on CUDA: inductor's fusions round differently from eager, which moves the odd activation across a
+            # quantization boundary (on the H200 one of 4096 outputs differed by 0.022); the compiled output must be
+            # far closer to its own routes' eager output than the two routes are to each other.
+            assert _rel_rms(got, want) < 0.1 * between_routes, (_rel_rms(got, want), between_routes)
+
     for block in blocks:
         block.compile(backend=backend, fullgraph=True)
     try:
         for routes, want in zip(settings, eager):
-            got = run(routes)
-            if backend == "eager":
-                assert torch.equal(got, want)
-            else:
-                torch.testing.assert_close(got, want, **tol)
+            check(run(routes), want)
         graphs = counters["stats"]["unique_graphs"]
         assert 0 < graphs <= len(blocks), graphs  # blocks of one class may share one compiled graph
         for routes, want in zip(settings[::-1], eager[::-1]):
-            torch.testing.assert_close(run(routes), want, **tol)
+            check(run(routes), want)
         assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for other routes
         assert not counters["graph_break"]
     finally:
