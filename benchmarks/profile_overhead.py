@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     from sixbit_tune.models.specs import load_transformer
     from sixbit_tune.profiling.hooks import instrument
     from sixbit_tune.profiling.runner import shape_step_inputs
+    from sixbit_tune.routes import profile_route
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -313,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             module_out = (lin(x).double() - lin.bias.double()) if lin.bias is not None else lin(x).double()
         check = {"layer": lin_name, "input_shape": list(x.shape), "rows": {}}
         for fmt in inst.formats:
-            weight, _, act = fmt.partition("/")
-            act = act or weight
+            weight, act = profile_route(fmt)
             wr = formats.nvfp4.quantize(w).dequantize(torch.float32) if weight != act else w
             yq = formats.quantized_linear_reference(x, wr, None, act).double()
             xq = formats.fake_quant(x.float(), act).double()

@@ -109,11 +109,9 @@ def routes_for(names, in_features: int) -> tuple[str, ...]:
     Raises:
         ValueError: a name not in :data:`PROFILE_ROUTES`.
     """
-    names = tuple(names)
-    for n in names:
-        profile_route(n)
-    return tuple(n for n in PROFILE_ROUTES if n in names
-                 and (in_features % nvfp4.BLOCK_SIZE == 0 or profile_route(n).weight != "nvfp4"))
+    weights = {n: profile_route(n).weight for n in names}
+    return tuple(n for n in PROFILE_ROUTES if n in weights
+                 and (in_features % nvfp4.BLOCK_SIZE == 0 or weights[n] != "nvfp4"))
 
 
 @dataclass
@@ -254,13 +252,12 @@ def _int_mm_exact(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
         if M > 16 and K % 8 == 0 and N % 8 == 0:
             return torch._int_mm(qx, qw.t()).float()
         return (qx.double() @ qw.double().t()).float()
-    acc = None
+    if K <= INT8_F32_EXACT_K:
+        return qx.float() @ qw.float().t()
+    acc = qx.new_zeros((M, N), dtype=torch.float64)
     for k in range(0, K, INT8_F32_EXACT_K):  # each chunk's float32 sum is exact; chunks add exactly in float64
-        part = qx[:, k : k + INT8_F32_EXACT_K].float() @ qw[:, k : k + INT8_F32_EXACT_K].float().t()
-        if K <= INT8_F32_EXACT_K:
-            return part
-        acc = part.double() if acc is None else acc + part.double()
-    return qx.new_zeros((M, N), dtype=torch.float32) if acc is None else acc.float()
+        acc += (qx[:, k : k + INT8_F32_EXACT_K].float() @ qw[:, k : k + INT8_F32_EXACT_K].float().t()).double()
+    return acc.float()
 
 
 def _fp8_operand_dtype(device: torch.device) -> torch.dtype:
@@ -355,29 +352,14 @@ def route_outputs(
     return out
 
 
-def output_errors(
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    xv: torch.Tensor | None,
-    xs: torch.Tensor | None,
-    wv: torch.Tensor | None,
-    ws: torch.Tensor | None,
-    xq: torch.Tensor | None,
-    xqs: torch.Tensor | None,
-    wq: torch.Tensor | None,
-    wqs: torch.Tensor | None,
-    xf: torch.Tensor | None = None,
-    xfs: torch.Tensor | None = None,
-    wf: torch.Tensor | None = None,
-    wfs: torch.Tensor | None = None,
-) -> torch.Tensor:
+def output_errors(y: torch.Tensor, bias: torch.Tensor | None, *operands: torch.Tensor | None) -> torch.Tensor:
     """``out_err`` per row from the quantized operands: one extra GEMM per activation format
     (:func:`route_outputs`), then a row reduction per route.
 
     Args:
         y: the layer output ``[B, ..., N]`` (bias included; removed here).
         bias: float32 ``[N]`` or None.
-        xv, ...: as :func:`route_outputs` takes them.
+        operands: ``xv, xs, wv, ws, xq, xqs, wq, wqs[, xf, xfs, wf, wfs]``, as :func:`route_outputs` takes them.
 
     Returns:
         ``[R, B]`` float32, routes in :data:`PROFILE_ROUTES` order.
@@ -387,7 +369,7 @@ def output_errors(
     if bias is not None:
         ref = ref - bias
     ref_n = torch.linalg.vector_norm(ref.reshape(B, -1), dim=1)
-    outs = route_outputs(y.shape[-1], xv, xs, wv, ws, xq, xqs, wq, wqs, xf, xfs, wf, wfs)
+    outs = route_outputs(y.shape[-1], *operands)
     return torch.stack([_row_err(yq, ref, ref_n, B) for yq in outs])
 
 

@@ -35,7 +35,6 @@ __all__ = [
 _HANDLE_ATTR = "_sixbit_tune_policy_handle"
 
 
-# The activation formats the controller's per-call records count (static layers of other formats are not counted).
 
 
 class GPUMismatchWarning(UserWarning):

@@ -171,8 +171,9 @@ class MixedPrecisionLinear(nn.Module):
     def route(self, value: str) -> None:
         if value not in _routes.ROUTE_ROLES:
             raise ValueError(f"route must be one of {_routes.ROUTE_ROLES}, got {value!r}")
+        if value != getattr(self, "_route", None):  # set before every block call: write the flag on a change only
+            self._fast_flag.fill_(value == "fast")
         self._route = value
-        self._fast_flag.fill_(value == "fast")
 
     @property
     def fmt(self) -> str:

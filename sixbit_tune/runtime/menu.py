@@ -249,7 +249,6 @@ def choose_8bit_routes(policy: _policy.Policy, measurement: MenuMeasurement) -> 
     for name, lp in policy.dmpq.layers.items():
         at = times.get((lp.in_features, lp.out_features), {})
         acts = {}
-        weight = lp.weight
         picked = set()
         for role in _routes.ROUTE_ROLES:  # an INT8/FP8-stored layer has one route in both roles: one choice
             key = _routes.Route(lp.weight, getattr(lp, role)).key
